@@ -1,0 +1,173 @@
+"""Typed errors of aipipe (DESIGN A5): one root, one subclass per ``error.type``.
+
+Each error carries what the pipeline acts on: ``error_type`` (the
+``error.type`` string of DESIGN A4), ``retryable`` (DESIGN A8: retried on the
+same provider), ``status_code`` (the provider's HTTP status, if any),
+``retry_after_s`` (from ``Retry-After``/``retry-after-ms``, seconds) and the
+``provider`` name. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from schemas.response import AIResponse, Attempt
+
+#: Error types retried on the same provider by default (DESIGN A8).
+RETRYABLE_TYPES: frozenset[str] = frozenset({"rate_limit", "server_error", "timeout"})
+#: Error types that count toward a circuit breaker (DESIGN A8).
+BREAKER_COUNTED_TYPES: frozenset[str] = frozenset({"server_error", "timeout", "rate_limit", "authentication"})
+
+
+class AIProviderError(Exception):
+    """Root of every aipipe error.
+
+    Args:
+        message: human-readable reason (no secrets).
+        provider: provider name the error came from, if any.
+        status_code: HTTP status of the provider's answer, if any.
+        retry_after_s: wait the provider asked for (s), if any.
+        attempts: every provider call made for the request, in order.
+        request_id: the request's id, when known.
+    """
+
+    error_type: ClassVar[str] = "server_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+        attempts: list[Attempt] | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+        self.attempts: list[Attempt] = list(attempts or [])
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, provider={self.provider!r}, "
+            f"status_code={self.status_code!r}, retry_after_s={self.retry_after_s!r})"
+        )
+
+
+class InvalidRequestError(AIProviderError):
+    """The request is malformed or violates a limit; never retried, never falls back (HTTP 400)."""
+
+    error_type = "invalid_request"
+
+
+class AuthenticationError(AIProviderError):
+    """The provider rejected the credentials (HTTP 401/403); falls back at once."""
+
+    error_type = "authentication"
+
+
+class RateLimitError(AIProviderError):
+    """The provider is rate limiting (HTTP 429); retryable, honours ``retry_after_s``."""
+
+    error_type = "rate_limit"
+    retryable = True
+
+
+class ModelNotFoundError(AIProviderError):
+    """No enabled provider serves the model, or the provider does not know it (HTTP 404)."""
+
+    error_type = "model_not_found"
+
+
+class ContextLengthExceededError(AIProviderError):
+    """The prompt plus ``max_tokens`` does not fit the model's context window."""
+
+    error_type = "context_length_exceeded"
+
+
+class ContentFilterError(AIProviderError):
+    """The provider refused on content policy; not laundered through another provider."""
+
+    error_type = "content_filter"
+
+
+class ProviderTimeoutError(AIProviderError):
+    """An attempt or the request's deadline ran out, or the connection failed; retryable."""
+
+    error_type = "timeout"
+    retryable = True
+
+
+class ProviderServerError(AIProviderError):
+    """The provider failed (HTTP 5xx, Anthropic 529, malformed 200 body); retryable."""
+
+    error_type = "server_error"
+    retryable = True
+
+
+class BudgetExceededError(AIProviderError):
+    """A user or global budget has no room for the request."""
+
+    error_type = "budget_exceeded"
+
+
+class AllProvidersFailedError(AIProviderError):
+    """Every candidate provider failed; ``attempts`` holds every call in order."""
+
+    error_type = "all_providers_failed"
+
+
+class ServiceUnavailableError(AIProviderError):
+    """A dependency of the pipeline (such as Redis) is down and the setting says fail closed."""
+
+    error_type = "service_unavailable"
+
+
+ERROR_CLASSES: dict[str, type[AIProviderError]] = {
+    cls.error_type: cls
+    for cls in (
+        InvalidRequestError,
+        AuthenticationError,
+        RateLimitError,
+        ModelNotFoundError,
+        ContextLengthExceededError,
+        ContentFilterError,
+        ProviderTimeoutError,
+        ProviderServerError,
+        BudgetExceededError,
+        AllProvidersFailedError,
+        ServiceUnavailableError,
+    )
+}
+
+
+def error_for_type(error_type: str, message: str, **kwargs: object) -> AIProviderError:
+    """Build the error class registered for ``error_type`` (falls back to ``AIProviderError``)."""
+    cls = ERROR_CLASSES.get(error_type, AIProviderError)
+    return cls(message, **kwargs)  # type: ignore[arg-type]
+
+
+def error_from_response(response: AIResponse) -> AIProviderError:
+    """The typed error for a ``status: error`` response, holding its attempts.
+
+    Raises:
+        ValueError: when the response is not an error.
+    """
+    if response.error is None:
+        raise ValueError("response has no error")
+    err = response.error
+    last_status = next((a.status_code for a in reversed(response.attempts) if a.status_code), None)
+    return error_for_type(
+        err.type,
+        err.message,
+        provider=err.provider,
+        status_code=last_status,
+        attempts=response.attempts,
+        request_id=response.id,
+    )

@@ -1,0 +1,53 @@
+"""Values of the internal ``ai.stage.*`` topics: the request and what stages learnt of it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from schemas.request import AIRequest
+from schemas.response import Attempt, ErrorInfo, Usage
+
+
+class Candidate(Struct, kw_only=True, frozen=True):
+    """One provider the router may call, with the concrete model to ask it for."""
+
+    provider: str
+    model: str
+
+
+class Outcome(Struct, kw_only=True):
+    """How a request ended, before pricing: an answer, a cache hit or an error.
+
+    ``saved_usd`` is set on cache hits (what the call would have cost, USD).
+    """
+
+    status: Literal["ok", "error"]
+    content: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    usage: Usage = Usage()
+    attempts: list[Attempt] = []
+    error: ErrorInfo | None = None
+    cached: bool = False
+    saved_usd: float = 0.0
+
+
+class Envelope(Struct, kw_only=True):
+    """A request on its way through the stages (``ai.stage.*`` topics).
+
+    ``received_at_ms`` and ``deadline_at_ms`` are Unix epoch ms; ``request`` is
+    ``None`` only for an input that could not be decoded, whose ``outcome`` is
+    then an ``invalid_request`` error.
+    """
+
+    id: str
+    request: AIRequest | None = None
+    received_at_ms: int
+    deadline_at_ms: int
+    cache_key: str | None = None
+    reserved_usd: float = 0.0
+    reservation_scopes: list[str] = []
+    candidates: list[Candidate] = []
+    outcome: Outcome | None = None

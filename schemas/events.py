@@ -1,0 +1,168 @@
+"""Events on ``ai.control``, ``ai.costs`` and ``ai.deadletter`` (DESIGN A3).
+
+Control events are a tagged union on the ``type`` field; times are ``at``, an
+RFC 3339 UTC timestamp (msgspec encodes an aware ``datetime`` that way).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from msgspec import Struct
+
+from schemas.response import Usage
+
+CircuitState = Literal["CLOSED", "OPEN", "HALF_OPEN"]
+
+
+class Health(Struct, tag="health", tag_field="type", kw_only=True):
+    """Outcome of one provider call (``source`` ``attempt``) or probe (``probe``); latency in ms."""
+
+    provider: str
+    model: str
+    ok: bool
+    error_type: str | None = None
+    status_code: int | None = None
+    latency_ms: float = 0.0
+    source: Literal["attempt", "probe"] = "attempt"
+    request_id: str | None = None
+    retry_after_s: float | None = None
+    at: datetime
+
+
+class CircuitTransition(Struct, tag="circuit_transition", tag_field="type", kw_only=True):
+    """A circuit breaker changed state; ``cool_off_s`` is the OPEN time before HALF_OPEN (s)."""
+
+    provider: str
+    from_state: CircuitState
+    to_state: CircuitState
+    reason: str
+    cool_off_s: float | None = None
+    at: datetime
+
+
+class CircuitSnapshot(Struct, tag="circuit_snapshot", tag_field="type", kw_only=True):
+    """Every provider's circuit state at ``at``, published periodically by the breaker."""
+
+    states: dict[str, CircuitState]
+    at: datetime
+
+
+class BudgetAlert(Struct, tag="budget_alert", tag_field="type", kw_only=True):
+    """A budget scope crossed ``threshold_pct`` percent of a window's limit (USD)."""
+
+    scope: str
+    window: Literal["daily", "weekly", "monthly"]
+    threshold_pct: int
+    spent_usd: float
+    limit_usd: float
+    at: datetime
+
+
+class BudgetWindow(Struct, kw_only=True):
+    """One budget window: limit, spent and reserved (USD), and when it resets."""
+
+    limit_usd: float | None
+    spent_usd: float
+    reserved_usd: float
+    resets_at: datetime
+
+
+class BudgetStatus(Struct, tag="budget_status", tag_field="type", kw_only=True):
+    """A budget scope's windows (``daily``/``weekly``/``monthly``) at ``at``."""
+
+    scope: str
+    windows: dict[str, BudgetWindow]
+    at: datetime
+
+
+class CacheStats(Struct, tag="cache_stats", tag_field="type", kw_only=True):
+    """Response cache counters of one cache-lookup replica; ``bytes`` is stored value size."""
+
+    hits: int
+    misses: int
+    entries: int
+    evictions: int
+    bytes: int
+    replica: str | None = None
+    at: datetime
+
+
+class ReservationRelease(Struct, tag="reservation_release", tag_field="type", kw_only=True):
+    """The recorder releases a budget reservation (USD) of an outcome that has no cost event."""
+
+    request_id: str
+    scope: str
+    amount_usd: float
+    at: datetime
+
+
+class SetStrategy(Struct, tag="set_strategy", tag_field="type", kw_only=True):
+    """Command: switch every router replica to a load-balancing strategy."""
+
+    name: str
+    weights: dict[str, float] | None = None
+    at: datetime | None = None
+
+
+class SetBudget(Struct, tag="set_budget", tag_field="type", kw_only=True):
+    """Command: set a budget scope's limits (USD); ``None`` leaves a window unlimited."""
+
+    scope: str
+    daily_usd: float | None = None
+    weekly_usd: float | None = None
+    monthly_usd: float | None = None
+    at: datetime | None = None
+
+
+class CacheClear(Struct, tag="cache_clear", tag_field="type", kw_only=True):
+    """Command: every cache replica empties its store."""
+
+    at: datetime | None = None
+
+
+ControlEvent = (
+    Health
+    | CircuitTransition
+    | CircuitSnapshot
+    | BudgetAlert
+    | BudgetStatus
+    | CacheStats
+    | ReservationRelease
+    | SetStrategy
+    | SetBudget
+    | CacheClear
+)
+
+
+class CostEvent(Struct, kw_only=True):
+    """What one ``status: ok`` request cost (USD, 10 decimal places), written once per id.
+
+    ``saved_usd`` is what a cache hit would have cost; ``price_source`` is
+    ``table`` (the price table) or ``default`` (the provider's ``cost_per_token``).
+    """
+
+    id: str
+    user: str | None
+    provider: str
+    model: str
+    usage: Usage
+    cost_usd: float
+    saved_usd: float = 0.0
+    cached: bool = False
+    price_source: Literal["table", "default", "none"] = "table"
+    at: datetime
+
+
+class DeadLetter(Struct, kw_only=True):
+    """A value no stage could decode or validate, kept with its origin; ``raw`` is base64 in JSON."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None
+    reason: str
+    stage: str
+    raw: bytes
+    at: datetime

@@ -1,0 +1,86 @@
+"""The answer the cost-recorder publishes to ``ai.responses`` (DESIGN A4)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+NonNeg = Annotated[int, Meta(ge=0)]
+
+#: Every ``error.type`` a response may carry (DESIGN A4).
+ErrorType = Literal[
+    "invalid_request",
+    "authentication",
+    "rate_limit",
+    "model_not_found",
+    "context_length_exceeded",
+    "content_filter",
+    "timeout",
+    "server_error",
+    "budget_exceeded",
+    "all_providers_failed",
+    "service_unavailable",
+]
+ERROR_TYPES: tuple[str, ...] = ErrorType.__args__  # type: ignore[attr-defined]
+
+
+class Usage(Struct, kw_only=True):
+    """Token counts of one answer (tokens). ``prompt_tokens`` includes the cached ones."""
+
+    prompt_tokens: NonNeg = 0
+    completion_tokens: NonNeg = 0
+    total_tokens: NonNeg = 0
+    cached_prompt_tokens: NonNeg = 0
+    cache_creation_prompt_tokens: NonNeg = 0
+
+
+class Attempt(Struct, kw_only=True):
+    """One HTTP call to one provider: outcome ``ok``/``error``, its error type and latency (ms)."""
+
+    provider: str
+    model: str
+    outcome: Literal["ok", "error"]
+    error_type: str | None = None
+    status_code: int | None = None
+    latency_ms: float = 0.0
+
+
+class ErrorInfo(Struct, kw_only=True):
+    """Why a request failed: ``type`` (one of ``ERROR_TYPES``), a message, the provider if one."""
+
+    type: ErrorType
+    message: str
+    provider: str | None = None
+
+
+class AIResponse(Struct, kw_only=True):
+    """The final answer for one request id (DESIGN A4).
+
+    ``cost_usd`` is USD rounded to 10 decimal places, ``latency_ms`` is end to
+    end (ms, from the pipeline taking the request in). ``attempts`` lists every
+    provider call in order. The seed's read-only names ``cost`` and
+    ``tokens_used`` are offered as properties.
+    """
+
+    id: str
+    status: Literal["ok", "error"]
+    content: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    cached: bool = False
+    attempts: list[Attempt] = []
+    error: ErrorInfo | None = None
+
+    @property
+    def cost(self) -> float:
+        """The seed's name for ``cost_usd`` (USD)."""
+        return self.cost_usd
+
+    @property
+    def tokens_used(self) -> int:
+        """The seed's name for ``usage.total_tokens`` (tokens)."""
+        return self.usage.total_tokens

@@ -1,0 +1,56 @@
+"""The provider adapter interface the executor calls (one HTTP call per ``complete``)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+from msgspec import Struct
+
+from schemas.request import Message
+from schemas.response import Usage
+
+
+class ProviderCall(Struct, kw_only=True, frozen=True):
+    """What to ask one provider: the concrete ``model``, chat ``messages`` and generation parameters.
+
+    ``max_tokens`` in tokens, ``temperature`` 0..2, ``top_p`` 0..1, ``stop`` up to 4 strings.
+    """
+
+    model: str
+    messages: list[Message]
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    user: str | None = None
+
+
+class ProviderResult(Struct, kw_only=True, frozen=True):
+    """A successful answer: text ``content``, the ``model`` the provider reports, token ``usage``.
+
+    ``status_code`` is the HTTP status (200); ``request_id`` the provider's own id header, if any.
+    """
+
+    content: str
+    model: str
+    usage: Usage
+    status_code: int = 200
+    request_id: str | None = None
+    finish_reason: str | None = None
+
+
+class ProviderAdapter(Protocol):
+    """One provider API. ``complete`` makes exactly one HTTP call.
+
+    Raises (from ``complete``): a subclass of ``pipeline.errors.AIProviderError``
+    classified from the status code, error body and message (see each adapter),
+    with ``provider`` set; connection failures and read timeouts become
+    ``ProviderTimeoutError``/``ProviderServerError``. Never leaks the API key.
+    """
+
+    name: str
+
+    async def complete(self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float) -> ProviderResult:
+        """Send ``call`` and return the parsed answer; ``timeout_s`` bounds the whole HTTP call (s)."""
+        ...
