@@ -25,7 +25,7 @@ ErrorType = Literal[
 ERROR_TYPES: tuple[str, ...] = ErrorType.__args__  # type: ignore[attr-defined]
 
 
-class Usage(Struct, kw_only=True):
+class Usage(Struct, kw_only=True, frozen=True):
     """Token counts of one answer (tokens). ``prompt_tokens`` includes the cached ones."""
 
     prompt_tokens: NonNeg = 0

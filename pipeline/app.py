@@ -1,0 +1,173 @@
+"""Assembles and runs the stages of one process over a bus (the runner owns the plumbing).
+
+``Pipeline`` builds the shared resources a process needs (HTTP client,
+provider adapters, price table, cache store, budget ledger, control and cost
+feeds), one ``StageRunner`` per requested stage, and runs them in one task
+group until stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from httpx_aiohttp import HttpxAiohttpClient
+
+from pipeline.bus import Bus
+from pipeline.cache_store import MemoryCacheStore
+from pipeline.config import PipelineConfig
+from pipeline.endpoints import Resolved
+from pipeline.feeds import BroadcastFeed
+from pipeline.runner import Stage, StageRunner
+from pipeline.settings import Settings
+from schemas.events import ControlEvent, CostEvent
+from stages.budget import BudgetGateStage
+from stages.cache import CacheLookupStage
+from stages.executor import ExecutorStage
+from stages.ledger import BudgetLedger
+from stages.pricing import PriceTable
+from stages.providers import ProviderAdapter, build_adapter
+from stages.recorder import RecorderStage
+from stages.router import RouterStage
+
+log = logging.getLogger("aipipe.app")
+
+#: The stages of ``aipipe run`` in pipeline order (DESIGN A6).
+PIPELINE_STAGES: tuple[str, ...] = ("cache", "budget", "router", "executor", "recorder")
+ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
+
+CONTROL_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(ControlEvent)
+COST_DECODER = msgspec.json.Decoder(CostEvent)
+
+
+def build_adapters(resolved: Resolved) -> dict[str, ProviderAdapter]:
+    """One adapter per enabled provider with an endpoint."""
+    adapters: dict[str, ProviderAdapter] = {}
+    for name, endpoint in resolved.endpoints.items():
+        adapters[name] = build_adapter(
+            name,
+            base_url=endpoint.base_url,
+            api_key=endpoint.api_key.reveal() if endpoint.api_key else None,
+            account_id=endpoint.account_id,
+        )
+    return adapters
+
+
+class Pipeline:
+    """The stages of one process, running over ``bus``.
+
+    Args:
+        settings: runtime settings (topics, concurrency).
+        resolved: configuration and provider endpoints (emulator rule applied).
+        bus: a started bus.
+        stages: stage names to run (subset of ``ALL_STAGES``).
+        prices: price table (default: the packaged one).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolved: Resolved,
+        bus: Bus,
+        *,
+        stages: Sequence[str] = PIPELINE_STAGES,
+        prices: PriceTable | None = None,
+    ) -> None:
+        unknown = [s for s in stages if s not in ALL_STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")
+        self.settings = settings
+        self.resolved = resolved
+        self.config: PipelineConfig = resolved.config
+        self.bus = bus
+        self.stage_names = [s for s in ALL_STAGES if s in stages]
+        self.topics = settings.topics
+        self.prices = prices or PriceTable.load()
+        cache_cfg = self.config.cache
+        self.cache_store = MemoryCacheStore(
+            max_size=cache_cfg.max_size,
+            compression_threshold_bytes=cache_cfg.compression_threshold_bytes,
+            enable_compression=cache_cfg.enable_compression,
+        )
+        self.ledger = BudgetLedger()
+        self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
+        self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
+        self.runners: list[StageRunner] = []
+        self.stages: dict[str, Stage] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._exit = AsyncExitStack()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stopped = anyio.Event()
+
+    def _build(self, client: httpx.AsyncClient) -> None:
+        t = self.topics
+        for name in self.stage_names:
+            stage: Stage
+            if name == "cache":
+                stage = CacheLookupStage(t, self.cache_store, enabled=self.config.cache.enabled)
+            elif name == "budget":
+                gate = BudgetGateStage(t, self.config, self.prices, self.ledger)
+                self.cost_feed.subscribe(gate.on_cost)
+                self.control_feed.subscribe(gate.on_control)
+                stage = gate
+            elif name == "router":
+                stage = RouterStage(t, self.config)
+            elif name == "executor":
+                stage = ExecutorStage(t, self.config, build_adapters(self.resolved), client)
+            elif name == "recorder":
+                stage = RecorderStage(t, self.config, self.prices, self.cache_store)
+            else:
+                log.info("stage %s is not built yet; skipping", name)
+                continue
+            self.stages[name] = stage
+            self.runners.append(
+                StageRunner(
+                    self.bus,
+                    stage,
+                    group=f"{self.topics.prefix}{name}",
+                    deadletter_topic=t.deadletter,
+                    keyed_by_request_id=t.keyed_by_request_id(stage.input_topic),
+                    max_in_flight=self.settings.max_in_flight,
+                )
+            )
+
+    async def __aenter__(self) -> Pipeline:
+        await self.bus.ensure_topics(self.topics.all())
+        self._client = await self._exit.enter_async_context(HttpxAiohttpClient(timeout=None))
+        self._build(self._client)
+        self._tg = await self._exit.enter_async_context(anyio.create_task_group())
+        needs_feeds = "budget" in self.stages
+        if needs_feeds:
+            await self._tg.start(self.control_feed.run)
+            await self._tg.start(self.cost_feed.run)
+        for runner in self.runners:
+            await self._tg.start(runner.run)
+        log.info("stages running: %s", ", ".join(self.stages))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        await self._exit.__aexit__(exc_type, exc, tb)
+
+    def stop(self) -> None:
+        """Ask every runner and feed to wind down (in-flight work finishes within its grace)."""
+        self._stopped.set()
+        for runner in self.runners:
+            runner.stop()
+        self.control_feed.stop()
+        self.cost_feed.stop()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``stop()`` has been called."""
+        await self._stopped.wait()

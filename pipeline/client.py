@@ -1,0 +1,150 @@
+"""Client side of the pipeline: publish requests, await their responses by id.
+
+One ``PipelineClient`` per process reads ``ai.responses`` as a broadcast (one
+shared reader, not one per call) and resolves waiting calls by request id.
+Duplicate responses (at-least-once delivery) are ignored: the first one wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import msgspec
+from cachetools import TTLCache
+
+from pipeline.bus import Bus, BusError, Outgoing
+from pipeline.errors import ProviderTimeoutError
+from pipeline.runner import SCHEMA_HEADER, encode, publish_with_retry
+from pipeline.topics import Topics
+from schemas import SCHEMA_VERSION
+from schemas.request import AIRequest
+from schemas.response import AIResponse
+
+log = logging.getLogger("aipipe.client")
+
+_RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
+
+
+def new_request_id() -> str:
+    """A fresh request id (``req-`` + 24 hex characters)."""
+    return f"req-{uuid.uuid4().hex[:24]}"
+
+
+def as_request(request: AIRequest | Mapping[str, Any]) -> AIRequest:
+    """An ``AIRequest`` from a struct or a dict of its JSON fields (an ``id`` is generated when absent).
+
+    Raises:
+        msgspec.ValidationError: when the dict is not a valid request.
+    """
+    if isinstance(request, AIRequest):
+        return request
+    data = dict(request)
+    data.setdefault("id", new_request_id())
+    return msgspec.convert(data, AIRequest)
+
+
+class _Waiter:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.response: AIResponse | None = None
+
+
+class PipelineClient:
+    """Publishes requests and awaits their responses.
+
+    Args:
+        bus: a started bus.
+        topics: topic names.
+        slack_ms: extra wait beyond a request's ``timeout_ms`` before giving up (ms).
+    """
+
+    def __init__(self, bus: Bus, topics: Topics, *, slack_ms: int = 5_000) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.slack_ms = slack_ms
+        self._waiters: dict[str, _Waiter] = {}
+        self._early: TTLCache[str, AIResponse] = TTLCache(maxsize=10_000, ttl=120)
+        self._seen: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=600)
+        self._stop = anyio.Event()
+        self.duplicates = 0
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Read responses until ``stop()``; reports started once positioned at the topic's end."""
+        consumer = await self.bus.consumer([self.topics.responses], group=None, from_beginning=False)
+        task_status.started()
+        try:
+            while not self._stop.is_set():
+                try:
+                    records = await consumer.getmany(100, max_records=1000)
+                except BusError as exc:
+                    log.warning("response reader: fetch failed (%s); retrying", exc)
+                    with anyio.move_on_after(1.0):
+                        await self._stop.wait()
+                    continue
+                for record in records:
+                    try:
+                        response = _RESPONSE_DECODER.decode(record.value)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    self._deliver(response)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await consumer.stop()
+
+    def stop(self) -> None:
+        """Stop the response reader."""
+        self._stop.set()
+
+    def _deliver(self, response: AIResponse) -> None:
+        if response.id in self._seen:
+            self.duplicates += 1
+            return
+        waiter = self._waiters.get(response.id)
+        if waiter is None:
+            self._early[response.id] = response
+            return
+        self._seen[response.id] = True
+        waiter.response = response
+        waiter.event.set()
+
+    async def publish(self, request: AIRequest, *, headers: tuple[tuple[str, bytes], ...] = ()) -> None:
+        """Publish ``request`` to ``ai.requests`` keyed by its id."""
+        await publish_with_retry(
+            self.bus,
+            Outgoing(
+                topic=self.topics.requests,
+                value=encode(request),
+                key=request.id.encode(),
+                headers=((SCHEMA_HEADER, str(SCHEMA_VERSION).encode()), *headers),
+            ),
+        )
+
+    async def request(self, request: AIRequest, *, timeout_s: float | None = None) -> AIResponse:
+        """Publish ``request`` and return its response.
+
+        Raises:
+            ProviderTimeoutError: when no response arrives within the request's
+                ``timeout_ms`` plus ``slack_ms`` (or ``timeout_s``).
+        """
+        waiter = self._waiters[request.id] = _Waiter()
+        try:
+            await self.publish(request)
+            early = self._early.pop(request.id, None)
+            if early is not None:
+                self._deliver(early)
+            limit = timeout_s if timeout_s is not None else (request.timeout_ms + self.slack_ms) / 1000
+            with anyio.move_on_after(limit):
+                await waiter.event.wait()
+            if waiter.response is None:
+                raise ProviderTimeoutError(
+                    f"no response for request {request.id} within {limit:.1f}s", request_id=request.id
+                )
+            return waiter.response
+        finally:
+            self._waiters.pop(request.id, None)

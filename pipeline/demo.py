@@ -1,0 +1,156 @@
+"""``aipipe demo`` / ``make demo``: the whole pipeline on real prompts, with a results table.
+
+Starts a private embedded broker, the provider emulator and every stage in
+this process, then sends MT-Bench questions (``pipeline/data/``) and shows:
+
+* failover: the emulator answers Cloudflare's first calls with 429 and
+  ``Retry-After: 60``, longer than ``retry.max_delay_ms`` allows, so those
+  requests fall back to the next provider at once;
+* cache hits: a few questions are asked again and answered from the cache;
+* costs: every answered request is priced from the price table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import anyio
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.app import PIPELINE_STAGES, Pipeline
+from pipeline.client import PipelineClient
+from pipeline.config import preset
+from pipeline.emulator import EmulatorServer
+from pipeline.endpoints import resolve_endpoints
+from pipeline.prompts import load_prompts, spread_by_category
+from pipeline.runtime import open_bus
+from pipeline.settings import Settings
+from schemas.request import AIRequest
+from schemas.response import AIResponse
+
+log = logging.getLogger("aipipe.demo")
+
+#: Cloudflare calls the emulator refuses with 429 + Retry-After 60 s at the start of the demo.
+DEMO_RATE_LIMITED_CALLS = 3
+
+
+def _attempts_text(response: AIResponse) -> str:
+    if not response.attempts:
+        return "-"
+    parts = []
+    for a in response.attempts:
+        result = "ok" if a.outcome == "ok" else f"{a.error_type}({a.status_code or '-'})"
+        parts.append(f"{a.provider}:{result}")
+    return " → ".join(parts)
+
+
+def _table(rows: list[tuple[str, AIRequest, AIResponse]]) -> Table:
+    table = Table(title="aipipe demo: responses", show_lines=False)
+    for col in ("id", "phase", "model", "provider", "cached", "cost (USD)", "latency", "status", "attempts"):
+        table.add_column(col, overflow="fold")
+    for phase, req, resp in rows:
+        table.add_row(
+            resp.id,
+            phase,
+            req.model,
+            resp.provider or "-",
+            "yes" if resp.cached else "",
+            f"{resp.cost_usd:.8f}",
+            f"{resp.latency_ms:.0f} ms",
+            resp.status if resp.status == "ok" else f"error: {resp.error.type if resp.error else '?'}",
+            _attempts_text(resp),
+        )
+    return table
+
+
+async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, str] | None = None) -> int:
+    """Run the demo; returns the exit code (0 when every request got a response and the moments showed).
+
+    Raises:
+        BusError: when the embedded broker cannot start.
+    """
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    env = dict(os.environ if env is None else env)
+    env["AIPIPE_EMULATE"] = "1"
+    env.pop("AIPIPE_KAFKA_BOOTSTRAP", None)
+    settings = Settings.from_env(env, env_name="production")
+    config = preset("production")
+    prompts = spread_by_category(load_prompts("mt_bench"), max(count, 3))
+    started = time.perf_counter()
+    rows: list[tuple[str, AIRequest, AIResponse]] = []
+    async with (
+        open_bus("kafka", env, start_broker=True, force_new_broker=True) as opened,
+        EmulatorServer() as emulator,
+    ):
+        console.print(f"[bold]aipipe demo[/]: embedded broker at {opened.bootstrap}, emulator at {emulator.url}")
+        resolved = resolve_endpoints(settings, config, emulator.url)
+        emulator.faults.schedule(
+            "cloudflare", *[{"status": 429, "retry_after_s": 60}] * DEMO_RATE_LIMITED_CALLS
+        )
+        async with Pipeline(settings, resolved, opened.bus, stages=PIPELINE_STAGES), anyio.create_task_group() as tg:
+            client = PipelineClient(opened.bus, settings.topics)
+            await tg.start(client.run)
+
+            async def ask(phase: str, request: AIRequest) -> None:
+                rows.append((phase, request, await client.request(request)))
+
+            models = ["gpt-3.5-turbo", "chat-small", "chat-large"]
+            first = [
+                AIRequest(
+                    id=f"demo-{i + 1:02d}",
+                    model=models[i % len(models)],
+                    prompt=p.turns[0],
+                    max_tokens=256,
+                    temperature=0.7,
+                    user=f"user-{i % 3}",
+                )
+                for i, p in enumerate(prompts[:count])
+            ]
+            console.print(f"sending {len(first)} requests (MT-Bench questions) ...")
+            async with anyio.create_task_group() as batch:
+                for request in first:
+                    batch.start_soon(ask, "first", request)
+            repeats = [
+                msgspec.structs.replace(r, id=f"{r.id}-again") for r in first[:3]
+            ]
+            console.print(f"asking {len(repeats)} of them again (served from the cache) ...")
+            async with anyio.create_task_group() as batch:
+                for request in repeats:
+                    batch.start_soon(ask, "repeat", request)
+            client.stop()
+    rows.sort(key=lambda r: (r[0] != "first", r[2].id))
+    if json_out:
+        for _, _, resp in rows:
+            print(msgspec.json.encode(resp).decode())
+    else:
+        console.print(_table(rows))
+    ok = [r for _, _, r in rows if r.status == "ok"]
+    hits = [r for r in ok if r.cached]
+    fallbacks = [r for r in ok if len({a.provider for a in r.attempts}) > 1]
+    total_cost = sum(r.cost_usd for r in ok)
+    latencies = [r.latency_ms for r in ok if not r.cached]
+    summary: dict[str, Any] = {
+        "requests": len(rows),
+        "ok": len(ok),
+        "errors": len(rows) - len(ok),
+        "cache_hits": len(hits),
+        "fallbacks": len(fallbacks),
+        "total_cost_usd": round(total_cost, 10),
+        "p50_latency_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    console.print(
+        f"[bold]summary[/]: {summary['ok']}/{summary['requests']} answered, {summary['errors']} errors, "
+        f"{summary['cache_hits']} cache hits, {summary['fallbacks']} answered after failover, "
+        f"total cost ${total_cost:.8f}, p50 latency {summary['p50_latency_ms']} ms (uncached), "
+        f"{summary['wall_s']} s"
+    )
+    shown = len(ok) == len(rows) and hits and fallbacks and all(r.cost_usd > 0 for r in ok if not r.cached)
+    return 0 if shown else 1

@@ -1,0 +1,381 @@
+"""The stage runner: owns consuming, decoding, producing, committing and dead-lettering.
+
+A stage holds only its decision (``Stage.handle``); the runner does the rest
+(DESIGN B1, B3):
+
+* consumes the stage's input topic in the stage's consumer group;
+* handles up to ``max_in_flight`` messages at once (a slow provider call does
+  not hold up the next message);
+* publishes a message's outputs and waits for their acknowledgement before
+  the message counts as done; publishing is retried until it succeeds or the
+  runner stops, so a broker outage delays work but loses none;
+* commits, per partition, only offsets below the oldest unfinished message;
+* sends an undecodable or invalid value to the dead-letter topic with its
+  origin and raw bytes, and lets the stage answer it (``Stage.reject``) so a
+  request id always gets a response; a stage that raises on one message has
+  that message answered as a ``server_error`` and never stops;
+* on stop: stops fetching, finishes in-flight work within ``grace_s``,
+  commits, and leaves the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+
+from pipeline.bus import Bus, BusError, Consumer, Outgoing, Record, TopicPartition
+from schemas import SCHEMA_VERSION, DeadLetter
+from schemas.response import ErrorInfo
+
+log = logging.getLogger("aipipe.runner")
+
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+SCHEMA_HEADER = "aipipe-schema"
+TRACE_HEADER = "traceparent"
+
+
+def encode(value: Any) -> bytes:
+    """JSON bytes of a msgspec struct (or builtins), the wire format of every topic."""
+    return _ENCODER.encode(value)
+
+
+def now_utc() -> datetime:
+    """The current time, timezone-aware UTC (encoded as RFC 3339 by msgspec)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """One output of a stage: a struct to publish on ``topic`` under ``key``."""
+
+    topic: str
+    key: str | None
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class MessageContext:
+    """What the runner knows of the message being handled."""
+
+    record: Record
+    stage: str
+    publish: Callable[[Emit], Awaitable[None]] | None = None
+
+    async def emit_now(self, output: Emit) -> None:
+        """Publish ``output`` at once (before the stage returns), e.g. a health event per attempt."""
+        if self.publish is not None:
+            await self.publish(output)
+
+    @property
+    def traceparent(self) -> bytes | None:
+        """The W3C ``traceparent`` header of the input, if any."""
+        return self.record.header(TRACE_HEADER)
+
+
+class InvalidInput(Exception):
+    """Raised by ``Stage.decode`` (or ``handle``) for a value that cannot be accepted.
+
+    ``request_id`` is the id the value carries, when it could be read.
+    """
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class Stage(Protocol):
+    """A stage: one decision over one input topic."""
+
+    name: str
+    input_topic: str
+
+    def decode(self, raw: bytes) -> Any:
+        """Decode and validate the input value.
+
+        Raises:
+            InvalidInput: when the value cannot be decoded or validated.
+        """
+        ...
+
+    async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
+        """Decide what to publish for one decoded input."""
+        ...
+
+    def reject(self, request_id: str, error: ErrorInfo, ctx: MessageContext) -> list[Emit]:
+        """Outputs that answer ``request_id`` with ``error`` (for invalid input or a stage failure)."""
+        ...
+
+
+def decode_or_invalid(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    """Decode ``raw`` with ``decoder``; any failure becomes ``InvalidInput`` with the id if readable.
+
+    Raises:
+        InvalidInput: with msgspec's message (which names the bad field's path).
+    """
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidInput(str(exc), request_id=_sniff_id(raw)) from exc
+
+
+class _IdOnly(msgspec.Struct):
+    id: Any = None
+
+
+_ID_DECODER = msgspec.json.Decoder(_IdOnly)
+
+
+def _sniff_id(raw: bytes) -> str | None:
+    try:
+        found = _ID_DECODER.decode(raw).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+@dataclass
+class _PartitionTracker:
+    """Offsets in flight for one partition; the committable offset is below the oldest one."""
+
+    in_flight: set[int] = field(default_factory=set)
+    highest_done: int = -1
+    committed: int = -1
+
+    def committable(self) -> int | None:
+        target = min(self.in_flight) if self.in_flight else self.highest_done + 1
+        if target > self.committed and target > 0:
+            return target
+        return None
+
+
+class StageRunner:
+    """Runs one ``Stage`` over the bus.
+
+    Args:
+        bus: the bus to consume from and publish to.
+        stage: the stage's decision.
+        group: consumer group id (one per stage, e.g. ``aipipe.executor``).
+        deadletter_topic: where undecodable values go.
+        keyed_by_request_id: whether the input's key is a request id.
+        max_in_flight: messages handled at once.
+        commit_interval_s: how often offsets are committed (s).
+        grace_s: time given to in-flight work on stop (s).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        stage: Stage,
+        *,
+        group: str,
+        deadletter_topic: str,
+        keyed_by_request_id: bool = True,
+        max_in_flight: int = 256,
+        commit_interval_s: float = 0.2,
+        grace_s: float = 10.0,
+        fetch_timeout_ms: int = 200,
+    ) -> None:
+        self.bus = bus
+        self.stage = stage
+        self.group = group
+        self.deadletter_topic = deadletter_topic
+        self.keyed_by_request_id = keyed_by_request_id
+        self.max_in_flight = max_in_flight
+        self.commit_interval_s = commit_interval_s
+        self.grace_s = grace_s
+        self.fetch_timeout_ms = fetch_timeout_ms
+        self._trackers: dict[TopicPartition, _PartitionTracker] = {}
+        self._stopping = anyio.Event()
+        self._idle = anyio.Event()
+        self._in_flight = 0
+        self.processed = 0
+        self.dead_lettered = 0
+
+    def stop(self) -> None:
+        """Ask the runner to stop fetching and wind down."""
+        self._stopping.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume until ``stop()``; reports started once the consumer is open.
+
+        Raises:
+            BusError: when the consumer cannot be opened.
+        """
+        consumer = await self.bus.consumer([self.stage.input_topic], group=self.group)
+        limiter = anyio.Semaphore(self.max_in_flight)
+        task_status.started()
+        log.debug("stage %s consuming %s in group %s", self.stage.name, self.stage.input_topic, self.group)
+        try:
+            async with anyio.create_task_group() as work:
+                work.start_soon(self._commit_loop, consumer)
+                while not self._stopping.is_set():
+                    try:
+                        records = await consumer.getmany(self.fetch_timeout_ms, max_records=500)
+                    except BusError as exc:
+                        log.warning("stage %s: fetch failed (%s); retrying", self.stage.name, exc)
+                        await self._sleep_or_stop(1.0)
+                        continue
+                    for record in records:
+                        await limiter.acquire()
+                        self._begin(record)
+                        work.start_soon(self._process, record, limiter)
+                with anyio.move_on_after(self.grace_s):
+                    while self._in_flight:
+                        await self._idle.wait()
+                work.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._commit(consumer)
+                await consumer.stop()
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
+
+    def _begin(self, record: Record) -> None:
+        tracker = self._trackers.setdefault((record.topic, record.partition), _PartitionTracker())
+        tracker.in_flight.add(record.offset)
+        self._in_flight += 1
+        self._idle = anyio.Event()
+
+    def _finish(self, record: Record) -> None:
+        tracker = self._trackers[(record.topic, record.partition)]
+        tracker.in_flight.discard(record.offset)
+        tracker.highest_done = max(tracker.highest_done, record.offset)
+        self._in_flight -= 1
+        self.processed += 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def _commit_loop(self, consumer: Consumer) -> None:
+        while True:
+            await anyio.sleep(self.commit_interval_s)
+            await self._commit(consumer)
+
+    async def _commit(self, consumer: Consumer) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for tp, tracker in self._trackers.items():
+            target = tracker.committable()
+            if target is not None:
+                offsets[tp] = target
+        if not offsets:
+            return
+        assigned = consumer.assignment()
+        offsets = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except BusError as exc:
+            log.info("stage %s: commit dropped (%s)", self.stage.name, exc)
+            return
+        for tp, off in offsets.items():
+            self._trackers[tp].committed = off
+
+    async def _process(self, record: Record, limiter: anyio.Semaphore) -> None:
+        trace = record.header(TRACE_HEADER)
+
+        async def publish_now(output: Emit) -> None:
+            await self._publish_all([output], trace)
+
+        ctx = MessageContext(record=record, stage=self.stage.name, publish=publish_now)
+        try:
+            outputs = await self._decide(record, ctx)
+            await self._publish_all(outputs, trace)
+        finally:
+            self._finish(record)
+            limiter.release()
+
+    async def _decide(self, record: Record, ctx: MessageContext) -> list[Emit]:
+        key = record.key.decode("utf-8", "replace") if record.key else None
+        try:
+            value = self.stage.decode(record.value)
+        except InvalidInput as exc:
+            return await self._invalid(record, ctx, key, exc)
+        try:
+            return await self.stage.handle(value, ctx)
+        except InvalidInput as exc:
+            return await self._invalid(record, ctx, key, exc)
+        except Exception as exc:
+            log.exception("stage %s failed on %s@%s/%s", self.stage.name, record.topic, record.partition, record.offset)
+            request_id = key if self.keyed_by_request_id else None
+            if request_id is None:
+                return []
+            error = ErrorInfo(type="server_error", message=f"stage {self.stage.name} failed: {type(exc).__name__}")
+            return self.stage.reject(request_id, error, ctx)
+
+    async def _invalid(self, record: Record, ctx: MessageContext, key: str | None, exc: InvalidInput) -> list[Emit]:
+        self.dead_lettered += 1
+        log.warning(
+            "dead letter: %s partition %s offset %s: %s", record.topic, record.partition, record.offset, exc.reason
+        )
+        letter = DeadLetter(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=key,
+            reason=exc.reason,
+            stage=self.stage.name,
+            raw=record.value,
+            at=now_utc(),
+        )
+        outputs = [Emit(self.deadletter_topic, key, letter)]
+        request_id = (key or exc.request_id) if self.keyed_by_request_id else None
+        if request_id:
+            error = ErrorInfo(type="invalid_request", message=f"invalid request: {exc.reason}")
+            outputs.extend(self.stage.reject(request_id, error, ctx))
+        return outputs
+
+    async def _publish_all(self, outputs: Sequence[Emit], traceparent: bytes | None) -> None:
+        if not outputs:
+            return
+        headers: list[tuple[str, bytes]] = [(SCHEMA_HEADER, str(SCHEMA_VERSION).encode())]
+        if traceparent is not None:
+            headers.append((TRACE_HEADER, traceparent))
+        messages = [
+            Outgoing(
+                topic=o.topic,
+                value=encode(o.value),
+                key=o.key.encode("utf-8") if o.key is not None else None,
+                headers=tuple(headers),
+            )
+            for o in outputs
+        ]
+        if len(messages) == 1:
+            await publish_with_retry(self.bus, messages[0])
+            return
+        async with anyio.create_task_group() as tg:
+            for message in messages:
+                tg.start_soon(publish_with_retry, self.bus, message)
+
+
+async def publish_with_retry(bus: Bus, message: Outgoing, *, max_delay_s: float = 5.0) -> None:
+    """Publish ``message``, retrying with capped exponential backoff until it is acknowledged.
+
+    A broker outage thus delays the message instead of losing it; cancel the
+    calling scope to give up.
+    """
+    delay = 0.1
+    started = time.monotonic()
+    while True:
+        try:
+            await bus.publish(message)
+            return
+        except BusError as exc:
+            log.warning(
+                "publish to %s failed (%s); retrying in %.1fs (%.0fs so far)",
+                message.topic,
+                exc,
+                delay,
+                time.monotonic() - started,
+            )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)

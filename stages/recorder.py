@@ -1,0 +1,173 @@
+"""cost-recorder: the single finalizer (DESIGN A3).
+
+Input ``ai.stage.record`` (envelope with an outcome). For each request id it:
+prices the provider's reported usage (``stages.pricing``, Decimal USD),
+writes one ``CostEvent`` to ``ai.costs`` for a ``status: ok`` outcome (cache
+hits too, with ``cost_usd`` 0 and ``saved_usd``), releases the budget
+reservation of an outcome without cost (``reservation_release`` on
+``ai.control``), stores complete successful answers in the response cache,
+and publishes the final ``AIResponse`` to ``ai.responses``. A redelivered
+record gets the very same response again and no second cost event.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+from typing import Any
+
+from cachetools import TTLCache
+
+from pipeline.cache_store import CacheStore
+from pipeline.config import PipelineConfig
+from pipeline.runner import Emit, MessageContext, decode_or_invalid, now_utc
+from pipeline.topics import Topics
+from schemas.cache import CachedAnswer
+from schemas.envelope import Envelope, Outcome
+from schemas.events import CostEvent, ReservationRelease
+from schemas.response import AIResponse, ErrorInfo
+from stages.common import ENVELOPE_DECODER, now_ms
+from stages.pricing import PriceTable, round_usd
+
+log = logging.getLogger("aipipe.recorder")
+
+#: How long (s) the recorder remembers a finalized id, to answer redeliveries identically.
+FINALIZED_TTL_S = 3600
+
+
+class RecorderStage:
+    """Prices, records and answers each outcome exactly once per request id."""
+
+    name = "recorder"
+
+    def __init__(
+        self,
+        topics: Topics,
+        config: PipelineConfig,
+        prices: PriceTable,
+        cache: CacheStore | None,
+        *,
+        finalized_max: int = 200_000,
+    ) -> None:
+        self.topics = topics
+        self.config = config
+        self.prices = prices
+        self.cache = cache
+        self.input_topic = topics.stage_record
+        self._finalized: TTLCache[str, AIResponse] = TTLCache(maxsize=finalized_max, ttl=FINALIZED_TTL_S)
+
+    def decode(self, raw: bytes) -> Envelope:
+        """Decode an envelope.
+
+        Raises:
+            InvalidInput: when the value is not an envelope.
+        """
+        envelope: Envelope = decode_or_invalid(ENVELOPE_DECODER, raw)
+        return envelope
+
+    def reject(self, request_id: str, error: ErrorInfo, ctx: MessageContext) -> list[Emit]:
+        """Answer ``request_id`` with ``error`` directly (the recorder is the finalizer)."""
+        response = AIResponse(id=request_id, status="error", error=error)
+        return [Emit(self.topics.responses, request_id, response)]
+
+    def _price(self, outcome: Outcome) -> tuple[Decimal, str]:
+        provider = outcome.provider or ""
+        model = outcome.model or ""
+        cfg = self.config.providers.get(provider)
+        default = Decimal(str(cfg.cost_per_token)) if cfg is not None else None
+        costing = self.prices.cost(provider, model, outcome.usage, default_cost_per_token=default)
+        return costing.cost_usd, costing.price_source
+
+    async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
+        """Finalize one outcome: response, cost event, cache write, reservation release."""
+        envelope: Envelope = value
+        previous = self._finalized.get(envelope.id)
+        if previous is not None:
+            return [Emit(self.topics.responses, envelope.id, previous)]
+        outcome = envelope.outcome or Outcome(
+            status="error", error=ErrorInfo(type="server_error", message="no outcome reached the recorder")
+        )
+        latency_ms = float(max(now_ms() - envelope.received_at_ms, 0))
+        user = envelope.request.user if envelope.request else None
+        outputs: list[Emit] = []
+        cost_usd = Decimal(0)
+        if outcome.status == "ok" and outcome.provider and outcome.model:
+            priced, source = self._price(outcome)
+            if outcome.cached:
+                saved = Decimal(str(outcome.saved_usd)) if outcome.saved_usd else priced
+                event = CostEvent(
+                    id=envelope.id,
+                    user=user,
+                    provider=outcome.provider,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                    cost_usd=0.0,
+                    saved_usd=round_usd(saved),
+                    cached=True,
+                    price_source=source,  # type: ignore[arg-type]
+                    at=now_utc(),
+                )
+            else:
+                cost_usd = priced
+                event = CostEvent(
+                    id=envelope.id,
+                    user=user,
+                    provider=outcome.provider,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                    cost_usd=round_usd(priced),
+                    saved_usd=0.0,
+                    cached=False,
+                    price_source=source,  # type: ignore[arg-type]
+                    at=now_utc(),
+                )
+                await self._store(envelope, outcome, priced)
+            outputs.append(Emit(self.topics.costs, envelope.id, event))
+        elif envelope.reserved_usd > 0:
+            release = ReservationRelease(
+                request_id=envelope.id,
+                scope=",".join(envelope.reservation_scopes) or "global",
+                amount_usd=envelope.reserved_usd,
+                at=now_utc(),
+            )
+            outputs.append(Emit(self.topics.control, "*", release))
+        response = AIResponse(
+            id=envelope.id,
+            status=outcome.status,
+            content=outcome.content,
+            provider=outcome.provider,
+            model=outcome.model,
+            usage=outcome.usage,
+            cost_usd=round_usd(cost_usd),
+            latency_ms=latency_ms,
+            cached=outcome.cached,
+            attempts=outcome.attempts,
+            error=outcome.error,
+        )
+        self._finalized[envelope.id] = response
+        outputs.append(Emit(self.topics.responses, envelope.id, response))
+        return outputs
+
+    async def _store(self, envelope: Envelope, outcome: Outcome, cost_usd: Decimal) -> None:
+        """Cache a complete successful answer (non-empty content and usage present)."""
+        request = envelope.request
+        if self.cache is None or envelope.cache_key is None or request is None:
+            return
+        if request.cache is not None and request.cache.bypass:
+            return
+        if not outcome.content or outcome.usage.completion_tokens <= 0:
+            return
+        ttl = request.cache.ttl_s if request.cache and request.cache.ttl_s is not None else None
+        ttl_s = self.config.cache.default_ttl_s if ttl is None else ttl
+        answer = CachedAnswer(
+            content=outcome.content,
+            provider=outcome.provider or "",
+            model=outcome.model or "",
+            usage=outcome.usage,
+            cost_usd=round_usd(cost_usd),
+            stored_at_ms=now_ms(),
+        )
+        try:
+            await self.cache.set(envelope.cache_key, answer, ttl_s)
+        except Exception as exc:  # a cache outage must not lose the answer
+            log.warning("cache write failed for %s: %s", envelope.id, type(exc).__name__)

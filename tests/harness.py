@@ -1,0 +1,95 @@
+"""A whole pipeline for tests: emulator, bus (memory or Kafka), every stage, a client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+
+from pipeline.app import PIPELINE_STAGES, Pipeline
+from pipeline.bus import Bus, Record
+from pipeline.client import PipelineClient
+from pipeline.config import PipelineConfig, config_from_mapping, preset
+from pipeline.emulator import EmulatorServer
+from pipeline.endpoints import resolve_endpoints
+from pipeline.kafka_bus import KafkaBus, KafkaSettings
+from pipeline.memory_bus import MemoryBus
+from pipeline.settings import Settings
+from pipeline.topics import Topics
+
+FAST_RETRY = {"retry": {"base_delay_ms": 5, "max_delay_ms": 3000}}
+
+
+def fast_config(**overrides: Any) -> PipelineConfig:
+    """The production preset with millisecond backoff, so retry tests stay fast."""
+    data: dict[str, Any] = {"providers": {p: dict(FAST_RETRY) for p in ("openai", "anthropic", "cloudflare")}}
+    data.update(overrides)
+    return config_from_mapping(data, base=preset("production"))
+
+
+@dataclass
+class Harness:
+    """What a test drives: the bus, topics, client, emulator and the running pipeline."""
+
+    kind: str
+    bus: Bus
+    topics: Topics
+    client: PipelineClient
+    emulator: EmulatorServer
+    pipeline: Pipeline
+    bootstrap: str | None
+
+    async def read_all(self, topic: str, *, until: Any = None, timeout_s: float = 10.0) -> list[Record]:
+        """Records of ``topic`` from the beginning, waiting until ``until(records)`` holds (or timeout)."""
+        consumer = await self.bus.consumer([topic], group=None, from_beginning=True)
+        records: list[Record] = []
+        try:
+            with anyio.move_on_after(timeout_s):
+                while True:
+                    records.extend(await consumer.getmany(100, max_records=1000))
+                    if until is None or until(records):
+                        if until is None:
+                            more = await consumer.getmany(200, max_records=1000)
+                            records.extend(more)
+                            if not more:
+                                break
+                        else:
+                            break
+        finally:
+            await consumer.stop()
+        return records
+
+    def decode(self, records: list[Record], type_: Any) -> list[Any]:
+        """Decode every record's value as ``type_``."""
+        return [msgspec.json.decode(r.value, type=type_) for r in records]
+
+
+@asynccontextmanager
+async def harness(
+    kind: str, prefix: str, *, bootstrap: str | None = None, config: PipelineConfig | None = None
+) -> AsyncIterator[Harness]:
+    """Run the five stages on a ``memory`` or ``kafka`` bus with the emulator behind every provider."""
+    env = {"AIPIPE_TOPIC_PREFIX": prefix, "AIPIPE_EMULATE": "1"}
+    settings = Settings.from_env(env, env_name="production")
+    bus: Bus
+    if kind == "memory":
+        bus = MemoryBus()
+    else:
+        assert bootstrap is not None
+        bus = KafkaBus(bootstrap, KafkaSettings(session_timeout_ms=2000, heartbeat_interval_ms=300))
+    await bus.start()
+    try:
+        async with EmulatorServer() as emulator:
+            resolved = resolve_endpoints(settings, config or fast_config(), emulator.url)
+            async with Pipeline(settings, resolved, bus, stages=PIPELINE_STAGES) as pipeline:
+                async with anyio.create_task_group() as tg:
+                    client = PipelineClient(bus, settings.topics)
+                    await tg.start(client.run)
+                    yield Harness(kind, bus, settings.topics, client, emulator, pipeline, bootstrap)
+                    client.stop()
+    finally:
+        await bus.stop()
