@@ -146,8 +146,10 @@ class Pipeline:
         if needs_feeds:
             await self._tg.start(self.control_feed.run)
             await self._tg.start(self.cost_feed.run)
-        for runner in self.runners:
-            await self._tg.start(runner.run)
+        tg = self._tg
+        async with anyio.create_task_group() as starting:  # group joins run in parallel
+            for runner in self.runners:
+                starting.start_soon(tg.start, runner.run)
         log.info("stages running: %s", ", ".join(self.stages))
         return self
 

@@ -172,6 +172,8 @@ def _emulator(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
+    if "LOG_LEVEL" not in os.environ:
+        setup_logging("WARNING")  # the table is the demo's output; set LOG_LEVEL to see the stages' logs
     return await run_demo(count=args.count, json_out=args.json)
 
 
