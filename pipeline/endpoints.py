@@ -36,8 +36,9 @@ def emulator_endpoints(url: str) -> dict[str, ProviderEndpoint]:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """The configuration with unusable providers disabled, each provider's endpoint, and whether
-    an emulator is needed (``needs_emulator``) for providers pointed at it.
+    """The configuration with unusable providers disabled, and each provider's endpoint.
+
+    ``emulated`` names the providers pointed at the emulator.
     """
 
     config: PipelineConfig

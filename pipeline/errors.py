@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+from schemas.response import ErrorType
+
 if TYPE_CHECKING:
     from schemas.response import AIResponse, Attempt
 
@@ -32,7 +34,7 @@ class AIProviderError(Exception):
         request_id: the request's id, when known.
     """
 
-    error_type: ClassVar[str] = "server_error"
+    error_type: ClassVar[ErrorType] = "server_error"
     retryable: ClassVar[bool] = False
 
     def __init__(

@@ -1,0 +1,583 @@
+"""The emulator's Starlette app: the three provider APIs plus the ``/_emulator`` admin endpoints.
+
+Provider endpoints (one server speaks all three):
+
+* OpenAI: ``POST /v1/chat/completions``, ``GET /v1/models``
+  (``OPENAI_BASE_URL={url}/v1``).
+* Anthropic: ``POST /v1/messages``, ``GET /v1/models`` when the request carries
+  ``x-api-key`` or ``anthropic-version`` (``ANTHROPIC_BASE_URL={url}``).
+* Cloudflare: ``POST /client/v4/accounts/{account_id}/ai/run/{model}``
+  (``CLOUDFLARE_BASE_URL={url}/client/v4``).
+
+Each completion call is handled in this order: log the arrival; wait at the
+hold gate if a hold is active; check credentials (any non-empty key; missing
+-> 401 in the provider's shape); validate the body like the real API where
+cheap (OpenAI: ``model``, non-empty ``messages``, token and temperature ranges;
+Anthropic: ``anthropic-version`` header, ``max_tokens`` required, first
+message ``user``, non-empty text, temperature 0..1; Workers AI: ``messages`` or
+``prompt``); unknown model -> the provider's not-found answer (404; Workers AI
+400 code 5007); ``max_tokens`` above the model's output limit -> 400; prompt
+(and ``max_tokens``, except at Anthropic where only the prompt counts) above
+the context window -> the provider's context-length error; then the fault rule
+picks the response (``pipeline.emulator.spec``), after the configured latency.
+
+Fault actions: ``hang`` waits ``hang_s`` (or until the client leaves or the
+server stops; if the client is still there after ``hang_s`` it gets the normal
+answer); ``reset`` aborts the TCP connection with ``SO_LINGER`` 0 (an RST, no
+HTTP answer); ``malformed_json`` sends half of a valid body with status 200;
+``empty_content`` a valid 200 body whose text is empty.
+
+Admin endpoints (JSON):
+
+* ``GET /_emulator/faults`` -> the current ``FaultProfile``;
+  ``POST /_emulator/faults`` with a ``FaultProfile`` replaces it.
+* ``POST /_emulator/schedule`` ``{"provider", "model"?, "steps": [FaultStep...]}``
+  appends steps.
+* ``GET /_emulator/calls[?provider=openai]`` -> ``{"counts": {provider: n},
+  "calls": [CallRecord...]}``.
+* ``POST /_emulator/reset`` -> empty log, holds released, start profile.
+* ``POST /_emulator/hold`` ``{"n": 3, "provider": "openai" | null}``;
+  ``POST /_emulator/release`` -> ``{"released": k}``.
+
+Invalid admin bodies get 400 ``{"error": "<msgspec message with the path>"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pipeline.emulator import wire
+from pipeline.emulator.spec import ErrorKind, FaultProfile, FaultStep, Provider
+from pipeline.emulator.state import CallRecord, EmulatorState, summarize, wait_first
+from stages.providers.catalog import known_models, model_info
+
+#: Scope key under which the server's own ``send`` is kept (to reach the transport for resets).
+RAW_SEND_KEY = "aipipe.emulator.raw_send"
+#: Limits assumed for models added with ``extra_models`` (tokens).
+EXTRA_MODEL_CONTEXT_WINDOW = 128_000
+EXTRA_MODEL_MAX_OUTPUT = 16_384
+#: ``max_tokens`` Workers AI uses when the request leaves it out (tokens).
+CLOUDFLARE_DEFAULT_MAX_TOKENS = 256
+
+_ENCODER = msgspec.json.Encoder()
+
+
+class _Problem(Exception):
+    """A request the emulator answers with an error (validation, auth, unknown model ...)."""
+
+    def __init__(self, kind: ErrorKind, status: int, message: str | None = None) -> None:
+        super().__init__(message or kind)
+        self.kind = kind
+        self.status = status
+        self.message = message
+
+
+class _RawSendCapture:
+    """Outermost ASGI middleware: remembers the server's ``send`` in the scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND_KEY] = send
+        await self.app(scope, receive, send)
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        _ENCODER.encode(data), status_code=status, headers=dict(headers or {}), media_type="application/json"
+    )
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        token = value[7:].strip()
+        return token or None
+    return None
+
+
+def _api_key(provider: Provider, headers: Mapping[str, str]) -> str | None:
+    if provider == "anthropic":
+        return (headers.get("x-api-key") or "").strip() or _bearer(headers)
+    return _bearer(headers)
+
+
+def _text_of(content: Any) -> str | None:
+    """Text of a message ``content`` (string, or a list of ``{"type": "text", "text"}`` blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [b.get("text") for b in content if isinstance(b, dict) and b.get("type") == "text"]
+        return "".join(p for p in parts if isinstance(p, str))
+    return None
+
+
+def _turns(provider: Provider, data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(role, text)`` of every message, the Anthropic ``system`` / Workers AI ``prompt`` included."""
+    turns: list[tuple[str, str]] = []
+    if provider == "anthropic" and data.get("system") is not None:
+        turns.append(("system", _text_of(data.get("system")) or ""))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                turns.append((str(m.get("role", "")), _text_of(m.get("content")) or ""))
+    elif provider == "cloudflare" and isinstance(data.get("prompt"), str):
+        turns.append(("user", data["prompt"]))
+    return turns
+
+
+def _int_field(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _validate_openai(data: Mapping[str, Any]) -> int | None:
+    if not isinstance(data.get("model"), str) or not data["model"]:
+        raise _Problem("invalid_request", 400, "you must provide a model parameter")
+    messages = data.get("messages")
+    if messages is None:
+        raise _Problem("invalid_request", 400, "Missing required parameter: 'messages'.")
+    if not isinstance(messages, list) or not messages:
+        raise _Problem(
+            "invalid_request",
+            400,
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+        )
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise _Problem(
+                "invalid_request",
+                400,
+                f"Invalid value: '{role}'. Supported values are: 'system', 'assistant', 'user', 'tool', and "
+                f"'developer'. (messages[{i}].role)",
+            )
+        if _text_of(m.get("content")) is None and role != "assistant":
+            raise _Problem("invalid_request", 400, f"Invalid type for 'messages[{i}].content'.")
+    if data.get("stream"):
+        raise _Problem("invalid_request", 400, "The emulator does not support stream=true.")
+    temperature = data.get("temperature")
+    if temperature is not None and not (_number(temperature) is not None and 0 <= float(temperature) <= 2):
+        raise _Problem(
+            "invalid_request", 400, f"Invalid 'temperature': expected a number in [0, 2], got {temperature}."
+        )
+    for name in ("max_completion_tokens", "max_tokens"):
+        if name in data and data[name] is not None:
+            value = _int_field(data[name])
+            if value is None or value < 1:
+                raise _Problem(
+                    "invalid_request",
+                    400,
+                    f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {data[name]} "
+                    "instead.",
+                )
+            return value
+    return None
+
+
+def _validate_anthropic(data: Mapping[str, Any], headers: Mapping[str, str]) -> int:
+    if not headers.get("anthropic-version"):
+        raise _Problem("invalid_request", 400, "anthropic-version: header is required")
+    for field in ("model", "max_tokens", "messages"):
+        if field not in data:
+            raise _Problem("invalid_request", 400, f"{field}: Field required")
+    max_tokens = _int_field(data.get("max_tokens"))
+    if max_tokens is None or max_tokens < 1:
+        raise _Problem("invalid_request", 400, "max_tokens: Input should be greater than or equal to 1")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Problem("invalid_request", 400, "messages: at least one message is required")
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("user", "assistant"):
+            raise _Problem("invalid_request", 400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        text = _text_of(m.get("content"))
+        if text is None or not text:
+            raise _Problem("invalid_request", 400, "messages: text content blocks must be non-empty")
+    if messages[0].get("role") != "user":
+        raise _Problem("invalid_request", 400, 'messages: first message must use the "user" role')
+    last_text = _text_of(messages[-1].get("content")) or ""
+    if messages[-1].get("role") == "assistant" and last_text != last_text.rstrip():
+        raise _Problem("invalid_request", 400, "messages: final assistant content cannot end with trailing whitespace")
+    if data.get("stream"):
+        raise _Problem("invalid_request", 400, "stream: the emulator does not support streaming")
+    temperature = data.get("temperature")
+    if temperature is not None and not (_number(temperature) is not None and 0 <= float(temperature) <= 1):
+        raise _Problem("invalid_request", 400, "temperature: range: 0..1")
+    return max_tokens
+
+
+def _validate_cloudflare(data: Mapping[str, Any]) -> int:
+    messages = data.get("messages")
+    if not (isinstance(messages, list) and messages) and not isinstance(data.get("prompt"), str):
+        raise _Problem(
+            "invalid_request",
+            400,
+            "AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required properties at '/' are 'prompt', "
+            "required properties at '/' are 'messages'",
+        )
+    if "max_tokens" in data:
+        value = _int_field(data["max_tokens"])
+        if value is None or value < 1:
+            raise _Problem("invalid_request", 400, "AiError: Bad input: max_tokens must be an integer >= 1")
+        return value
+    return CLOUDFLARE_DEFAULT_MAX_TOKENS
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _TruncatedResponse(Response):
+    """Fallback reset: announce a body, send part of it and stop (the server then closes the socket)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"id": "trunc', "more_body": True})
+
+
+async def _reset_connection(request: Request) -> Response:
+    """Drop the client's TCP connection with an RST and no HTTP answer (see module docstring)."""
+    send = request.scope.get(RAW_SEND_KEY)
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not isinstance(transport, asyncio.Transport):
+        return _TruncatedResponse()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+    await wait_first(_wait_disconnect(request.receive), timeout_s=1.0)
+    return Response(status_code=204)  # never reaches the client: the connection is gone
+
+
+class _HoldBody(Struct, forbid_unknown_fields=True):
+    n: Annotated[int, Meta(ge=1)]
+    provider: Provider | None = None
+
+
+class _ScheduleBody(Struct, forbid_unknown_fields=True):
+    provider: Provider
+    steps: list[FaultStep]
+    model: str | None = None
+
+
+class _CallsBody(Struct):
+    counts: dict[str, int]
+    calls: list[CallRecord]
+
+
+class _Handlers:
+    def __init__(self, state: EmulatorState) -> None:
+        self.state = state
+
+    # --- provider helpers ---
+
+    def _models(self, provider: Provider) -> list[str]:
+        return sorted(set(known_models(provider)) | set(self.state.faults.extra_models(provider)))
+
+    def _limits(self, provider: Provider, model: str) -> tuple[int, int]:
+        info = model_info(provider, model)
+        if info is None:
+            return EXTRA_MODEL_CONTEXT_WINDOW, EXTRA_MODEL_MAX_OUTPUT
+        return info.context_window, info.max_output_tokens
+
+    def _error(
+        self,
+        provider: Provider,
+        kind: ErrorKind,
+        status: int,
+        ctx: wire.ErrorContext,
+        request_id: str,
+        *,
+        message: str | None = None,
+        step: FaultStep | None = None,
+    ) -> Response:
+        headers = {wire.request_id_header(provider): request_id}
+        if step is not None:
+            if step.retry_after_s is not None:
+                if step.retry_after_http_date:
+                    headers["retry-after"] = email.utils.formatdate(time.time() + step.retry_after_s, usegmt=True)
+                else:
+                    headers["retry-after"] = f"{step.retry_after_s:g}"
+            if step.retry_after_ms is not None:
+                headers["retry-after-ms"] = str(step.retry_after_ms)
+        body = wire.error_body(provider, kind, ctx, request_id=request_id, message=message)
+        return _json(body, status, headers)
+
+    @staticmethod
+    def _ok_body(
+        provider: Provider, model: str, text: str, *, prompt: int, cached: int, truncated: bool
+    ) -> dict[str, Any]:
+        completion = wire.text_tokens(text)
+        if provider == "openai":
+            return wire.openai_completion(
+                model, text, prompt=prompt, completion=completion, cached=cached, truncated=truncated
+            )
+        if provider == "anthropic":
+            return wire.anthropic_message(
+                model, text, prompt=prompt, completion=completion, cached=cached, truncated=truncated
+            )
+        return wire.cloudflare_result(text, prompt=prompt, completion=completion)
+
+    async def _finish(self, record: CallRecord, outcome: Any, status: int | None, kind: str | None = None) -> None:
+        record.finish(outcome, status, kind)
+        await self.state.notify()
+
+    # --- the completion call, shared by the three providers ---
+
+    async def _call(self, provider: Provider, request: Request, path_model: str | None = None) -> Response:
+        request_id = wire.new_request_id(provider)
+        raw = await request.body()
+        try:
+            decoded = msgspec.json.decode(raw) if raw else None
+        except msgspec.DecodeError:
+            decoded = None
+        data: dict[str, Any] = decoded if isinstance(decoded, dict) else {}
+        model = path_model if path_model is not None else data.get("model")
+        model = model if isinstance(model, str) else ""
+        turns = _turns(provider, data)
+        record = await self.state.arrive(
+            {
+                "provider": provider,
+                "model": model,
+                "path": request.url.path,
+                **summarize(turns),
+                "max_tokens": _int_field(data.get("max_tokens", data.get("max_completion_tokens"))),
+                "temperature": _number(data.get("temperature")),
+            }
+        )
+        key = _api_key(provider, request.headers)
+        ctx = wire.ErrorContext(model=model, api_key=key)
+        try:
+            await self.state.hold_point(record)
+            if not key:
+                raise _Problem("authentication", 401, _missing_key_message(provider))
+            if not isinstance(decoded, dict):
+                raise _Problem("invalid_request", 400, _bad_json_message(provider))
+            if provider == "openai":
+                max_tokens = _validate_openai(data)
+            elif provider == "anthropic":
+                max_tokens = _validate_anthropic(data, request.headers)
+            else:
+                max_tokens = _validate_cloudflare(data)
+            if model not in self._models(provider):
+                raise _Problem("not_found", wire.default_status(provider, "not_found"))
+            window, max_out = self._limits(provider, model)
+            max_tokens = max_out if max_tokens is None else max_tokens
+            prompt = wire.prompt_tokens([text for _, text in turns])
+            ctx = wire.ErrorContext(
+                model=model,
+                prompt_tokens=prompt,
+                max_tokens=max_tokens,
+                context_window=window,
+                max_output_tokens=max_out,
+                api_key=key,
+            )
+            _check_limits(provider, model, prompt, max_tokens, window, max_out)
+        except _Problem as problem:
+            await self._finish(record, "error", problem.status, problem.kind)
+            return self._error(provider, problem.kind, problem.status, ctx, request_id, message=problem.message)
+
+        step = self.state.faults.next_step(provider, model)
+        delay_s = self.state.faults.latency_s(provider, model, step)
+        if delay_s > 0 and await wait_first(asyncio.sleep(delay_s), self.state.stopping.wait()) != 0:
+            await self._finish(record, "reset", None)
+            return await _reset_connection(request)
+
+        action = step.resolved_action()
+        if action == "hang":
+            first = await wait_first(
+                asyncio.sleep(step.hang_s), _wait_disconnect(request.receive), self.state.stopping.wait()
+            )
+            if first != 0:
+                await self._finish(record, "hang", None)
+                return await _reset_connection(request)
+            action = "ok"  # the client outlasted the hang: it gets its answer, late
+        if action == "reset":
+            await self._finish(record, "reset", None)
+            return await _reset_connection(request)
+        if action == "error":
+            kind = step.kind or wire.default_kind(step.status or 500)
+            status = step.status or wire.default_status(provider, kind)
+            await self._finish(record, "error", status, kind)
+            return self._error(provider, kind, status, ctx, request_id, message=step.message, step=step)
+
+        last_user = next((text for role, text in reversed(turns) if role == "user"), "")
+        text, truncated = wire.reply_text(provider, model, last_user, max_tokens)
+        if action == "empty_content":
+            text, truncated = "", False
+        cached = min(step.cached_tokens, prompt)
+        body = self._ok_body(provider, model, text, prompt=prompt, cached=cached, truncated=truncated)
+        headers = wire.success_headers(
+            provider, request_id, calls_so_far=self.state.counts()[provider], tokens=prompt + max_tokens
+        )
+        encoded = _ENCODER.encode(body)
+        if action == "malformed_json":
+            encoded = encoded[: max(1, len(encoded) // 2)]
+        outcome = action if action in ("malformed_json", "empty_content") else "ok"
+        await self._finish(record, outcome, 200)
+        return Response(encoded, status_code=200, headers=headers, media_type="application/json")
+
+    # --- provider endpoints ---
+
+    async def openai_chat(self, request: Request) -> Response:
+        return await self._call("openai", request)
+
+    async def anthropic_messages(self, request: Request) -> Response:
+        return await self._call("anthropic", request)
+
+    async def cloudflare_run(self, request: Request) -> Response:
+        return await self._call("cloudflare", request, path_model=str(request.path_params["model"]))
+
+    async def list_models(self, request: Request) -> Response:
+        anthropic = "x-api-key" in request.headers or "anthropic-version" in request.headers
+        provider: Provider = "anthropic" if anthropic else "openai"
+        request_id = wire.new_request_id(provider)
+        if not _api_key(provider, request.headers):
+            ctx = wire.ErrorContext(model="")
+            return self._error(provider, "authentication", 401, ctx, request_id, message=_missing_key_message(provider))
+        models = self._models(provider)
+        body = wire.anthropic_models(models) if anthropic else wire.openai_models(models)
+        return _json(body, 200, {wire.request_id_header(provider): request_id})
+
+    # --- admin endpoints ---
+
+    async def get_faults(self, request: Request) -> Response:
+        return _json(self.state.faults.profile())
+
+    async def post_faults(self, request: Request) -> Response:
+        return await _admin(request, FaultProfile, lambda p: self.state.faults.load(p))
+
+    async def post_schedule(self, request: Request) -> Response:
+        def apply(body: _ScheduleBody) -> None:
+            self.state.faults.schedule(body.provider, *body.steps, model=body.model)
+
+        return await _admin(request, _ScheduleBody, apply)
+
+    async def get_calls(self, request: Request) -> Response:
+        provider = request.query_params.get("provider")
+        if provider is not None and provider not in ("openai", "anthropic", "cloudflare"):
+            return _json({"error": f"unknown provider {provider!r}"}, 400)
+        calls = self.state.calls(provider)  # type: ignore[arg-type]
+        return _json(_CallsBody(counts=self.state.counts(), calls=calls))
+
+    async def post_reset(self, request: Request) -> Response:
+        self.state.reset()
+        return _json({"ok": True})
+
+    async def post_hold(self, request: Request) -> Response:
+        return await _admin(request, _HoldBody, lambda b: self.state.hold(b.n, b.provider))
+
+    async def post_release(self, request: Request) -> Response:
+        return _json({"ok": True, "released": self.state.release()})
+
+
+async def _admin(request: Request, body_type: type[Any], apply: Callable[[Any], Any]) -> Response:
+    try:
+        body = msgspec.json.decode(await request.body() or b"{}", type=body_type)
+        result = apply(body)
+        if isinstance(result, Awaitable):
+            await result
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        return _json({"error": str(exc)}, 400)
+    return _json({"ok": True})
+
+
+def _missing_key_message(provider: Provider) -> str:
+    if provider == "openai":
+        return (
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY). You can obtain an API key from "
+            "https://platform.openai.com/account/api-keys."
+        )
+    if provider == "anthropic":
+        return "x-api-key header is required"
+    return "Authentication error"
+
+
+def _bad_json_message(provider: Provider) -> str:
+    if provider == "openai":
+        return (
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+        )
+    if provider == "anthropic":
+        return "There was an issue with the request body: it is not valid JSON"
+    return "AiError: Bad input: the request body is not valid JSON"
+
+
+def _check_limits(provider: Provider, model: str, prompt: int, max_tokens: int, window: int, max_out: int) -> None:
+    """Refuse ``max_tokens`` above the output limit and prompts over the context window, as each API does."""
+    if provider == "openai":
+        if max_tokens > max_out:
+            raise _Problem(
+                "invalid_request",
+                400,
+                f"max_tokens is too large: {max_tokens}. This model supports at most {max_out} completion tokens, "
+                f"whereas you provided {max_tokens}.",
+            )
+        if prompt + max_tokens > window:
+            raise _Problem("context_length", 400)
+    elif provider == "anthropic":
+        if max_tokens > max_out:
+            raise _Problem(
+                "invalid_request",
+                400,
+                f"max_tokens: {max_tokens} > {max_out}, which is the maximum allowed number of output tokens for "
+                f"{model}",
+            )
+        if prompt > window:
+            raise _Problem("context_length", 400)
+    elif prompt + max_tokens > window:
+        raise _Problem("context_length", 400)
+
+
+def create_app(state: EmulatorState) -> ASGIApp:
+    """The emulator as an ASGI app serving ``state`` (routes in the module docstring)."""
+    h = _Handlers(state)
+    routes = [
+        Route("/v1/chat/completions", h.openai_chat, methods=["POST"]),
+        Route("/v1/models", h.list_models, methods=["GET"]),
+        Route("/v1/messages", h.anthropic_messages, methods=["POST"]),
+        Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", h.cloudflare_run, methods=["POST"]),
+        Route("/_emulator/faults", h.get_faults, methods=["GET"]),
+        Route("/_emulator/faults", h.post_faults, methods=["POST"]),
+        Route("/_emulator/schedule", h.post_schedule, methods=["POST"]),
+        Route("/_emulator/calls", h.get_calls, methods=["GET"]),
+        Route("/_emulator/reset", h.post_reset, methods=["POST"]),
+        Route("/_emulator/hold", h.post_hold, methods=["POST"]),
+        Route("/_emulator/release", h.post_release, methods=["POST"]),
+    ]
+    return _RawSendCapture(Starlette(routes=routes))

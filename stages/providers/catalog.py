@@ -1,0 +1,133 @@
+"""Model catalog: context window and output limit per provider model (tokens).
+
+Facts read on 2026-11-29 from the providers' model pages:
+
+* OpenAI, https://platform.openai.com/docs/models (one page per model, e.g.
+  https://platform.openai.com/docs/models/gpt-4o,
+  https://platform.openai.com/docs/models/gpt-4.1,
+  https://platform.openai.com/docs/models/gpt-3.5-turbo): "Context window" and
+  "Max output tokens".
+* Anthropic, https://docs.anthropic.com/en/docs/about-claude/models/overview
+  ("Context window" and "Max output" rows; aliases such as ``claude-haiku-4-5``
+  point at the dated id listed next to them).
+* Cloudflare Workers AI, https://developers.cloudflare.com/workers-ai/models/
+  (each model page's "Context Window" row, e.g.
+  https://developers.cloudflare.com/workers-ai/models/llama-3.1-8b-instruct/ ,
+  .../llama-3.3-70b-instruct-fp8-fast/ , .../mistral-7b-instruct-v0.1/).
+  Workers AI documents no output cap separate from the context window (the
+  ``max_tokens`` input only defaults to 256), so ``max_output_tokens`` is the
+  context window for those models. There is no ``llama-3.1-8b-instruct-fp8-fast``
+  model id in the Workers AI catalog; the ``-fp8`` and ``-fast`` variants are
+  listed instead.
+
+The catalog is consulted by the executor (does a fallback candidate's window fit
+the prompt?) and by the emulator (which models exist, and their limits).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+OPENAI_MODELS_URL = "https://platform.openai.com/docs/models"
+ANTHROPIC_MODELS_URL = "https://docs.anthropic.com/en/docs/about-claude/models/overview"
+CLOUDFLARE_MODELS_URL = "https://developers.cloudflare.com/workers-ai/models/"
+#: Day the limits below were read from the pages above (ISO 8601).
+CATALOG_READ_ON = "2026-11-29"
+
+
+class ModelInfo(Struct, kw_only=True, frozen=True):
+    """Limits of one provider model.
+
+    ``context_window`` is the most tokens prompt plus output may use (tokens);
+    ``max_output_tokens`` the most tokens one answer may have (tokens);
+    ``source`` the page the numbers come from.
+    """
+
+    provider: str
+    model: str
+    context_window: Annotated[int, Meta(gt=0)]
+    max_output_tokens: Annotated[int, Meta(gt=0)]
+    source: str
+
+
+def _entries(provider: str, source: str, rows: dict[str, tuple[int, int]]) -> dict[str, ModelInfo]:
+    return {
+        model: ModelInfo(provider=provider, model=model, context_window=window, max_output_tokens=out, source=source)
+        for model, (window, out) in rows.items()
+    }
+
+
+_OPENAI: dict[str, tuple[int, int]] = {
+    "gpt-4o": (128_000, 16_384),
+    "gpt-4o-2024-08-06": (128_000, 16_384),
+    "gpt-4o-mini": (128_000, 16_384),
+    "gpt-4o-mini-2024-07-18": (128_000, 16_384),
+    "gpt-4.1": (1_047_576, 32_768),
+    "gpt-4.1-2025-04-14": (1_047_576, 32_768),
+    "gpt-4.1-mini": (1_047_576, 32_768),
+    "gpt-4.1-mini-2025-04-14": (1_047_576, 32_768),
+    "gpt-4.1-nano": (1_047_576, 32_768),
+    "gpt-4.1-nano-2025-04-14": (1_047_576, 32_768),
+    "gpt-4-turbo": (128_000, 4_096),
+    "gpt-3.5-turbo": (16_385, 4_096),
+    "gpt-3.5-turbo-0125": (16_385, 4_096),
+}
+
+_ANTHROPIC: dict[str, tuple[int, int]] = {
+    "claude-3-haiku-20240307": (200_000, 4_096),
+    "claude-3-5-haiku-20241022": (200_000, 8_192),
+    "claude-3-5-haiku-latest": (200_000, 8_192),
+    "claude-3-5-sonnet-20241022": (200_000, 8_192),
+    "claude-3-7-sonnet-20250219": (200_000, 64_000),
+    "claude-3-7-sonnet-latest": (200_000, 64_000),
+    "claude-sonnet-4-20250514": (200_000, 64_000),
+    "claude-sonnet-4-0": (200_000, 64_000),
+    "claude-sonnet-4-5-20250929": (200_000, 64_000),
+    "claude-sonnet-4-5": (200_000, 64_000),
+    "claude-haiku-4-5-20251001": (200_000, 64_000),
+    "claude-haiku-4-5": (200_000, 64_000),
+    "claude-opus-4-20250514": (200_000, 32_000),
+    "claude-opus-4-0": (200_000, 32_000),
+    "claude-opus-4-1-20250805": (200_000, 32_000),
+    "claude-opus-4-1": (200_000, 32_000),
+}
+
+_CLOUDFLARE: dict[str, tuple[int, int]] = {
+    "@cf/meta/llama-3.1-8b-instruct": (7_968, 7_968),
+    "@cf/meta/llama-3.1-8b-instruct-fp8": (32_000, 32_000),
+    "@cf/meta/llama-3.1-8b-instruct-fast": (128_000, 128_000),
+    "@cf/meta/llama-3.2-3b-instruct": (128_000, 128_000),
+    "@cf/meta/llama-3.3-70b-instruct-fp8-fast": (24_000, 24_000),
+    "@cf/mistral/mistral-7b-instruct-v0.1": (2_824, 2_824),
+}
+
+_CATALOG: dict[str, dict[str, ModelInfo]] = {
+    "openai": _entries("openai", OPENAI_MODELS_URL, _OPENAI),
+    "anthropic": _entries("anthropic", ANTHROPIC_MODELS_URL, _ANTHROPIC),
+    "cloudflare": _entries("cloudflare", CLOUDFLARE_MODELS_URL, _CLOUDFLARE),
+}
+
+
+def catalog_providers() -> list[str]:
+    """Names of the providers the catalog knows (``openai``, ``anthropic``, ``cloudflare``)."""
+    return list(_CATALOG)
+
+
+def model_info(provider: str, model: str) -> ModelInfo | None:
+    """Limits of ``model`` at ``provider``, or ``None`` when the catalog does not list it.
+
+    Args:
+        provider: ``"openai"``, ``"anthropic"`` or ``"cloudflare"``.
+        model: the provider's model id, e.g. ``"gpt-4o-mini"``.
+
+    Returns:
+        A frozen ``ModelInfo`` (tokens), or ``None`` for an unknown provider or model.
+    """
+    return _CATALOG.get(provider, {}).get(model)
+
+
+def known_models(provider: str) -> list[str]:
+    """Model ids the catalog lists for ``provider``, sorted; ``[]`` for an unknown provider."""
+    return sorted(_CATALOG.get(provider, {}))
