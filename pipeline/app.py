@@ -29,6 +29,7 @@ from pipeline.settings import Settings
 from schemas.events import ControlEvent, CostEvent
 from stages.budget import BudgetGateStage
 from stages.cache import CacheLookupStage
+from stages.circuits import CircuitView
 from stages.executor import ExecutorStage
 from stages.ledger import BudgetLedger
 from stages.pricing import PriceTable
@@ -96,6 +97,7 @@ class Pipeline:
             enable_compression=cache_cfg.enable_compression,
         )
         self.ledger = BudgetLedger()
+        self.circuits = CircuitView()
         self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
         self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
         self.runners: list[StageRunner] = []
@@ -117,9 +119,13 @@ class Pipeline:
                 self.control_feed.subscribe(gate.on_control)
                 stage = gate
             elif name == "router":
-                stage = RouterStage(t, self.config)
+                stage = RouterStage(t, self.config, self.circuits)
+                if self.circuits.apply not in self.control_feed.listeners:
+                    self.control_feed.subscribe(self.circuits.apply)
             elif name == "executor":
-                stage = ExecutorStage(t, self.config, build_adapters(self.resolved), client)
+                stage = ExecutorStage(t, self.config, build_adapters(self.resolved), client, circuits=self.circuits)
+                if self.circuits.apply not in self.control_feed.listeners:
+                    self.control_feed.subscribe(self.circuits.apply)
             elif name == "recorder":
                 stage = RecorderStage(t, self.config, self.prices, self.cache_store)
             else:
@@ -142,14 +148,18 @@ class Pipeline:
         self._client = await self._exit.enter_async_context(HttpxAiohttpClient(timeout=None))
         self._build(self._client)
         self._tg = await self._exit.enter_async_context(anyio.create_task_group())
-        needs_feeds = "budget" in self.stages
-        if needs_feeds:
+        if self.control_feed.listeners:
             await self._tg.start(self.control_feed.run)
+        if self.cost_feed.listeners:
             await self._tg.start(self.cost_feed.run)
         tg = self._tg
         async with anyio.create_task_group() as starting:  # group joins run in parallel
             for runner in self.runners:
                 starting.start_soon(tg.start, runner.run)
+        for runner in self.runners:
+            background = getattr(runner.stage, "background", None)
+            if background is not None:
+                tg.start_soon(background, runner.publish)
         log.info("stages running: %s", ", ".join(self.stages))
         return self
 

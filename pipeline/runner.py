@@ -114,6 +114,11 @@ class Stage(Protocol):
         ...
 
 
+# A stage may also define ``async def background(self, publish) -> None``: the
+# pipeline runs it beside the stage's runner (timers, probes), with ``publish``
+# sending one ``Emit``. It must return when cancelled.
+
+
 def decode_or_invalid(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
     """Decode ``raw`` with ``decoder``; any failure becomes ``InvalidInput`` with the id if readable.
 
@@ -333,6 +338,10 @@ class StageRunner:
             error = ErrorInfo(type="invalid_request", message=f"invalid request: {exc.reason}")
             outputs.extend(self.stage.reject(request_id, error, ctx))
         return outputs
+
+    async def publish(self, output: Emit) -> None:
+        """Publish one output outside a message's handling (a stage's background work, e.g. timers)."""
+        await self._publish_all([output], None)
 
     async def _publish_all(self, outputs: Sequence[Emit], traceparent: bytes | None) -> None:
         if not outputs:

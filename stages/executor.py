@@ -27,6 +27,7 @@ from schemas.envelope import Candidate, Envelope, Outcome
 from schemas.events import Health
 from schemas.request import AIRequest
 from schemas.response import Attempt, ErrorInfo
+from stages.circuits import CircuitView
 from stages.common import ENVELOPE_DECODER, error_envelope, now_ms, to_record
 from stages.providers import ProviderAdapter, ProviderCall, model_info
 from stages.providers.tokens import estimate_messages_tokens
@@ -68,8 +69,10 @@ class ExecutorStage:
         client: httpx.AsyncClient,
         *,
         rng: random.Random | None = None,
+        circuits: CircuitView | None = None,
     ) -> None:
         self.topics = topics
+        self.circuits = circuits or CircuitView()
         self.config = config
         self.adapters = adapters
         self.client = client
@@ -110,7 +113,7 @@ class ExecutorStage:
             candidate = remaining.pop(0)
             adapter = self.adapters.get(candidate.provider)
             provider_cfg = self.config.providers.get(candidate.provider)
-            if adapter is None or provider_cfg is None:
+            if adapter is None or provider_cfg is None or not self.circuits.allows_traffic(candidate.provider):
                 continue
             attempt_number = 0
             while True:
