@@ -70,7 +70,12 @@ class Harness:
 
 @asynccontextmanager
 async def harness(
-    kind: str, prefix: str, *, bootstrap: str | None = None, config: PipelineConfig | None = None
+    kind: str,
+    prefix: str,
+    *,
+    bootstrap: str | None = None,
+    config: PipelineConfig | None = None,
+    kafka_settings: KafkaSettings | None = None,
 ) -> AsyncIterator[Harness]:
     """Run the five stages on a ``memory`` or ``kafka`` bus with the emulator behind every provider."""
     env = {"AIPIPE_TOPIC_PREFIX": prefix, "AIPIPE_EMULATE": "1"}
@@ -80,7 +85,7 @@ async def harness(
         bus = MemoryBus()
     else:
         assert bootstrap is not None
-        bus = KafkaBus(bootstrap, KafkaSettings(session_timeout_ms=2000, heartbeat_interval_ms=300))
+        bus = KafkaBus(bootstrap, kafka_settings or KafkaSettings(session_timeout_ms=2000, heartbeat_interval_ms=300))
     await bus.start()
     try:
         async with EmulatorServer() as emulator:
