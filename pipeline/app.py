@@ -42,6 +42,8 @@ log = logging.getLogger("aipipe.app")
 #: The stages of ``aipipe run`` in pipeline order (DESIGN A6).
 PIPELINE_STAGES: tuple[str, ...] = ("cache", "budget", "router", "executor", "recorder")
 ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
+#: A draining stage stops once it has fetched nothing for this long (s) after the stages before it stopped.
+DRAIN_QUIET_S = 0.5
 
 CONTROL_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(ControlEvent)
 COST_DECODER = msgspec.json.Decoder(CostEvent)
@@ -106,6 +108,8 @@ class Pipeline:
         self._exit = AsyncExitStack()
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopped = anyio.Event()
+        self._background = anyio.CancelScope()
+        self.drain_grace_s = 30.0
 
     def _build(self, client: httpx.AsyncClient) -> None:
         t = self.topics
@@ -156,12 +160,20 @@ class Pipeline:
         async with anyio.create_task_group() as starting:  # group joins run in parallel
             for runner in self.runners:
                 starting.start_soon(tg.start, runner.run)
-        for runner in self.runners:
-            background = getattr(runner.stage, "background", None)
-            if background is not None:
-                tg.start_soon(background, runner.publish)
+        self._background = anyio.CancelScope()
+        tg.start_soon(self._run_background)
         log.info("stages running: %s", ", ".join(self.stages))
         return self
+
+    async def _run_background(self) -> None:
+        """Run each stage's optional ``background(publish)`` until the pipeline drains."""
+        with self._background:
+            async with anyio.create_task_group() as bg:
+                for runner in self.runners:
+                    background = getattr(runner.stage, "background", None)
+                    if background is not None:
+                        bg.start_soon(background, runner.publish)
+                await anyio.sleep_forever()
 
     async def __aexit__(
         self,
@@ -173,12 +185,44 @@ class Pipeline:
         await self._exit.__aexit__(exc_type, exc, tb)
 
     def stop(self) -> None:
-        """Ask every runner and feed to wind down (in-flight work finishes within its grace)."""
+        """Wind the process down in pipeline order (idempotent; returns at once).
+
+        The first stage stops fetching at once; each later stage keeps
+        consuming until what the stages before it produced has been handled
+        (no record fetched for ``DRAIN_QUIET_S`` and nothing in flight), then
+        stops — so a request in flight inside this process at SIGTERM is
+        still answered, within ``drain_grace_s`` in all. Work left on a
+        topic is never lost: another replica, or this one after a restart,
+        takes it from the committed offset.
+        """
+        if self._stopped.is_set():
+            return
         self._stopped.set()
+        if self._tg is None:
+            self._stop_all()
+            return
+        self._tg.start_soon(self._drain)
+
+    def _stop_all(self) -> None:
         for runner in self.runners:
             runner.stop()
         self.control_feed.stop()
         self.cost_feed.stop()
+        self._background.cancel()
+
+    async def _drain(self) -> None:
+        chain = [r for r in self.runners if r.stage.name in PIPELINE_STAGES]
+        others = [r for r in self.runners if r not in chain]
+        for runner in others:
+            runner.stop()
+        with anyio.move_on_after(self.drain_grace_s):
+            for i, runner in enumerate(chain):
+                if i > 0:
+                    while runner.quiet_for_s() < DRAIN_QUIET_S:
+                        await anyio.sleep(0.05)
+                runner.stop()
+                await runner.finished.wait()
+        self._stop_all()
 
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` has been called."""

@@ -203,10 +203,29 @@ class StageRunner:
         self._in_flight = 0
         self.processed = 0
         self.dead_lettered = 0
+        self._consumer: Consumer | None = None
+        self.finished = anyio.Event()
+        self.last_record_at = time.monotonic()
 
     def stop(self) -> None:
         """Ask the runner to stop fetching and wind down."""
         self._stopping.set()
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The input partitions this runner's group member holds now (empty before ``run`` and after stop)."""
+        consumer = self._consumer
+        return consumer.assignment() if consumer is not None else frozenset()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called."""
+        return self._stopping.is_set()
+
+    def quiet_for_s(self) -> float:
+        """Seconds since the last record was fetched, or 0 while messages are in flight."""
+        if self._in_flight:
+            return 0.0
+        return time.monotonic() - self.last_record_at
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until ``stop()``; reports started once the consumer is open.
@@ -215,6 +234,7 @@ class StageRunner:
             BusError: when the consumer cannot be opened.
         """
         consumer = await self.bus.consumer([self.stage.input_topic], group=self.group)
+        self._consumer = consumer
         limiter = anyio.Semaphore(self.max_in_flight)
         task_status.started()
         log.debug("stage %s consuming %s in group %s", self.stage.name, self.stage.input_topic, self.group)
@@ -228,6 +248,8 @@ class StageRunner:
                         log.warning("stage %s: fetch failed (%s); retrying", self.stage.name, exc)
                         await self._sleep_or_stop(1.0)
                         continue
+                    if records:
+                        self.last_record_at = time.monotonic()
                     for record in records:
                         await limiter.acquire()
                         self._begin(record)
@@ -240,6 +262,7 @@ class StageRunner:
             with anyio.CancelScope(shield=True):
                 await self._commit(consumer)
                 await consumer.stop()
+            self.finished.set()
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
