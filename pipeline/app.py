@@ -17,33 +17,40 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
-from httpx_aiohttp import HttpxAiohttpClient
 
+from pipeline.budget_store import open_budget_store
 from pipeline.bus import Bus
-from pipeline.cache_store import MemoryCacheStore
+from pipeline.cache_store import build_cache_store
 from pipeline.config import PipelineConfig
 from pipeline.endpoints import Resolved
 from pipeline.feeds import BroadcastFeed
+from pipeline.http_client import ProviderHttpClient
+from pipeline.ratelimit_store import open_rate_limiter
 from pipeline.runner import Stage, StageRunner
 from pipeline.settings import Settings
 from schemas.events import ControlEvent, CostEvent
+from stages.breaker_stage import BreakerStage
 from stages.budget import BudgetGateStage
+from stages.budget_view import ProviderBudgetView
 from stages.cache import CacheLookupStage
 from stages.circuits import CircuitView
 from stages.executor import ExecutorStage
+from stages.health import HealthStage
 from stages.ledger import BudgetLedger
 from stages.pricing import PriceTable
 from stages.providers import ProviderAdapter, build_adapter
+from stages.ratelimit import RateLimiter
 from stages.recorder import RecorderStage
 from stages.router import RouterStage
+from stages.strategies import StrategyState
 
 log = logging.getLogger("aipipe.app")
 
-#: The stages of ``aipipe run`` in pipeline order (DESIGN A6).
+#: The five stages on the request path, in pipeline order; ``aipipe run`` runs ``ALL_STAGES`` (DESIGN A6).
 PIPELINE_STAGES: tuple[str, ...] = ("cache", "budget", "router", "executor", "recorder")
 ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
 #: A draining stage stops once it has fetched nothing for this long (s) after the stages before it stopped.
-DRAIN_QUIET_S = 0.5
+DRAIN_QUIET_S = 0.3
 
 CONTROL_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(ControlEvent)
 COST_DECODER = msgspec.json.Decoder(CostEvent)
@@ -71,6 +78,11 @@ class Pipeline:
         bus: a started bus.
         stages: stage names to run (subset of ``ALL_STAGES``).
         prices: price table (default: the packaged one).
+        rate_limiter: RPM/TPM limiter shared by this process's router and
+            executor (default: Redis-shared with ``AIPIPE_REDIS_URL``, else in-process).
+
+    Raises:
+        ValueError: for an unknown stage, or an invalid ``strategy``/``weights`` in the configuration.
     """
 
     def __init__(
@@ -81,6 +93,7 @@ class Pipeline:
         *,
         stages: Sequence[str] = PIPELINE_STAGES,
         prices: PriceTable | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         unknown = [s for s in stages if s not in ALL_STAGES]
         if unknown:
@@ -92,14 +105,17 @@ class Pipeline:
         self.stage_names = [s for s in ALL_STAGES if s in stages]
         self.topics = settings.topics
         self.prices = prices or PriceTable.load()
-        cache_cfg = self.config.cache
-        self.cache_store = MemoryCacheStore(
-            max_size=cache_cfg.max_size,
-            compression_threshold_bytes=cache_cfg.compression_threshold_bytes,
-            enable_compression=cache_cfg.enable_compression,
+        # Redis (AIPIPE_REDIS_URL) shares the cache between replicas; in-process it is shared by this
+        # process's cache stage and recorder only.
+        self.cache_store = build_cache_store(
+            settings.redis_url, self.config.cache, namespace=f"aipipe:{{{self.topics.prefix}cache}}"
         )
+        self._cache_shared = self.cache_store.kind == "redis" or {"cache", "recorder"} <= set(self.stage_names)
         self.ledger = BudgetLedger()
         self.circuits = CircuitView()
+        self.provider_budgets = ProviderBudgetView()
+        self.strategy = StrategyState.from_config(self.config, prices=self.prices)
+        self.rate_limiter: RateLimiter = rate_limiter or open_rate_limiter(settings)
         self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
         self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
         self.runners: list[StageRunner] = []
@@ -116,22 +132,54 @@ class Pipeline:
         for name in self.stage_names:
             stage: Stage
             if name == "cache":
-                stage = CacheLookupStage(t, self.cache_store, enabled=self.config.cache.enabled)
+                stage = CacheLookupStage(
+                    t, self.cache_store, enabled=self.config.cache.enabled, coalesce=self._cache_shared
+                )
+                self.control_feed.subscribe(stage.on_control)
             elif name == "budget":
-                gate = BudgetGateStage(t, self.config, self.prices, self.ledger)
+                store = open_budget_store(self.settings.redis_url, self.topics.prefix, self.ledger)
+                gate = BudgetGateStage(t, self.config, self.prices, self.ledger, store=store)
+                self._exit.push_async_callback(gate.aclose)
                 self.cost_feed.subscribe(gate.on_cost)
                 self.control_feed.subscribe(gate.on_control)
+                gate.follow(self.cost_feed.caught_up, self.control_feed.caught_up)  # no admission before replay
                 stage = gate
             elif name == "router":
-                stage = RouterStage(t, self.config, self.circuits)
+                stage = RouterStage(
+                    t,
+                    self.config,
+                    self.circuits,
+                    strategy=self.strategy,
+                    rate_limiter=self.rate_limiter,
+                    budgets=self.provider_budgets,
+                )
+                self.control_feed.subscribe(self.strategy.apply)
+                self.control_feed.subscribe(self.provider_budgets.apply)
                 if self.circuits.apply not in self.control_feed.listeners:
                     self.control_feed.subscribe(self.circuits.apply)
             elif name == "executor":
-                stage = ExecutorStage(t, self.config, build_adapters(self.resolved), client, circuits=self.circuits)
+                stage = ExecutorStage(
+                    t,
+                    self.config,
+                    build_adapters(self.resolved),
+                    client,
+                    circuits=self.circuits,
+                    rate_limiter=self.rate_limiter,
+                )
                 if self.circuits.apply not in self.control_feed.listeners:
                     self.control_feed.subscribe(self.circuits.apply)
             elif name == "recorder":
-                stage = RecorderStage(t, self.config, self.prices, self.cache_store)
+                stage = RecorderStage(t, self.config, self.prices, self.cache_store if self._cache_shared else None)
+                self.cost_feed.subscribe(stage.on_cost)  # ids already costed, also before a restart
+                stage.follow(self.cost_feed.caught_up)
+            elif name == "breaker":
+                breaker = BreakerStage(t, self.config, ready=self.control_feed.caught_up)
+                self.control_feed.subscribe(breaker.on_control)
+                stage = breaker
+            elif name == "health":
+                health = HealthStage(t, self.config, build_adapters(self.resolved), client)
+                self.control_feed.subscribe(health.on_control)
+                stage = health
             else:
                 log.info("stage %s is not built yet; skipping", name)
                 continue
@@ -146,10 +194,17 @@ class Pipeline:
                     max_in_flight=self.settings.max_in_flight,
                 )
             )
+            bind_runner = getattr(stage, "bind_runner", None)
+            if bind_runner is not None:  # breaker, health: own the providers whose partition they hold
+                bind_runner(self.runners[-1])
 
     async def __aenter__(self) -> Pipeline:
         await self.bus.ensure_topics(self.topics.all())
-        self._client = await self._exit.enter_async_context(HttpxAiohttpClient(timeout=None))
+        self._exit.push_async_callback(self.rate_limiter.aclose)
+        self._exit.push_async_callback(self.cache_store.aclose)
+        self._client = await self._exit.enter_async_context(
+            ProviderHttpClient(max_connections=self.settings.max_in_flight, timeout=None)
+        )
         self._build(self._client)
         self._tg = await self._exit.enter_async_context(anyio.create_task_group())
         if self.control_feed.listeners:

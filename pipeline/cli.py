@@ -7,6 +7,7 @@ JSON where a command prints data.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -17,9 +18,14 @@ from typing import Any, NoReturn
 import anyio
 import msgspec
 
-from pipeline.app import ALL_STAGES, PIPELINE_STAGES, Pipeline
+from pipeline.app import ALL_STAGES, Pipeline
+from pipeline.bench import add_arguments as add_bench_arguments
 from pipeline.broker import NoBrokerError
 from pipeline.bus import BusError
+from pipeline.cli_cache import add_cache_parser
+from pipeline.cli_costs import add_cost_parsers
+from pipeline.cli_status import add_status_parser
+from pipeline.cli_strategy import add_strategy_parser
 from pipeline.client import PipelineClient, new_request_id
 from pipeline.errors import AIProviderError
 from pipeline.logs import setup_logging
@@ -56,7 +62,7 @@ async def _run(args: argparse.Namespace) -> int:
         env["AIPIPE_EMULATE"] = "1"
     settings = Settings.from_env(env)
     config = load_config(settings)
-    stages = args.stage or list(PIPELINE_STAGES)
+    stages = args.stage or list(ALL_STAGES)
     async with open_bus("kafka", env, start_broker=True) as opened:
         origin = "started embedded broker" if opened.owns_broker else "using broker"
         log.info("%s at %s (stages: %s)", origin, opened.bootstrap, ", ".join(stages))
@@ -132,6 +138,17 @@ async def _send(args: argparse.Namespace) -> int:
 # --- tail ------------------------------------------------------------------------------------
 
 
+def _control_line(raw: bytes, text: str) -> str:
+    """A readable line for one ``ai.control`` value (circuit transitions, health...), else its raw text."""
+    from pipeline.health_reader import describe_control_event
+    from stages.breaker_stage import CONTROL_EVENT_DECODER
+
+    try:
+        return describe_control_event(CONTROL_EVENT_DECODER.decode(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return text
+
+
 async def _tail(args: argparse.Namespace) -> int:
     env = _env()
     settings = Settings.from_env(env)
@@ -148,6 +165,8 @@ async def _tail(args: argparse.Namespace) -> int:
                     text = record.value.decode("utf-8", "replace")
                     if args.json:
                         print(text, flush=True)
+                    elif topic == settings.topics.control:
+                        print(_control_line(record.value, text), flush=True)
                     else:
                         key = record.key.decode("utf-8", "replace") if record.key else "-"
                         print(f"{record.partition}:{record.offset} {key} {text}", flush=True)
@@ -157,6 +176,124 @@ async def _tail(args: argparse.Namespace) -> int:
         finally:
             await consumer.stop()
     return EXIT_OK
+
+
+# --- replay, audit ---------------------------------------------------------------------------
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from decimal import Decimal
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.replay import decode_all, parse_time, read_range, reprice
+    from schemas.events import CostEvent
+    from stages.pricing import PriceTable
+
+    env = _env()
+    settings = Settings.from_env(env)
+    try:
+        topic = settings.topics.short(args.topic)
+        since = parse_time(args.since)
+        until = parse_time(args.until) if args.until else None
+        prices = PriceTable.load(Path(args.reprice)) if args.reprice else None
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    if prices is not None and topic != settings.topics.costs:
+        raise CliError("--reprice applies to the costs topic only")
+    console = Console(stderr=True)
+    with console.status(f"reading {topic} ...") as status:
+        seen = 0
+
+        def progress(_record: object) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % 500 == 0:
+                status.update(f"reading {topic}: {seen} records")
+
+        async with open_bus("kafka", env, start_broker=False) as opened:
+            records = await read_range(opened.bus, topic, since, until, idle_s=args.idle_s, on_record=progress)
+    if args.out:
+        await anyio.Path(args.out).write_bytes(b"".join(r.value.rstrip(b"\n") + b"\n" for r in records))
+    summary: dict[str, Any] = {"topic": topic, "records": len(records), "since": since.isoformat(),
+                               "until": until.isoformat() if until else None, "out": args.out}
+    if prices is not None:
+        events, bad = decode_all(records, CostEvent)
+        config = load_config(settings)
+        defaults = {p: Decimal(str(c.cost_per_token)) for p, c in config.providers.items()}
+        report = reprice(events, prices, default_cost_per_token=defaults)
+        report.undecodable = bad
+        summary["reprice"] = report.to_dict()
+    if args.json:
+        print(json.dumps(summary))
+        return EXIT_OK
+    console = Console()
+    console.print(f"{len(records)} records of {topic} between {since.isoformat()} and "
+                  f"{until.isoformat() if until else 'now'}" + (f", written to {args.out}" if args.out else ""))
+    if "reprice" in summary:
+        table = Table(title=f"re-priced with {args.reprice}")
+        for col in ("provider", "model", "events", "recorded USD", "re-priced USD", "change USD"):
+            table.add_column(col)
+        for line in summary["reprice"]["lines"]:
+            table.add_row(line["provider"], line["model"], str(line["events"]), f"{line['old_usd']:.10f}",
+                          f"{line['new_usd']:.10f}", f"{line['new_usd'] - line['old_usd']:+.10f}")
+        rp = summary["reprice"]
+        table.add_row("total", "", "", f"{rp['old_total_usd']:.10f}", f"{rp['new_total_usd']:.10f}",
+                      f"{rp['new_total_usd'] - rp['old_total_usd']:+.10f}")
+        console.print(table)
+    return EXIT_OK
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.replay import audit, decode_all, parse_time, read_range
+    from schemas.events import CostEvent
+    from schemas.response import AIResponse
+
+    env = _env()
+    settings = Settings.from_env(env)
+    try:
+        since = parse_time(args.since)
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    t = settings.topics
+    async with open_bus("kafka", env, start_broker=False) as opened:
+        requests = await read_range(opened.bus, t.requests, since, until, idle_s=args.idle_s)
+        responses, _ = decode_all(await read_range(opened.bus, t.responses, since, None, idle_s=args.idle_s),
+                                  AIResponse)
+        costs, _ = decode_all(await read_range(opened.bus, t.costs, since, None, idle_s=args.idle_s), CostEvent)
+    report = audit(requests, responses, costs)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return EXIT_OK if report.clean else EXIT_FAIL
+    console = Console()
+    table = Table(title=f"audit since {since.isoformat()}")
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    table.add_column("ids (first 10)")
+    rows = [
+        ("requests", report.requests, []),
+        ("responses (distinct ids)", report.responses, []),
+        ("ok / errors / cache hits", f"{report.ok} / {report.errors} / {report.cache_hits}", []),
+        ("cost events", report.cost_events, []),
+        ("missing responses", len(report.missing_responses), report.missing_responses),
+        ("conflicting responses", len(report.conflicting), report.conflicting),
+        ("duplicate identical responses", len(report.duplicate_responses), report.duplicate_responses),
+        ("ok without cost event", len(report.missing_costs), report.missing_costs),
+        ("more than one cost event", len(report.extra_costs), report.extra_costs),
+    ]
+    for name, count, ids in rows:
+        table.add_row(name, str(count), ", ".join(ids[:10]))
+    console.print(table)
+    for provider, total in report.totals_usd.items():
+        console.print(f"  {provider}: ${total:.10f}")
+    console.print("[green]clean[/]" if report.clean else "[red]problems found[/]")
+    return EXIT_OK if report.clean else EXIT_FAIL
 
 
 # --- emulator, demo --------------------------------------------------------------------------
@@ -169,12 +306,27 @@ def _emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _serve(args: argparse.Namespace) -> int:
+    from pipeline.serve import run_server
+
+    await run_server(_env(), host=args.host, port=args.port)
+    return EXIT_OK
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
     if "LOG_LEVEL" not in os.environ:
         setup_logging("WARNING")  # the table is the demo's output; set LOG_LEVEL to see the stages' logs
     return await run_demo(count=args.count, json_out=args.json)
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_command
+
+    if "LOG_LEVEL" not in os.environ:
+        setup_logging("WARNING")  # the tables are the output; set LOG_LEVEL to see the stages' logs
+    return await run_command(args)
 
 
 def _not_built(name: str) -> Any:
@@ -192,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aipipe", description="AI provider fallback pipeline on Kafka")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", help="run pipeline stages (all five by default)")
+    p = sub.add_parser("run", help="run pipeline stages (all seven by default)")
     p.add_argument("--stage", action="append", choices=ALL_STAGES, help="stage to run (repeatable)")
     p.add_argument("--emulate", action="store_true", help="point every provider at the emulator")
     p.set_defaults(func=_run, is_async=True)
@@ -222,26 +374,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print only the JSON values")
     p.set_defaults(func=_tail, is_async=True)
 
+    p = sub.add_parser("replay", help="read a topic by time range (record timestamps); optionally re-price costs")
+    p.add_argument("topic", help="responses | costs | control | requests | deadletter | ...")
+    p.add_argument("--since", required=True, help="ISO 8601 start, included (e.g. 2026-11-29T00:00:00Z)")
+    p.add_argument("--until", help="ISO 8601 end, excluded (default: now)")
+    p.add_argument("--reprice", metavar="PRICES.toml", help="re-price cost events with another price table")
+    p.add_argument("--out", metavar="FILE.jsonl", help="write the values, one JSON per line")
+    p.add_argument("--idle-s", type=float, default=1.5, help="stop after this long without a new record (s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_replay, is_async=True)
+
+    p = sub.add_parser("audit", help="reconcile requests, responses and cost events since a time")
+    p.add_argument("--since", required=True, help="ISO 8601 start (e.g. 2026-11-29)")
+    p.add_argument("--until", help="ISO 8601 end, excluded (default: now)")
+    p.add_argument("--idle-s", type=float, default=1.5, help="stop reading after this long without a record (s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_audit, is_async=True)
+
     p = sub.add_parser("emulator", help="serve the provider emulator (OpenAI, Anthropic, Cloudflare)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8900)
     p.add_argument("--profile", help="fault profile (TOML)")
     p.set_defaults(func=_emulator, is_async=False)
 
-    for name, help_text in (
-        ("status", "providers, circuit states and health"),
-        ("costs", "cost reports"),
-        ("budget", "budgets: budget set SCOPE --daily --weekly --monthly"),
-        ("strategy", "load balancing: strategy set NAME [--weights p=w,...]"),
-        ("cache", "cache stats | clear"),
-        ("replay", "replay a topic by time range"),
-        ("audit", "reconcile requests, responses and costs"),
-        ("serve", "OpenAI-compatible HTTP endpoint"),
-        ("bench", "benchmarks"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(name), is_async=False)
+    p = sub.add_parser("bench", help="benchmark aipipe against direct calls and LiteLLM's Router on the emulator")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench, is_async=True)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoint (POST /v1/chat/completions, GET /v1/models)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.set_defaults(func=_serve, is_async=True)
+
+    add_strategy_parser(sub)
+    add_cost_parsers(sub)
+    add_cache_parser(sub)
+
+    add_status_parser(sub)
     return parser
 
 

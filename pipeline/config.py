@@ -95,6 +95,34 @@ class BudgetConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
     timezone: str = "UTC"
 
 
+class HealthConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Health monitor and breaker timing (the ``health`` and ``breaker`` stages); times in s and ms.
+
+    ``interval_s``: period of the active probe of every enabled provider (0:
+    no periodic probes; the first round comes one interval after start).
+    ``half_open_interval_s``: pause between probes of a ``HALF_OPEN`` provider.
+    ``probe_timeout_ms``: limit of one probe. ``probe_models``: provider ->
+    model to probe (default: the provider's first ``models`` entry, its
+    cheapest in the presets). ``status_window_s``: sliding window of
+    ``HealthStatus`` (error rate, average response time).
+    ``snapshot_interval_s``: period of the breaker's ``circuit_snapshot``.
+    """
+
+    interval_s: Annotated[float, Meta(ge=0)] = 60.0
+    half_open_interval_s: Annotated[float, Meta(gt=0)] = 2.0
+    probe_timeout_ms: Pos = 10_000
+    probe_models: dict[str, str] = {}
+    status_window_s: Annotated[float, Meta(gt=0)] = 300.0
+    snapshot_interval_s: Annotated[float, Meta(gt=0)] = 30.0
+
+    def probe_result_deadline_s(self) -> float:
+        """How long (s) the breaker waits in ``HALF_OPEN`` for a decisive probe result before re-opening.
+
+        One probe's timeout plus the pause between probes plus 5 s for the bus.
+        """
+        return self.probe_timeout_ms / 1000 + self.half_open_interval_s + 5.0
+
+
 class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The whole configuration: providers, model groups, routing strategy, cache, budgets.
 
@@ -111,6 +139,7 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     cache: CacheConfig = CacheConfig()
     budget: BudgetConfig = BudgetConfig()
     allow_content_filter_fallback: bool = False
+    health: HealthConfig = HealthConfig()
 
     def __post_init__(self) -> None:
         """Check cross-field rules.
@@ -130,6 +159,14 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     def enabled_providers(self) -> dict[str, ProviderConfig]:
         """The providers with ``enabled = true``."""
         return {n: p for n, p in self.providers.items() if p.enabled}
+
+    def probe_model(self, provider: str) -> str | None:
+        """The model the health monitor probes ``provider`` with (``health.probe_models``, else its first model)."""
+        configured = self.health.probe_models.get(provider)
+        if configured:
+            return configured
+        cfg = self.providers.get(provider)
+        return cfg.models[0] if cfg is not None and cfg.models else None
 
     def with_providers(self, providers: dict[str, ProviderConfig]) -> PipelineConfig:
         """A copy with ``providers`` replaced."""

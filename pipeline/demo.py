@@ -7,6 +7,14 @@ this process, then sends MT-Bench questions (``pipeline/data/``) and shows:
   ``Retry-After: 60``, longer than ``retry.max_delay_ms`` allows, so those
   requests fall back to the next provider at once;
 * cache hits: a few questions are asked again and answered from the cache;
+* a circuit that opens and closes: Anthropic answers 529 twice, its circuit
+  opens, the next request skips it, the health monitor's probes close it
+  after a 1 s cool-off (``pipeline.demo_circuit``);
+* a strategy switch: ``set_strategy round_robin`` is published on ``ai.control``
+  and the next requests rotate over every provider;
+* a budget that refuses: a user's daily budget holds one request's worst case
+  and a half; three requests sent at once get one answer, the rest
+  ``budget_exceeded`` (``pipeline.demo_budget``);
 * costs: every answered request is priced from the price table.
 """
 
@@ -24,16 +32,20 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.app import PIPELINE_STAGES, Pipeline
+from pipeline.app import ALL_STAGES, Pipeline
 from pipeline.client import PipelineClient
-from pipeline.config import preset
+from pipeline.config import config_from_mapping, preset
+from pipeline.demo_budget import budget_moment
+from pipeline.demo_circuit import DEMO_CIRCUIT_CONFIG, circuit_moment
 from pipeline.emulator import EmulatorServer
 from pipeline.endpoints import resolve_endpoints
 from pipeline.prompts import load_prompts, spread_by_category
 from pipeline.runtime import open_bus
 from pipeline.settings import Settings
-from schemas.request import AIRequest
+from pipeline.strategy_control import publish_strategy, wait_applied
+from schemas.request import AIRequest, CacheOptions
 from schemas.response import AIResponse
+from stages.strategies import StrategySpec
 
 log = logging.getLogger("aipipe.demo")
 
@@ -81,7 +93,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
     env["AIPIPE_EMULATE"] = "1"
     env.pop("AIPIPE_KAFKA_BOOTSTRAP", None)
     settings = Settings.from_env(env, env_name="production")
-    config = preset("production")
+    config = config_from_mapping(DEMO_CIRCUIT_CONFIG, base=preset("production"))  # small breaker settings
     prompts = spread_by_category(load_prompts("mt_bench"), max(count, 3))
     started = time.perf_counter()
     rows: list[tuple[str, AIRequest, AIResponse]] = []
@@ -94,7 +106,10 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
         emulator.faults.schedule(
             "cloudflare", *[{"status": 429, "retry_after_s": 60}] * DEMO_RATE_LIMITED_CALLS
         )
-        async with Pipeline(settings, resolved, opened.bus, stages=PIPELINE_STAGES), anyio.create_task_group() as tg:
+        async with (
+            Pipeline(settings, resolved, opened.bus, stages=ALL_STAGES) as pipeline,
+            anyio.create_task_group() as tg,
+        ):
             client = PipelineClient(opened.bus, settings.topics)
             await tg.start(client.run)
 
@@ -124,8 +139,27 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
             async with anyio.create_task_group() as batch:
                 for request in repeats:
                     batch.start_soon(ask, "repeat", request)
+
+            async def ask_one(phase: str, request: AIRequest) -> AIResponse:
+                response = await client.request(request)
+                rows.append((phase, request, response))
+                return response
+
+            console.print("circuit breaker: anthropic answers 529 twice; its circuit opens, is skipped, closes ...")
+            moment = await circuit_moment(pipeline, emulator, ask_one, first)
+            event = await publish_strategy(opened.bus, settings.topics, StrategySpec("round_robin"))
+            await wait_applied(pipeline.strategy, event)
+            switched = [
+                msgspec.structs.replace(r, id=f"{r.id}-rr", cache=CacheOptions(bypass=True)) for r in first[:6]
+            ]
+            console.print(f"switching to round_robin (set_strategy on ai.control); sending {len(switched)} ...")
+            for request in switched:  # one at a time, so the table shows the rotation in order
+                await ask("round_robin", request)
+            console.print("budget: a user's daily budget fits 1.5 requests; 3 sent at once ...")
+            budget = await budget_moment(opened.bus, settings.topics, pipeline, ask_one, first)
             client.stop()
-    rows.sort(key=lambda r: (r[0] != "first", r[2].id))
+    phase_order = {"first": 0, "repeat": 1, "circuit": 2, "round_robin": 3, "budget": 4}
+    rows.sort(key=lambda r: (phase_order.get(r[0], 9), r[2].id))
     if json_out:
         for _, _, resp in rows:
             print(msgspec.json.encode(resp).decode())
@@ -152,5 +186,20 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
         f"total cost ${total_cost:.8f}, p50 latency {summary['p50_latency_ms']} ms (uncached), "
         f"{summary['wall_s']} s"
     )
-    shown = len(ok) == len(rows) and hits and fallbacks and all(r.cost_usd > 0 for r in ok if not r.cached)
+    rotation = [r.provider or "-" for phase, _, r in rows if phase == "round_robin"]
+    console.print(f"[bold]strategy switch[/]: after set_strategy round_robin, answers came from {' → '.join(rotation)}")
+    rotated = set(rotation) - {"-"}
+    console.print(f"[bold]circuit breaker[/]: {moment.provider}'s circuit on ai.control (aipipe tail control):")
+    for line in moment.lines() or ["  (no transition seen)"]:
+        console.print(line, highlight=False)
+    console.print(budget.line())
+    shown = (
+        len(ok) == len(rows) - len(budget.refused)
+        and budget.shown
+        and hits
+        and fallbacks
+        and len(rotated) >= 2
+        and moment.shown
+        and all(r.cost_usd > 0 for r in ok if not r.cached)
+    )
     return 0 if shown else 1

@@ -38,6 +38,8 @@ class BroadcastFeed:
         self.decoder = decoder
         self.listeners: list[Listener] = []
         self.events_seen = 0
+        #: Set once a fetch comes back empty: the history present at start has been replayed.
+        self.caught_up = anyio.Event()
         self._stop = anyio.Event()
 
     def subscribe(self, listener: Listener) -> None:
@@ -61,6 +63,8 @@ class BroadcastFeed:
                     with anyio.move_on_after(1.0):
                         await self._stop.wait()
                     continue
+                if not records:
+                    self.caught_up.set()
                 for record in records:
                     try:
                         value = self.decoder.decode(record.value)

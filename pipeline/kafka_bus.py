@@ -42,6 +42,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError, for_code
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.protocol.metadata import MetadataRequest
 
@@ -911,6 +912,25 @@ class KafkaBus:
             # The topic may be gone (a broker restart): check it again next time.
             self._ready_topics.discard(message.topic)
             raise BusError(f"publish to {message.topic} failed: {_describe(exc)}") from exc
+
+    async def partition_for(self, topic: str, key: bytes) -> int:
+        """The partition ``publish`` puts a message keyed ``key`` on.
+
+        aiokafka's default partitioner: murmur2 of the key over every partition,
+        as Kafka's Java client does. Used to decide which group member owns a key (e.g. a provider on ``ai.control``).
+
+        Raises:
+            BusError: when the bus is not started or the topic's partitions cannot be learnt.
+        """
+        self._require_started()
+        await self._ensure_known([topic])
+        try:
+            partitions = sorted(await self._producer.partitions_for(topic))
+        except KafkaError as exc:
+            raise BusError(f"partitions of {topic} unknown: {_describe(exc)}") from exc
+        if not partitions:
+            raise BusError(f"partitions of {topic} unknown")
+        return int(DefaultPartitioner()(key, partitions, partitions))
 
     async def consumer(
         self,

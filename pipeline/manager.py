@@ -19,26 +19,30 @@ from typing import Any
 import anyio
 import msgspec
 
-from pipeline.app import Pipeline
+from pipeline import cache_control, strategy_control
+from pipeline.app import ALL_STAGES, Pipeline
 from pipeline.broker import read_runtime_broker
 from pipeline.client import PipelineClient, as_request
 from pipeline.config import PROVIDER_NAMES, PipelineConfig, config_from_mapping, preset
-from pipeline.errors import InvalidRequestError, error_from_response
+from pipeline.errors import AIProviderError, InvalidRequestError, ServiceUnavailableError, error_from_response
+from pipeline.health_reader import HealthReader
+from pipeline.reports import ReportReader, limits_applied, publish_control, set_budget_event
+from pipeline.runner import now_utc
 from pipeline.runtime import BusKind, OpenBus, load_config, open_bus, open_providers
 from pipeline.settings import Settings
 from schemas.request import AIRequest
 from schemas.response import AIResponse
+from stages.health_status import HealthStatus
+from stages.ledger import zone
+from stages.reports import BudgetReport, CostProjection, CostSummary, DailyCost, ModelUsage, UserUsage
+from stages.strategies import STRATEGY_NAMES, StrategySpec, parse_strategy
 
 log = logging.getLogger("aipipe.manager")
 
-#: Strategy names (DESIGN A5), mapped to the values ``set_load_balancing_strategy`` accepts.
-LOAD_BALANCING_STRATEGIES: dict[str, str] = {
-    "round_robin": "round_robin",
-    "weighted": "weighted",
-    "least_latency": "least_latency",
-    "cost_optimized": "cost_optimized",
-    "priority": "priority",
-}
+#: Strategy names (DESIGN A5), mapped to the values ``set_load_balancing_strategy`` accepts
+#: (the canonical names themselves: ``round_robin``, ``weighted``, ``least_latency``,
+#: ``cost_optimized``, ``priority``; ``stages.strategies`` documents each).
+LOAD_BALANCING_STRATEGIES: dict[str, str] = {name: name for name in STRATEGY_NAMES}
 
 
 def _missing(capability: str) -> NotImplementedError:
@@ -91,6 +95,8 @@ class AIProviderManager:
         self._open_bus: OpenBus | None = None
         self._started = False
         self._tg: anyio.abc.TaskGroup | None = None
+        self._reports: ReportReader | None = None
+        self._health: HealthReader | None = None
 
     def spawn(self, func: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``func`` in the manager's task group (stopped at shutdown).
@@ -111,6 +117,17 @@ class AIProviderManager:
     def pipeline(self) -> Pipeline | None:
         """The in-process stages, when this manager runs them."""
         return self._pipeline
+
+    @property
+    def client(self) -> PipelineClient:
+        """The manager's one shared ``PipelineClient`` (publishes requests, awaits responses by id).
+
+        Raises:
+            RuntimeError: when the manager is not started.
+        """
+        if self._client is None:
+            raise RuntimeError("the manager is not started: use `async with` or `await manager.start()`")
+        return self._client
 
     async def start(self) -> AIProviderManager:
         """Open the bus, start the stages (unless they run elsewhere) and the response reader.
@@ -134,7 +151,9 @@ class AIProviderManager:
             if runs_stages:
                 resolved = await self._stack.enter_async_context(open_providers(self.settings, self.config))
                 self.config = resolved.config
-                self._pipeline = await self._stack.enter_async_context(Pipeline(self.settings, resolved, opened.bus))
+                self._pipeline = await self._stack.enter_async_context(
+                    Pipeline(self.settings, resolved, opened.bus, stages=ALL_STAGES)
+                )
             client = PipelineClient(opened.bus, self.settings.topics)
             await tg.start(client.run)
             self._stack.callback(client.stop)
@@ -192,59 +211,211 @@ class AIProviderManager:
 
     # --- management (DESIGN A5); capabilities land issue by issue -------------------------
 
-    async def set_load_balancing_strategy(self, strategy: str | Mapping[str, Any]) -> None:
-        """Switch every router replica to ``strategy`` (name or the seed's ``{"type": ...}`` shape)."""
-        raise _missing("switching load-balancing strategies at run time")
+    async def set_load_balancing_strategy(self, strategy: str | Mapping[str, Any] | StrategySpec) -> None:
+        """Switch every router replica to ``strategy``: publishes ``set_strategy`` on ``ai.control``.
 
-    async def get_health_status(self) -> list[Any]:
-        """Per provider: health, error rate, response time (ms), circuit state."""
-        raise _missing("health monitoring")
+        ``strategy`` is a name (``"cost_optimized"``), a
+        ``LOAD_BALANCING_STRATEGIES`` value, or the seed's shape
+        (``{"type": "weighted", "weights": {"openai": 0.6, ...}}``, kebab-case
+        type names too). When this manager runs the router in-process, the
+        call returns once that router has applied it, so the next request
+        uses the new strategy.
+
+        Raises:
+            ValueError: for an unknown strategy or invalid weights (nothing is published).
+        """
+        spec = parse_strategy(strategy)
+        if self._open_bus is None:
+            await self.start()
+        assert self._open_bus is not None
+        event = await strategy_control.publish_strategy(self._open_bus.bus, self.settings.topics, spec)
+        if self._pipeline is not None and "router" in self._pipeline.stages:
+            await strategy_control.wait_applied(self._pipeline.strategy, event)
+
+    async def get_health_status(self) -> list[HealthStatus]:
+        """Per provider: ``is_healthy``, ``error_rate``, ``response_time_ms``, ``circuit_breaker_state``, ...
+
+        Folded in this process from ``ai.control`` (executor attempts, health
+        probes, the breaker's transitions; ``stages.health_status`` says how),
+        read up to the moment of the call. Enabled providers of the manager's
+        configuration come first, then any other provider seen on the topic.
+        """
+        if self._open_bus is None:
+            await self.start()
+        assert self._open_bus is not None and self._tg is not None
+        reader = self._health
+        if reader is None or reader.bus is not self._open_bus.bus:
+            reader = HealthReader(self._open_bus.bus, self.settings.topics, self.config)
+            await self._tg.start(reader.run)
+            self._stack.callback(reader.stop)
+            self._health = reader
+        await reader.sync()
+        return reader.status()
 
     async def test_provider(self, name: str) -> bool:
-        """One real call through the pipeline to provider ``name``; True when it answers."""
-        raise _missing("provider testing")
+        """One real call through the pipeline to provider ``name``; True when it answers.
 
-    async def get_cost_summary(self) -> dict[str, Any]:
-        """Per provider: total cost (USD), tokens, average cost per token, request count."""
-        raise _missing("the cost summary")
+        Sends a short request (``max_tokens`` 8, cache bypassed) for the
+        provider's probe model (``health.probe_models``, else its first model)
+        with ``providers: [name]``, so no other provider may answer. False when
+        the provider is disabled, its circuit is not ``CLOSED``, or the call fails.
+
+        Raises:
+            ValueError: for a provider name aipipe does not know.
+        """
+        if name not in PROVIDER_NAMES:
+            raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDER_NAMES)}")
+        model = self.config.probe_model(name)
+        cfg = self.config.providers.get(name)
+        if model is None or cfg is None or not cfg.enabled:
+            return False
+        request = {
+            "model": model,
+            "prompt": "Reply with the word OK.",
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "providers": [name],
+            "cache": {"bypass": True},
+        }
+        try:
+            response = await self.generate_content(request)
+        except AIProviderError as exc:
+            log.info("test_provider(%s): %s: %s", name, exc.error_type, exc.message)
+            return False
+        return response.provider == name
+
+    # --- costs and budgets: folded from ai.costs and ai.control (pipeline.reports) -------------
+
+    async def _report_reader(self) -> ReportReader:
+        """The manager's reader of ``ai.costs`` and ``ai.control``, started on first use and caught up to now."""
+        if self._open_bus is None:
+            await self.start()
+        assert self._open_bus is not None and self._tg is not None
+        reader = self._reports
+        if reader is None or reader.bus is not self._open_bus.bus:
+            reader = ReportReader(self._open_bus.bus, self.settings.topics, zone(self.config.budget.timezone))
+            await self._tg.start(reader.run)
+            self._stack.callback(reader.stop)
+            self._reports = reader
+        await reader.sync()
+        return reader
+
+    async def get_cost_summary(self) -> dict[str, CostSummary]:
+        """Per provider: ``total_cost_usd``, ``total_tokens``, ``average_cost_per_token_usd``, ``request_count``.
+
+        Computed from every ``CostEvent`` on ``ai.costs`` (each request id
+        once); cache hits are counted apart (``cache_hits``, ``saved_usd``).
+        """
+        return (await self._report_reader()).book.cost_summary()
 
     async def set_budget(
-        self, scope: str, *, daily: float | None = None, weekly: float | None = None, monthly: float | None = None
+        self,
+        scope: str,
+        limits: Mapping[str, float | None] | None = None,
+        *,
+        daily: float | None = None,
+        weekly: float | None = None,
+        monthly: float | None = None,
+        wait_s: float = 5.0,
     ) -> None:
-        """Set a budget scope's limits (USD)."""
-        raise _missing("budgets by scope")
+        """Set a budget scope's limits (USD per window; ``None`` = unlimited): ``set_budget`` on ``ai.control``.
 
-    async def get_budget_status(self, scope: str) -> dict[str, Any]:
-        """Per window: limit, spent, reserved (USD), percentage, resets_at."""
-        raise _missing("budget status")
+        ``scope`` is ``global``, ``user:NAME`` or a provider name. The seed's
+        shape works too: ``set_budget("openai", {"daily": 10, "weekly": 50,
+        "monthly": 200})``. User and global budgets refuse requests with
+        ``budget_exceeded``; a spent provider budget takes that provider out
+        of the router's candidates. Returns once a budget gate has published
+        the new limits (or after ``wait_s`` s, with a warning: gates apply the
+        command whenever they read it).
 
-    async def get_cost_projection(self, scope: str, days: int) -> dict[str, Any]:
-        """Spend projected to the end of the day, week and month (USD)."""
-        raise _missing("cost projections")
+        Raises:
+            ValueError: for an unknown scope form or a negative amount (nothing is published).
+        """
+        if limits is not None:
+            daily = limits.get("daily", daily)
+            weekly = limits.get("weekly", weekly)
+            monthly = limits.get("monthly", monthly)
+        event = set_budget_event(scope, daily, weekly, monthly)
+        reader = await self._report_reader()
+        await publish_control(reader.bus, self.settings.topics, event)
+        if wait_s > 0 and not await reader.wait_for(limits_applied(event), wait_s):
+            log.warning("no budget gate confirmed the budget of %s within %.0fs; gates apply it on read", scope, wait_s)
+
+    async def get_budget_status(self, scope: str) -> BudgetReport:
+        """Per window (``.daily``, ``.weekly``, ``.monthly``): limit, spent, reserved (USD), percentage, resets_at.
+
+        Spent is the sum of the scope's ``CostEvent`` whose own time falls in
+        the calendar window (time zone ``budget.timezone``); the limit and the
+        reserved amount come from the gates' ``budget_status`` events.
+        """
+        return (await self._report_reader()).book.budget_status(scope, now_utc())
+
+    async def get_cost_projection(self, scope: str, days: int = 7) -> CostProjection:
+        """Spend of ``scope`` projected to the end of the day, week and month (USD; ``.monthly`` as in the seed).
+
+        Method (``stages.reports``): the spend rate since local midnight
+        ``days - 1`` days ago, times the time left in each window, plus what
+        the window has spent so far.
+
+        Raises:
+            ValueError: when ``days`` < 1.
+        """
+        return (await self._report_reader()).book.projection(scope, days, now_utc())
 
     async def get_cache_stats(self) -> dict[str, Any]:
-        """Cache hits, misses, hit rate, entries, evictions, bytes."""
-        raise _missing("cache statistics")
+        """Cache hits, misses, hit rate, entries, evictions, bytes, summed over every cache replica.
+
+        Asks every cache replica for its ``cache_stats`` now, on ``ai.control``
+        (``pipeline.cache_control``).
+
+        Returns:
+            ``{"hits": int, "misses": int, "hit_rate": float (0..1), "entries":
+            int, "evictions": int, "bytes": int, "replicas": [cache_stats, ...]}``.
+
+        Raises:
+            ServiceUnavailableError: when no cache replica answers within 3 s.
+        """
+        bus, expected = await self._cache_replicas()
+        summary = await cache_control.request_cache_stats(bus, self.settings.topics, expected_replicas=expected)
+        if not summary.replicas:
+            raise ServiceUnavailableError("no cache replica answered within 3 s: is the cache stage running?")
+        stats: dict[str, Any] = msgspec.to_builtins(summary)
+        return stats
 
     async def clear_cache(self) -> None:
-        """Empty every cache replica."""
-        raise _missing("clearing the cache")
+        """Empty every cache replica (a ``cache_clear`` on ``ai.control``); returns once they confirmed.
+
+        Raises:
+            ServiceUnavailableError: when no cache replica confirms within 3 s.
+        """
+        bus, expected = await self._cache_replicas()
+        summary = await cache_control.clear_cache(bus, self.settings.topics, expected_replicas=expected)
+        if not summary.replicas:
+            raise ServiceUnavailableError("no cache replica confirmed the clear within 3 s: is the cache stage up?")
+
+    async def _cache_replicas(self) -> tuple[Any, int | None]:
+        """The bus, and how many cache replicas answer (1 when this manager runs them all in-process)."""
+        if self._open_bus is None:
+            await self.start()
+        assert self._open_bus is not None
+        local = self.bus_kind == "memory" and self._pipeline is not None and "cache" in self._pipeline.stages
+        return self._open_bus.bus, 1 if local else None
 
     async def get_metrics(self) -> dict[str, Any]:
         """Per provider: request, success and failure counts, latency percentiles (ms), cost (USD)."""
         raise _missing("provider metrics")
 
-    async def get_top_models(self, n: int = 5) -> list[Any]:
-        """The ``n`` models with the most requests."""
-        raise _missing("usage analytics")
+    async def get_top_models(self, n: int = 5) -> list[ModelUsage]:
+        """The ``n`` provider models with the most requests (from ``ai.costs``), with tokens and cost (USD)."""
+        return (await self._report_reader()).book.top_models(n)
 
-    async def get_top_users(self, n: int = 10) -> list[Any]:
-        """The ``n`` users with the highest cost."""
-        raise _missing("usage analytics")
+    async def get_top_users(self, n: int = 10) -> list[UserUsage]:
+        """The ``n`` users with the highest cost (USD, from ``ai.costs``), with requests and tokens."""
+        return (await self._report_reader()).book.top_users(n)
 
-    async def get_daily_costs(self, days: int = 30) -> list[Any]:
-        """Cost per day (USD) over the last ``days`` days."""
-        raise _missing("usage analytics")
+    async def get_daily_costs(self, days: int = 30) -> list[DailyCost]:
+        """Cost (USD), requests and tokens per calendar day (``budget.timezone``) for the last ``days`` days."""
+        return (await self._report_reader()).book.daily_costs(days, now_utc())
 
 
 def create_ai_provider_manager(

@@ -24,6 +24,7 @@ class _Log:
     base: int = 0
     records: list[Record] = field(default_factory=list)
     changed: anyio.Event = field(default_factory=anyio.Event)
+    waiters: int = 0  # readers waiting on ``changed``; a publish swaps the event only when there are some
 
     @property
     def end(self) -> int:
@@ -70,16 +71,26 @@ class MemoryConsumer:
         records = self._available(max_records)
         if records:
             return records
-        events = [self._bus._log(t).changed for t in self._topics]
-        with anyio.move_on_after(timeout_ms / 1000):
-            async with anyio.create_task_group() as tg:
+        logs = [self._bus._log(t) for t in self._topics]
+        for log in logs:
+            log.waiters += 1
+        try:
+            with anyio.move_on_after(timeout_ms / 1000):
+                if len(logs) == 1:  # the common case: no task group, no task per wait
+                    await logs[0].changed.wait()
+                else:
+                    events = [log.changed for log in logs]
+                    async with anyio.create_task_group() as tg:
 
-                async def wait(ev: anyio.Event) -> None:
-                    await ev.wait()
-                    tg.cancel_scope.cancel()
+                        async def wait(ev: anyio.Event) -> None:
+                            await ev.wait()
+                            tg.cancel_scope.cancel()
 
-                for ev in events:
-                    tg.start_soon(wait, ev)
+                        for ev in events:
+                            tg.start_soon(wait, ev)
+        finally:
+            for log in logs:
+                log.waiters -= 1
         return self._available(max_records)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -168,8 +179,13 @@ class MemoryBus:
                 timestamp_ms=int(time.time() * 1000),
             )
         )
-        changed, log.changed = log.changed, anyio.Event()
-        changed.set()
+        if log.waiters:  # wake the waiting readers; with none waiting, the next one finds the record itself
+            changed, log.changed = log.changed, anyio.Event()
+            changed.set()
+
+    async def partition_for(self, topic: str, key: bytes) -> int:
+        """The partition a message keyed ``key`` goes to: always 0 (one partition per topic)."""
+        return 0
 
     async def consumer(
         self,

@@ -20,6 +20,7 @@ A stage holds only its decision (``Stage.handle``); the runner does the rest
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +40,8 @@ log = logging.getLogger("aipipe.runner")
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 SCHEMA_HEADER = "aipipe-schema"
 TRACE_HEADER = "traceparent"
+#: The headers every message the pipeline writes carries (built once, not per message).
+_HEADERS: tuple[tuple[str, bytes], ...] = ((SCHEMA_HEADER, str(SCHEMA_VERSION).encode()),)
 
 
 def encode(value: Any) -> bytes:
@@ -236,6 +239,12 @@ class StageRunner:
         consumer = await self.bus.consumer([self.stage.input_topic], group=self.group)
         self._consumer = consumer
         limiter = anyio.Semaphore(self.max_in_flight)
+        # One asyncio task per message, tracked here rather than in an anyio task group: anyio's
+        # start_soon costs about 13 us more per task (a TaskHandle, a cancel scope, an Event), which
+        # was 5-7 spawns per request on the hot path. Stop and cancellation still end every task.
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        task_done = self._task_done(tasks)
         task_status.started()
         log.debug("stage %s consuming %s in group %s", self.stage.name, self.stage.input_topic, self.group)
         try:
@@ -251,18 +260,35 @@ class StageRunner:
                     if records:
                         self.last_record_at = time.monotonic()
                     for record in records:
-                        await limiter.acquire()
+                        try:  # no checkpoint (a loop iteration) per record while there is room
+                            limiter.acquire_nowait()
+                        except anyio.WouldBlock:
+                            await limiter.acquire()
                         self._begin(record)
-                        work.start_soon(self._process, record, limiter)
+                        task = loop.create_task(self._process(record, limiter))
+                        tasks.add(task)
+                        task.add_done_callback(task_done)
                 with anyio.move_on_after(self.grace_s):
                     while self._in_flight:
                         await self._idle.wait()
                 work.cancel_scope.cancel()
         finally:
+            for task in tasks:
+                task.cancel()
             with anyio.CancelScope(shield=True):
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
                 await self._commit(consumer)
                 await consumer.stop()
             self.finished.set()
+
+    def _task_done(self, tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("stage %s: message task failed", self.stage.name, exc_info=task.exception())
+
+        return done
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
@@ -272,7 +298,8 @@ class StageRunner:
         tracker = self._trackers.setdefault((record.topic, record.partition), _PartitionTracker())
         tracker.in_flight.add(record.offset)
         self._in_flight += 1
-        self._idle = anyio.Event()
+        if self._idle.is_set():
+            self._idle = anyio.Event()
 
     def _finish(self, record: Record) -> None:
         tracker = self._trackers[(record.topic, record.partition)]
@@ -369,24 +396,21 @@ class StageRunner:
     async def _publish_all(self, outputs: Sequence[Emit], traceparent: bytes | None) -> None:
         if not outputs:
             return
-        headers: list[tuple[str, bytes]] = [(SCHEMA_HEADER, str(SCHEMA_VERSION).encode())]
-        if traceparent is not None:
-            headers.append((TRACE_HEADER, traceparent))
+        headers = _HEADERS if traceparent is None else (*_HEADERS, (TRACE_HEADER, traceparent))
         messages = [
             Outgoing(
                 topic=o.topic,
-                value=encode(o.value),
+                value=_ENCODER.encode(o.value),
                 key=o.key.encode("utf-8") if o.key is not None else None,
-                headers=tuple(headers),
+                headers=headers,
             )
             for o in outputs
         ]
         if len(messages) == 1:
             await publish_with_retry(self.bus, messages[0])
             return
-        async with anyio.create_task_group() as tg:
-            for message in messages:
-                tg.start_soon(publish_with_retry, self.bus, message)
+        # Concurrently, so a Kafka producer batches them; plain asyncio tasks (see ``run``).
+        await asyncio.gather(*(publish_with_retry(self.bus, message) for message in messages))
 
 
 async def publish_with_retry(bus: Bus, message: Outgoing, *, max_delay_s: float = 5.0) -> None:

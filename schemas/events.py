@@ -78,7 +78,13 @@ class BudgetStatus(Struct, tag="budget_status", tag_field="type", kw_only=True):
 
 
 class CacheStats(Struct, tag="cache_stats", tag_field="type", kw_only=True):
-    """Response cache counters of one cache-lookup replica; ``bytes`` is stored value size."""
+    """Response cache counters of one cache-lookup replica; ``bytes`` is stored value size.
+
+    ``store`` is ``memory`` (this replica's own) or ``redis`` (shared: the same
+    entries, bytes and evictions for every replica); ``in_reply_to`` is the
+    ``request_id`` of the ``cache_stats_request``/``cache_clear`` it answers
+    (``None`` for the periodic ones).
+    """
 
     hits: int
     misses: int
@@ -86,6 +92,8 @@ class CacheStats(Struct, tag="cache_stats", tag_field="type", kw_only=True):
     evictions: int
     bytes: int
     replica: str | None = None
+    store: Literal["memory", "redis"] | None = None
+    in_reply_to: str | None = None
     at: datetime
 
 
@@ -117,8 +125,20 @@ class SetBudget(Struct, tag="set_budget", tag_field="type", kw_only=True):
 
 
 class CacheClear(Struct, tag="cache_clear", tag_field="type", kw_only=True):
-    """Command: every cache replica empties its store."""
+    """Command: every cache replica empties its store (and answers with a ``cache_stats``).
 
+    A replica ignores a command whose ``at`` is older than its own start, so a
+    restart never replays an old clear; ``request_id`` lets the sender find its command.
+    """
+
+    request_id: str | None = None
+    at: datetime | None = None
+
+
+class CacheStatsRequest(Struct, tag="cache_stats_request", tag_field="type", kw_only=True):
+    """Command: every cache replica publishes its ``cache_stats`` now (on demand, besides periodically)."""
+
+    request_id: str | None = None
     at: datetime | None = None
 
 
@@ -133,6 +153,7 @@ ControlEvent = (
     | SetStrategy
     | SetBudget
     | CacheClear
+    | CacheStatsRequest
 )
 
 

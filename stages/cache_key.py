@@ -1,41 +1,70 @@
 """The response-cache key: a hash of everything that changes the answer.
 
-The key is the SHA-256 (hex) of the canonical JSON of: the requested model
-(the logical model group or concrete model as sent), the chat messages
-(``prompt`` is the single user message it stands for, so a prompt and the
-equivalent one-message conversation share a key), ``max_tokens``,
-``temperature``, ``top_p``, ``stop`` (a single string counts as a one-element
-list) and the ``providers`` allow-list (it changes which model answers).
-Defaults are filled in before hashing, so leaving out ``temperature`` and
-sending its default give the same key. Fields that do not change the answer
-(``id``, ``user``, ``metadata``, ``cache``, ``timeout_ms``) are left out.
-Canonical JSON: keys sorted, no whitespace (msgspec ``order="sorted"``), so
-field order and spacing in the request never matter.
+The key is ``"v1:"`` + the SHA-256 (hex) of the canonical JSON of every
+request field except the ones listed in ``NON_GENERATION_FIELDS`` (``id``,
+``user``, ``metadata``, ``cache``, ``timeout_ms``: they change who asks, how
+long to wait or how to cache, never the answer). Today that is:
+
+* ``model``: the logical model group or concrete model, as sent;
+* ``messages``: roles and contents, in order (``prompt`` is the single user
+  message it stands for, so a prompt and the equivalent one-message
+  conversation share a key);
+* ``max_tokens``, ``temperature``, ``top_p``;
+* ``stop`` (a single string counts as a one-element list);
+* ``providers``: the allow-list changes which model answers.
+
+Because the key is built from *all but* an exclusion list, a generation
+parameter added to ``AIRequest`` later (``seed``, ``presence_penalty``...)
+is part of the key without anyone remembering to add it; a test pins the
+list. Defaults are filled in before hashing (msgspec fills them at decode),
+so leaving out ``temperature`` and sending its default give the same key, and
+``1`` and ``1.0`` are the same temperature. Canonical JSON: keys sorted, no
+whitespace (msgspec ``order="sorted"``), so field order and spacing in the
+request never matter. ``KEY_VERSION`` changes whenever this recipe does, so
+old entries are never read with a new meaning.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import msgspec
 
 from schemas.request import AIRequest
 
 KEY_VERSION = 1
+
+#: ``AIRequest`` fields that never change the answer and stay out of the key.
+NON_GENERATION_FIELDS: frozenset[str] = frozenset({"id", "user", "metadata", "cache", "timeout_ms"})
+
 _ENCODER = msgspec.json.Encoder(order="sorted")
 
 
+def canonical_fields(request: AIRequest) -> dict[str, Any]:
+    """The generation fields of ``request`` in canonical form (what ``cache_key`` hashes).
+
+    Returns:
+        ``{"model": str, "messages": [[role, content], ...], "max_tokens": int,
+        "temperature": float, "top_p": float | None, "stop": [str] | None,
+        "providers": [str] | None}`` plus any generation field added to
+        ``AIRequest`` later.
+    """
+    fields: dict[str, Any] = {}
+    for name in request.__struct_fields__:
+        if name in NON_GENERATION_FIELDS or name in ("prompt", "messages"):
+            continue
+        fields[name] = getattr(request, name)
+    fields["messages"] = [[m.role, m.content] for m in request.chat_messages()]
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    return fields
+
+
 def cache_key(request: AIRequest) -> str:
-    """The cache key of ``request``: ``"v1:" + sha256 hex`` of its canonical generation fields."""
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    canonical = {
-        "model": request.model,
-        "messages": [[m.role, m.content] for m in request.chat_messages()],
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "stop": stop,
-        "providers": request.providers,
-    }
-    digest = hashlib.sha256(_ENCODER.encode(canonical)).hexdigest()
+    """The cache key of ``request``: ``"v1:" + sha256 hex`` of its canonical generation fields.
+
+    Example: ``"v1:3b0c...e9"`` (3 + 64 characters).
+    """
+    digest = hashlib.sha256(_ENCODER.encode(canonical_fields(request))).hexdigest()
     return f"v{KEY_VERSION}:{digest}"

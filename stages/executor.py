@@ -5,7 +5,11 @@ turn, up to ``retry.max_attempts`` calls (the first included), each bounded by
 the provider's ``timeout_ms`` and by the request's deadline; the decision
 after a failure is ``stages.retry.decide``. Every call publishes one
 ``health`` event on ``ai.control`` at once and is listed in the outcome's
-``attempts``. Output: the outcome to ``ai.stage.record``.
+``attempts``. Every HTTP call is first charged to the provider's RPM/TPM
+limits (``stages.ratelimit.admit``); a provider with no room is skipped for
+now and tried again after the others, and when every candidate left is at
+its limit the request waits for the first room within its deadline (else a
+``rate_limit`` error). Output: the outcome to ``ai.stage.record``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from stages.circuits import CircuitView
 from stages.common import ENVELOPE_DECODER, error_envelope, now_ms, to_record
 from stages.providers import ProviderAdapter, ProviderCall, model_info
 from stages.providers.tokens import estimate_messages_tokens
+from stages.ratelimit import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
 from stages.retry import decide
 
 log = logging.getLogger("aipipe.executor")
@@ -70,9 +75,11 @@ class ExecutorStage:
         *,
         rng: random.Random | None = None,
         circuits: CircuitView | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.topics = topics
         self.circuits = circuits or CircuitView()
+        self.rate_limiter: RateLimiter = rate_limiter or MemoryRateLimiter()
         self.config = config
         self.adapters = adapters
         self.client = client
@@ -109,20 +116,34 @@ class ExecutorStage:
         prompt_estimate = estimate_messages_tokens(request.chat_messages())
         remaining = list(envelope.candidates)
         last_error: AIProviderError | None = None
-        while remaining:
+        calls: dict[str, int] = {}  # calls made per provider, kept across rate-limit waits
+        saturated: list[tuple[Candidate, float]] = []  # no room yet: (candidate, wait s)
+        while remaining or saturated:
+            if not remaining:  # every candidate left is at its rate limit: wait for the first room
+                if not await self._wait_for_room(envelope, saturated):
+                    return self._saturated_outcome(attempts, saturated, envelope)
+                remaining, saturated = [c for c, _ in saturated], []
             candidate = remaining.pop(0)
             adapter = self.adapters.get(candidate.provider)
             provider_cfg = self.config.providers.get(candidate.provider)
             if adapter is None or provider_cfg is None or not self.circuits.allows_traffic(candidate.provider):
                 continue
-            attempt_number = 0
+            attempt_number = calls.get(candidate.provider, 0)
             while True:
                 attempt_number += 1
                 left_s = (envelope.deadline_at_ms - now_ms()) / 1000
                 if left_s <= 0:
                     return self._deadline_outcome(attempts, request, last_error)
                 timeout_s = min(provider_cfg.timeout_ms / 1000, left_s)
-                result = await self._attempt(envelope, candidate, timeout_s, attempts, ctx)
+                charge = await admit(
+                    self.rate_limiter, candidate.provider, provider_cfg.rate_limit, prompt_estimate, request.max_tokens
+                )
+                if not charge.admitted:  # no room now: the next candidate first, this one later
+                    if charge.wait_s != float("inf"):
+                        saturated.append((candidate, charge.wait_s))
+                    break
+                calls[candidate.provider] = attempt_number
+                result = await self._attempt(envelope, candidate, timeout_s, attempts, ctx, charge)
                 if isinstance(result, Outcome):
                     return result
                 error = last_error = result
@@ -138,6 +159,8 @@ class ExecutorStage:
                 )
                 if decision.action == "retry":
                     await anyio.sleep(decision.delay_s)
+                    if not self.circuits.allows_traffic(candidate.provider):
+                        break  # its circuit opened meanwhile: leave it alone, fall back
                     continue
                 if decision.action == "fail":
                     return Outcome(
@@ -151,6 +174,7 @@ class ExecutorStage:
                     )
                 if error.error_type == "context_length_exceeded":
                     remaining = [c for c in remaining if fits_context(c, prompt_estimate, request.max_tokens)]
+                    saturated = [s for s in saturated if fits_context(s[0], prompt_estimate, request.max_tokens)]
                 break
         if not attempts:
             return Outcome(
@@ -165,6 +189,35 @@ class ExecutorStage:
                 type="all_providers_failed",
                 message=f"all providers failed after {len(attempts)} attempts: {summary}",
                 provider=attempts[-1].provider,
+            ),
+        )
+
+    async def _wait_for_room(self, envelope: Envelope, saturated: list[tuple[Candidate, float]]) -> bool:
+        """Sleep until the first saturated candidate has room; False (no sleep) when that is past the deadline."""
+        wait_s = min(w for _, w in saturated)
+        left_s = (envelope.deadline_at_ms - now_ms()) / 1000
+        if wait_s >= left_s:
+            return False
+        log.info("request %s: every candidate at its rate limit; waiting %.3f s for room", envelope.id, wait_s)
+        await anyio.sleep(wait_s + 0.001)
+        return True
+
+    def _saturated_outcome(
+        self, attempts: list[Attempt], saturated: list[tuple[Candidate, float]], envelope: Envelope
+    ) -> Outcome:
+        limits = ", ".join(
+            f"{c.provider} ({describe_limit(self.config.providers[c.provider].rate_limit)}, room in {w:.1f} s)"
+            for c, w in saturated
+        )
+        left_ms = max(0, envelope.deadline_at_ms - now_ms())
+        return Outcome(
+            status="error",
+            attempts=attempts,
+            error=ErrorInfo(
+                type="rate_limit",
+                message=f"every candidate is at its rate limit and none has room within the request's deadline "
+                f"({left_ms} ms left): {limits}",
+                provider=saturated[0][0].provider,
             ),
         )
 
@@ -189,16 +242,26 @@ class ExecutorStage:
         timeout_s: float,
         attempts: list[Attempt],
         ctx: MessageContext,
+        charge: Charge | None = None,
     ) -> Outcome | AIProviderError:
-        """One HTTP call; appends the attempt and publishes its health event; the ok outcome or the error."""
+        """One HTTP call; appends the attempt and publishes its health event; the ok outcome or the error.
+
+        ``charge`` (the call's rate-limit charge) is corrected with the real
+        usage after an answer, or settled as a failure (quota back when the
+        call never left).
+        """
         request = envelope.request
         assert request is not None
         adapter = self.adapters[candidate.provider]
         started = time.perf_counter()
         try:
             result = await adapter.complete(self.client, provider_call(request, candidate.model), timeout_s)
-        except AIProviderError as exc:
+        except Exception as exc:
             latency_ms = (time.perf_counter() - started) * 1000
+            if charge is not None:
+                await charge.settle_failure(exc)
+            if not isinstance(exc, AIProviderError):
+                raise
             attempts.append(
                 Attempt(
                     provider=candidate.provider,
@@ -222,6 +285,8 @@ class ExecutorStage:
             )
             return exc
         latency_ms = (time.perf_counter() - started) * 1000
+        if charge is not None:
+            await charge.settle_answer(result.usage)
         attempts.append(
             Attempt(
                 provider=candidate.provider,

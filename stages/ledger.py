@@ -5,6 +5,10 @@ Windows are ``daily``, ``weekly`` (weeks start Monday) and ``monthly``,
 aligned to calendar boundaries in the ledger's time zone (default UTC).
 Amounts are ``Decimal`` USD. A reservation holds a request's worst-case cost
 until its ``CostEvent`` settles it or it is released or expires.
+
+Spend is kept per (scope, window, window start), so a new window starts at
+zero without a reset job, and spend replayed from ``ai.costs`` lands in the
+window of the event's own time (``at``), never in the window of the replay.
 """
 
 from __future__ import annotations
@@ -12,32 +16,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 WINDOWS: tuple[str, ...] = ("daily", "weekly", "monthly")
+#: Percentages of a window's limit whose first crossing raises a ``budget_alert`` (percent).
+ALERT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
+#: How long a settled request id is remembered (so a replayed or redelivered cost counts once).
+#: Longer than the longest window (a month), so a replay of ``ai.costs`` never double-counts.
+SETTLED_RETENTION = timedelta(days=40)
 ZERO = Decimal(0)
+_HUNDRED = Decimal(100)
 
 
-def window_start(window: str, at: datetime, tz: ZoneInfo) -> datetime:
-    """Start of the calendar ``window`` containing ``at`` (aware), in ``tz``.
+def zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name`` (``UTC``, ``Asia/Tokyo``, ``Europe/Berlin``...).
 
     Raises:
-        ValueError: for an unknown window name.
+        ValueError: when the name is not a known IANA time zone.
     """
-    local = at.astimezone(tz)
-    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    if window == "daily":
-        return day
-    if window == "weekly":
-        return day - timedelta(days=day.weekday())
-    if window == "monthly":
-        return day.replace(day=1)
-    raise ValueError(f"unknown budget window {window!r}")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as 'UTC' or 'Asia/Tokyo')") from exc
 
 
-def window_end(window: str, at: datetime, tz: ZoneInfo) -> datetime:
-    """When the calendar ``window`` containing ``at`` resets (aware, in ``tz``)."""
-    start = window_start(window, at, tz)
+#: The last window computed per (window, zone): (start, end). Every request reserves and settles in the
+#: current windows, so the same bounds are asked for many times a second; a hit skips the time-zone
+#: arithmetic (``aipipe bench``: 12 ``window_start`` and 6 ``window_end`` calls per request).
+_LAST_BOUNDS: dict[tuple[str, ZoneInfo], tuple[datetime, datetime]] = {}
+
+
+def _bounds(window: str, at: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """``(start, end)`` of the calendar ``window`` containing ``at`` (reusing the last one when it holds ``at``)."""
+    aware = at.tzinfo is not None
+    if aware:
+        last = _LAST_BOUNDS.get((window, tz))
+        if last is not None and last[0] <= at < last[1]:
+            return last
+    start = _window_start(window, at, tz)
     if window == "daily":
         nxt = start + timedelta(days=1)
     elif window == "weekly":
@@ -45,7 +61,65 @@ def window_end(window: str, at: datetime, tz: ZoneInfo) -> datetime:
     else:
         nxt = (start + timedelta(days=32)).replace(day=1)
     # Re-localise across DST changes: midnight of the next calendar day.
-    return nxt.replace(tzinfo=None).replace(tzinfo=tz)
+    bounds = (start, nxt.replace(tzinfo=None).replace(tzinfo=tz))
+    if aware:
+        _LAST_BOUNDS[(window, tz)] = bounds
+    return bounds
+
+
+def _window_start(window: str, at: datetime, tz: ZoneInfo) -> datetime:
+    local = at.astimezone(tz)
+    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if window == "daily":
+        start = day
+    elif window == "weekly":
+        start = day - timedelta(days=day.weekday())
+    elif window == "monthly":
+        start = day.replace(day=1)
+    else:
+        raise ValueError(f"unknown budget window {window!r}")
+    # Re-localise: midnight of that calendar day, whatever the UTC offset is then (DST).
+    return start.replace(tzinfo=None).replace(tzinfo=tz)
+
+
+def window_start(window: str, at: datetime, tz: ZoneInfo) -> datetime:
+    """Start of the calendar ``window`` containing ``at`` (aware), in ``tz``.
+
+    Daily windows start at local midnight, weekly ones at Monday's local
+    midnight, monthly ones at local midnight of the 1st.
+
+    Raises:
+        ValueError: for an unknown window name.
+    """
+    return _bounds(window, at, tz)[0]
+
+
+def window_end(window: str, at: datetime, tz: ZoneInfo) -> datetime:
+    """When the calendar ``window`` containing ``at`` resets (aware, in ``tz``): the next window's start.
+
+    Raises:
+        ValueError: for an unknown window name.
+    """
+    return _bounds(window, at, tz)[1]
+
+
+def validate_scope(scope: str, providers: tuple[str, ...]) -> str:
+    """Check a budget scope name: ``global``, ``user:NAME`` or one of ``providers``; returns it.
+
+    Raises:
+        ValueError: naming the accepted forms, for anything else.
+    """
+    if scope == "global" or scope in providers:
+        return scope
+    if scope.startswith("user:") and len(scope) > len("user:"):
+        return scope
+    known = ", ".join(providers)
+    raise ValueError(f"unknown budget scope {scope!r}: use 'global', 'user:NAME' or a provider ({known})")
+
+
+def is_provider_scope(scope: str) -> bool:
+    """Whether ``scope`` names a provider (not ``global`` and not ``user:...``)."""
+    return scope != "global" and not scope.startswith("user:")
 
 
 @dataclass
@@ -67,9 +141,13 @@ class Limits:
     monthly: Decimal | None = None
 
     def get(self, window: str) -> Decimal | None:
-        """The limit of ``window``."""
+        """The limit of ``window`` (USD), ``None`` when unlimited."""
         value: Decimal | None = getattr(self, window)
         return value
+
+    def any(self) -> bool:
+        """Whether at least one window is limited."""
+        return any(self.get(w) is not None for w in WINDOWS)
 
 
 @dataclass
@@ -84,9 +162,50 @@ class Admission:
     reserved_usd: Decimal = ZERO
 
 
+@dataclass(frozen=True)
+class WindowState:
+    """One window of one scope at a moment: limit, spent and reserved (USD) and when it resets."""
+
+    limit_usd: Decimal | None
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    starts_at: datetime
+    resets_at: datetime
+
+    @property
+    def percentage(self) -> Decimal | None:
+        """Spent as a percentage of the limit (``None`` when unlimited; a zero limit spent counts 100)."""
+        if self.limit_usd is None:
+            return None
+        if self.limit_usd == 0:
+            return _HUNDRED if self.spent_usd > 0 else ZERO
+        return self.spent_usd * _HUNDRED / self.limit_usd
+
+
+@dataclass(frozen=True)
+class AlertKey:
+    """Identifies one alert: a scope's window (by its start) crossing a threshold (percent)."""
+
+    scope: str
+    window: str
+    window_start: datetime
+    threshold_pct: int
+
+
+def crossed_thresholds(state: WindowState, thresholds: tuple[int, ...] = ALERT_THRESHOLDS) -> list[int]:
+    """The thresholds (percent) that ``state``'s spend has reached; empty when the window is unlimited.
+
+    A zero limit is crossed by any spend (all thresholds at once).
+    """
+    pct = state.percentage
+    if pct is None or state.spent_usd <= 0:
+        return []
+    return [t for t in thresholds if pct >= t]
+
+
 @dataclass
 class BudgetLedger:
-    """Limits, spend and reservations for every scope.
+    """Limits, spend and reservations for every scope (the in-process budget state).
 
     Spend is kept per (scope, window, window start), so a new window starts at
     zero without a reset job, and spend of past windows replayed from
@@ -97,7 +216,7 @@ class BudgetLedger:
     limits: dict[str, Limits] = field(default_factory=dict)
     spend: dict[tuple[str, str, datetime], Decimal] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
-    settled: set[str] = field(default_factory=set)
+    settled: dict[str, datetime] = field(default_factory=dict)
 
     def set_limits(self, scope: str, limits: Limits) -> None:
         """Set ``scope``'s limits (replacing the previous ones)."""
@@ -113,6 +232,21 @@ class BudgetLedger:
             (r.amount_usd for r in self.reservations.values() if scope in r.scopes and r.expires_at > at),
             ZERO,
         )
+
+    def window_state(self, scope: str, window: str, at: datetime) -> WindowState:
+        """Limit, spend and reservations of ``scope`` in the ``window`` containing ``at``."""
+        limits = self.limits.get(scope, Limits())
+        return WindowState(
+            limit_usd=limits.get(window),
+            spent_usd=self.spent(scope, window, at),
+            reserved_usd=self.reserved(scope, at),
+            starts_at=window_start(window, at, self.tz),
+            resets_at=window_end(window, at, self.tz),
+        )
+
+    def status(self, scope: str, at: datetime) -> dict[str, WindowState]:
+        """Every window of ``scope`` at ``at`` (``daily``, ``weekly``, ``monthly``)."""
+        return {w: self.window_state(scope, w, at) for w in WINDOWS}
 
     def expire(self, at: datetime) -> list[Reservation]:
         """Drop the reservations whose deadline has passed; returns them."""
@@ -140,7 +274,11 @@ class BudgetLedger:
     def reserve(
         self, request_id: str, scopes: tuple[str, ...], amount_usd: Decimal, at: datetime, expires_at: datetime
     ) -> Admission:
-        """Admit and hold ``amount_usd`` on ``scopes``, or refuse; idempotent per request id."""
+        """Admit and hold ``amount_usd`` on ``scopes``, or refuse; idempotent per request id.
+
+        A request id that already holds a reservation or was settled is
+        admitted again without a second hold (a redelivered message).
+        """
         if request_id in self.reservations or request_id in self.settled:
             return Admission(True)
         self.expire(at)
@@ -149,24 +287,49 @@ class BudgetLedger:
             self.reservations[request_id] = Reservation(request_id, scopes, amount_usd, expires_at)
         return verdict
 
-    def settle(self, request_id: str, scopes: tuple[str, ...], cost_usd: Decimal, at: datetime) -> bool:
+    def settle(
+        self, request_id: str, scopes: tuple[str, ...], cost_usd: Decimal, at: datetime, *, now: datetime | None = None
+    ) -> bool:
         """Record a request's real cost on ``scopes`` at time ``at`` and drop its reservation.
 
-        Returns ``False`` (and changes nothing) when that id was already settled.
+        With ``now``, windows that ended before ``now`` are skipped (a replay of
+        old events adds nothing that can matter), and so are events older than
+        ``SETTLED_RETENTION``. Returns ``False`` (and changes nothing) when that
+        id was already settled or the event is too old.
         """
         if request_id in self.settled:
             return False
-        self.settled.add(request_id)
         self.reservations.pop(request_id, None)
+        if now is not None and at < now - SETTLED_RETENTION:
+            return False
+        self.settled[request_id] = at
         for scope in scopes:
             for window in WINDOWS:
-                key = (scope, window, window_start(window, at, self.tz))
+                start = window_start(window, at, self.tz)
+                if now is not None and window_end(window, at, self.tz) <= now:
+                    continue
+                key = (scope, window, start)
                 self.spend[key] = self.spend.get(key, ZERO) + cost_usd
         return True
 
     def release(self, request_id: str) -> bool:
         """Drop a reservation without spend (rejections, failures); ``False`` if none was held."""
         return self.reservations.pop(request_id, None) is not None
+
+    def prune(self, now: datetime) -> int:
+        """Forget windows that ended before ``now`` and settled ids older than ``SETTLED_RETENTION``.
+
+        Returns how many entries were dropped; keeps memory bounded in a long-running gate.
+        """
+        dropped = 0
+        for key in [k for k in self.spend if window_end(k[1], k[2], self.tz) <= now]:
+            del self.spend[key]
+            dropped += 1
+        horizon = now - SETTLED_RETENTION
+        for rid in [r for r, at in self.settled.items() if at < horizon]:
+            del self.settled[rid]
+            dropped += 1
+        return dropped
 
 
 def scopes_for(user: str | None, provider: str | None = None) -> tuple[str, ...]:

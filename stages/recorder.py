@@ -5,9 +5,11 @@ prices the provider's reported usage (``stages.pricing``, Decimal USD),
 writes one ``CostEvent`` to ``ai.costs`` for a ``status: ok`` outcome (cache
 hits too, with ``cost_usd`` 0 and ``saved_usd``), releases the budget
 reservation of an outcome without cost (``reservation_release`` on
-``ai.control``), stores complete successful answers in the response cache,
-and publishes the final ``AIResponse`` to ``ai.responses``. A redelivered
-record gets the very same response again and no second cost event.
+``ai.control``), stores complete successful answers in the response cache
+(then ends the request's coalescing claim, so identical requests waiting in
+the cache stage are answered from it or go on), and publishes the final
+``AIResponse`` to ``ai.responses``. A redelivered record gets the very same
+response again and no second cost event.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import logging
 from decimal import Decimal
 from typing import Any
 
-from cachetools import TTLCache
+import anyio
+from cachetools import LRUCache, TTLCache
 
 from pipeline.cache_store import CacheStore
 from pipeline.config import PipelineConfig
@@ -55,6 +58,17 @@ class RecorderStage:
         self.cache = cache
         self.input_topic = topics.stage_record
         self._finalized: TTLCache[str, AIResponse] = TTLCache(maxsize=finalized_max, ttl=FINALIZED_TTL_S)
+        # Ids with a CostEvent on ai.costs (written here or read back from the topic, also after a restart).
+        self._costed: LRUCache[str, bool] = LRUCache(maxsize=finalized_max)
+        self._synced: list[anyio.Event] = []
+
+    def on_cost(self, event: CostEvent) -> None:
+        """Remember that ``event.id`` has its ``CostEvent`` (fed from ``ai.costs``), so none is written again."""
+        self._costed[event.id] = True
+
+    def follow(self, *caught_up: anyio.Event) -> None:
+        """Write no cost event before these are set (the ``ai.costs`` feed replayed what was written before)."""
+        self._synced.extend(caught_up)
 
     def decode(self, raw: bytes) -> Envelope:
         """Decode an envelope.
@@ -84,6 +98,11 @@ class RecorderStage:
         previous = self._finalized.get(envelope.id)
         if previous is not None:
             return [Emit(self.topics.responses, envelope.id, previous)]
+        for synced in self._synced:
+            if synced.is_set():  # the usual case: no cancel scope, no checkpoint per message
+                continue
+            with anyio.move_on_after(30.0):  # then go on: readers of ai.costs count an id once anyway
+                await synced.wait()
         outcome = envelope.outcome or Outcome(
             status="error", error=ErrorInfo(type="server_error", message="no outcome reached the recorder")
         )
@@ -94,7 +113,8 @@ class RecorderStage:
         if outcome.status == "ok" and outcome.provider and outcome.model:
             priced, source = self._price(outcome)
             if outcome.cached:
-                saved = Decimal(str(outcome.saved_usd)) if outcome.saved_usd else priced
+                # what the call would cost now, at the price table; the stored cost when the model has no price
+                saved = priced if source != "none" or not outcome.saved_usd else Decimal(str(outcome.saved_usd))
                 event = CostEvent(
                     id=envelope.id,
                     user=user,
@@ -122,7 +142,9 @@ class RecorderStage:
                     at=now_utc(),
                 )
                 await self._store(envelope, outcome, priced)
-            outputs.append(Emit(self.topics.costs, envelope.id, event))
+            if envelope.id not in self._costed:  # one CostEvent per id, also for a redelivered record
+                self._costed[envelope.id] = True
+                outputs.append(Emit(self.topics.costs, envelope.id, event))
         elif envelope.reserved_usd > 0:
             release = ReservationRelease(
                 request_id=envelope.id,
@@ -131,6 +153,8 @@ class RecorderStage:
                 at=now_utc(),
             )
             outputs.append(Emit(self.topics.control, "*", release))
+        if envelope.cache_key is not None and not outcome.cached:
+            await self._finish_claim(envelope)
         response = AIResponse(
             id=envelope.id,
             status=outcome.status,
@@ -148,14 +172,29 @@ class RecorderStage:
         outputs.append(Emit(self.topics.responses, envelope.id, response))
         return outputs
 
+    async def _finish_claim(self, envelope: Envelope) -> None:
+        """End the request's coalescing claim on its cache key (after any cache write), waking its waiters."""
+        if self.cache is None or envelope.cache_key is None:
+            return
+        try:
+            await self.cache.finish(envelope.cache_key, envelope.id)
+        except Exception as exc:  # waiters then go on at the claim's expiry
+            log.warning("cache claim release failed for %s: %s", envelope.id, type(exc).__name__)
+
     async def _store(self, envelope: Envelope, outcome: Outcome, cost_usd: Decimal) -> None:
-        """Cache a complete successful answer (non-empty content and usage present)."""
+        """Cache a complete successful answer: status ok, non-blank content, usage with completion tokens.
+
+        Errors, empty or whitespace-only answers and answers without usage are
+        never stored, nor are requests with ``cache.bypass`` or ``cache.ttl_s`` 0.
+        """
         request = envelope.request
         if self.cache is None or envelope.cache_key is None or request is None:
             return
         if request.cache is not None and request.cache.bypass:
             return
-        if not outcome.content or outcome.usage.completion_tokens <= 0:
+        if outcome.status != "ok" or outcome.cached or not outcome.provider or not outcome.model:
+            return
+        if not outcome.content or not outcome.content.strip() or outcome.usage.completion_tokens <= 0:
             return
         ttl = request.cache.ttl_s if request.cache and request.cache.ttl_s is not None else None
         ttl_s = self.config.cache.default_ttl_s if ttl is None else ttl

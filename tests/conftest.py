@@ -171,6 +171,25 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+_UNFLUSHED_REDIS_DB = 14
+
+
+@pytest.fixture(scope="session")
+def unflushed_redis_url(redis_url: str) -> str:
+    """A Redis database no test session flushes, for keys that must survive a whole test.
+
+    Every session's ``redis_url`` flushes database 15 of the shared server at
+    its start, and sessions of other checkouts run concurrently (measured: 4
+    ``FLUSHDB`` in 85 s), which can wipe a test's keys mid-test. This gives
+    database 14 of that server instead (never flushed: put every key under a
+    unique namespace), or ``redis_url`` itself when the session runs a private server.
+    """
+    shared = f"redis://{_SHARED_REDIS_HOST}:{_SHARED_REDIS_PORT}/{_SHARED_REDIS_DB}"
+    if redis_url == shared:
+        return f"redis://{_SHARED_REDIS_HOST}:{_SHARED_REDIS_PORT}/{_UNFLUSHED_REDIS_DB}"
+    return redis_url
+
+
 # =============================================================================== Pipeline
 
 
