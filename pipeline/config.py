@@ -89,10 +89,18 @@ class CacheConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True)
 
 
 class BudgetConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Budget defaults: the ``global`` daily limit (USD, ``None``: unlimited) and the window time zone."""
+    """Budget defaults: the ``global`` daily limit (USD, ``None``: unlimited) and the window time zone.
+
+    ``fail_mode``: what the budget gate does when its shared store (Redis) is
+    down and a request counts toward a scope that has a limit: ``closed``
+    (default) refuses it with ``service_unavailable`` until the store is back;
+    ``open`` admits it unreserved (spend is settled once the store answers
+    again). Requests whose scopes have no limit are admitted either way.
+    """
 
     global_daily_usd: NonNegFloat | None = None
     timezone: str = "UTC"
+    fail_mode: Literal["closed", "open"] = "closed"
 
 
 class HealthConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -212,8 +212,16 @@ class BudgetGateStage:
         try:
             verdict = await self.store.reserve(envelope.id, scopes, amount, now, expires)
         except BudgetStoreError as exc:
-            log.error("request %s refused: %s", envelope.id, exc)
-            error = ErrorInfo(type="service_unavailable", message="budget store unavailable; refusing (fail closed)")
+            limited = [s for s in scopes if (lim := self.ledger.limits.get(s)) is not None and lim.any()]
+            if not limited or self.config.budget.fail_mode == "open":
+                log.warning("request %s admitted unreserved while the budget store is down (%s)", envelope.id, exc)
+                return [Emit(self.topics.stage_route, envelope.id, envelope)]
+            log.error("request %s refused: budget store down (%s); scopes %s fail closed", envelope.id, exc,
+                      ", ".join(limited))
+            error = ErrorInfo(
+                type="service_unavailable",
+                message=f"budget store unavailable; scope {', '.join(limited)} fails closed until it is back",
+            )
             return [to_record(self.topics.stage_record, error_envelope(envelope.id, error, template=envelope))]
         self._touch(scopes)
         if not verdict.admitted:
