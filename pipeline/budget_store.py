@@ -337,10 +337,10 @@ class RedisBudgetStore:
     def __init__(
         self, url: str, *, namespace: str = "ai.", ledger: BudgetLedger | None = None, client: Any = None
     ) -> None:
-        import redis.asyncio as aioredis
+        from pipeline.redis_client import redis_from_url
 
         self.ledger = ledger or BudgetLedger()
-        self._client = client if client is not None else aioredis.Redis.from_url(url)
+        self._client = client if client is not None else redis_from_url(url)
         self._owns_client = client is None
         self._p = f"aipipe:{{{namespace}}}budget:"
         self._scopes_seen: set[str] = set()

@@ -38,10 +38,12 @@ import msgspec
 from aiocache import RedisCache
 from aiocache.serializers import BaseSerializer
 from cachetools import TLRUCache
+from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from pipeline.config import CacheConfig
+from pipeline.redis_client import DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_TIMEOUT_S
 from schemas.cache import CachedAnswer
 
 log = logging.getLogger("aipipe.cache")
@@ -524,8 +526,12 @@ class RedisCacheStore:
         self.op_timeout_s = op_timeout_s
         self.poll_s = poll_s
         # one immediate retry on a broken connection, so the first call after Redis restarts is not lost
-        where["connection_pool_kwargs"].update(socket_timeout=op_timeout_s, retry_on_error=[RedisConnectionError])
+        where["connection_pool_kwargs"].update(
+            socket_timeout=op_timeout_s, retry_on_error=[RedisConnectionError], timeout=DEFAULT_POOL_TIMEOUT_S
+        )
         self._cache = RedisCache(
+            connection_pool_class=BlockingConnectionPool,
+            pool_max_size=DEFAULT_MAX_CONNECTIONS,
             serializer=_BytesSerializer(),
             namespace=f"{namespace}:v",
             timeout=op_timeout_s,

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pipeline.config import RateLimit
+from pipeline.redis_client import redis_from_url
 from pipeline.settings import Settings
 from stages.ratelimit import WINDOW_S, MemoryRateLimiter, RateLimiter, WindowUsage
 
@@ -173,7 +174,7 @@ class RedisRateLimiter:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisRateLimiter:
         """A limiter on a new client for ``url`` (``redis://host:port/db``); connects on first use."""
-        return cls(aioredis.Redis.from_url(url), **kwargs)
+        return cls(redis_from_url(url), **kwargs)
 
     def _keys(self, provider: str) -> list[str]:
         base = f"{self.namespace}{{{provider}}}"

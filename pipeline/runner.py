@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
+from pipeline import telemetry
 from pipeline.bus import Bus, BusError, Consumer, Outgoing, Record, TopicPartition
 from schemas import SCHEMA_VERSION, DeadLetter
 from schemas.response import ErrorInfo
@@ -39,6 +40,10 @@ log = logging.getLogger("aipipe.runner")
 
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 SCHEMA_HEADER = "aipipe-schema"
+#: Longest wait (s) for the last commit, and for leaving the group, when a runner stops.
+FINAL_COMMIT_TIMEOUT_S = 3.0
+#: Longest wait (s) for messages of partitions a rebalance takes away, before committing them.
+REVOKE_GRACE_S = 10.0
 TRACE_HEADER = "traceparent"
 #: The headers every message the pipeline writes carries (built once, not per message).
 _HEADERS: tuple[tuple[str, bytes], ...] = ((SCHEMA_HEADER, str(SCHEMA_VERSION).encode()),)
@@ -209,6 +214,8 @@ class StageRunner:
         self._consumer: Consumer | None = None
         self.finished = anyio.Event()
         self.last_record_at = time.monotonic()
+        #: ``messaging.system`` of this runner's spans: ``kafka``, or the in-process bus's own name.
+        self.messaging_system: str = getattr(bus, "messaging_system", "kafka")
 
     def stop(self) -> None:
         """Ask the runner to stop fetching and wind down."""
@@ -230,6 +237,36 @@ class StageRunner:
             return 0.0
         return time.monotonic() - self.last_record_at
 
+    @property
+    def in_flight(self) -> int:
+        """Messages being handled now (metric ``aipipe.stage.in_flight``)."""
+        return self._in_flight
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per input partition this runner has read from: records not yet handled (metric ``aipipe.consumer.lag``).
+
+        The partition's end offset as of the latest fetch (the consumer's
+        ``highwater``) minus the oldest unfinished offset (or the next one
+        after the highest finished). Partitions not read from since start, or
+        whose end offset is unknown, are left out. Safe to call from another
+        thread (the metrics endpoint); may raise ``RuntimeError`` when the
+        event loop changed a tracker meanwhile.
+        """
+        consumer = self._consumer
+        highwater = getattr(consumer, "highwater", None)
+        if consumer is None or highwater is None:
+            return {}
+        out: dict[TopicPartition, int] = {}
+        for tp in consumer.assignment():
+            tracker = self._trackers.get(tp)
+            end = highwater(tp) if tracker is not None else None
+            if tracker is None or end is None:
+                continue
+            pending = tuple(tracker.in_flight)
+            position = min(pending) if pending else tracker.highest_done + 1
+            out[tp] = max(int(end) - position, 0)
+        return out
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until ``stop()``; reports started once the consumer is open.
 
@@ -238,6 +275,12 @@ class StageRunner:
         """
         consumer = await self.bus.consumer([self.stage.input_topic], group=self.group)
         self._consumer = consumer
+        if hasattr(consumer, "on_revoke"):  # Kafka: hand over finished work before a rebalance moves it
+
+            async def on_revoke(partitions: frozenset[TopicPartition]) -> None:
+                await self._hand_over(consumer, partitions)
+
+            consumer.on_revoke = on_revoke
         limiter = anyio.Semaphore(self.max_in_flight)
         # One asyncio task per message, tracked here rather than in an anyio task group: anyio's
         # start_soon costs about 13 us more per task (a TaskHandle, a cancel scope, an Event), which
@@ -278,7 +321,10 @@ class StageRunner:
             with anyio.CancelScope(shield=True):
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: after a broker restart the group may be gone and a commit would retry for long.
+            with anyio.move_on_after(FINAL_COMMIT_TIMEOUT_S, shield=True):
                 await self._commit(consumer)
+            with anyio.move_on_after(FINAL_COMMIT_TIMEOUT_S, shield=True):
                 await consumer.stop()
             self.finished.set()
 
@@ -302,13 +348,40 @@ class StageRunner:
             self._idle = anyio.Event()
 
     def _finish(self, record: Record) -> None:
-        tracker = self._trackers[(record.topic, record.partition)]
-        tracker.in_flight.discard(record.offset)
-        tracker.highest_done = max(tracker.highest_done, record.offset)
+        tracker = self._trackers.get((record.topic, record.partition))
+        if tracker is not None:  # None: the partition was revoked while this message ran
+            tracker.in_flight.discard(record.offset)
+            tracker.highest_done = max(tracker.highest_done, record.offset)
         self._in_flight -= 1
         self.processed += 1
         if self._in_flight == 0:
             self._idle.set()
+
+    async def _hand_over(self, consumer: Consumer, partitions: frozenset[TopicPartition]) -> None:
+        """Hand ``partitions`` over to another member without redoing finished work.
+
+        Lets their messages finish (up to ``REVOKE_GRACE_S``), commits what is
+        done and forgets them, so the new owner does not call a provider a
+        second time (and pay twice) for work already answered.
+        """
+        with anyio.move_on_after(REVOKE_GRACE_S):
+            while any((t := self._trackers.get(tp)) is not None and t.in_flight for tp in partitions):
+                await anyio.sleep(0.02)
+        offsets: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            tracker = self._trackers.get(tp)
+            target = tracker.committable() if tracker is not None else None
+            if target is not None:
+                offsets[tp] = target
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+                log.info("stage %s: committed %s before handing partitions over", self.stage.name,
+                         ", ".join(f"{t}:{p}@{o}" for (t, p), o in sorted(offsets.items())))
+            except BusError as exc:
+                log.warning("stage %s: commit before hand-over failed (%s)", self.stage.name, exc)
+        for tp in partitions:
+            self._trackers.pop(tp, None)
 
     async def _commit_loop(self, consumer: Consumer) -> None:
         while True:
@@ -336,7 +409,12 @@ class StageRunner:
             self._trackers[tp].committed = off
 
     async def _process(self, record: Record, limiter: anyio.Semaphore) -> None:
-        trace = record.header(TRACE_HEADER)
+        tel = telemetry.current()
+        span: Any = None
+        if tel.tracing:  # a span per message, continuing the input's trace; outputs carry the span's context
+            span, token, trace = tel.start_stage_span(record, self.stage.name, self.group, self.messaging_system)
+        else:  # no spans: pass the input's traceparent on, or start a trace for a message that has none
+            trace = record.header(TRACE_HEADER) or telemetry.new_traceparent()
 
         async def publish_now(output: Emit) -> None:
             await self._publish_all([output], trace)
@@ -346,6 +424,8 @@ class StageRunner:
             outputs = await self._decide(record, ctx)
             await self._publish_all(outputs, trace)
         finally:
+            if span is not None:
+                tel.end_stage_span(span, token)
             self._finish(record)
             limiter.release()
 
@@ -361,6 +441,7 @@ class StageRunner:
             return await self._invalid(record, ctx, key, exc)
         except Exception as exc:
             log.exception("stage %s failed on %s@%s/%s", self.stage.name, record.topic, record.partition, record.offset)
+            telemetry.Telemetry.mark_error(type(exc).__name__)
             request_id = key if self.keyed_by_request_id else None
             if request_id is None:
                 return []
@@ -370,8 +451,14 @@ class StageRunner:
     async def _invalid(self, record: Record, ctx: MessageContext, key: str | None, exc: InvalidInput) -> list[Emit]:
         self.dead_lettered += 1
         log.warning(
-            "dead letter: %s partition %s offset %s: %s", record.topic, record.partition, record.offset, exc.reason
+            "dead letter: %s partition %s offset %s key %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            key,
+            exc.reason,
         )
+        telemetry.Telemetry.mark_error("dead_letter")
         letter = DeadLetter(
             source_topic=record.topic,
             partition=record.partition,
@@ -390,8 +477,11 @@ class StageRunner:
         return outputs
 
     async def publish(self, output: Emit) -> None:
-        """Publish one output outside a message's handling (a stage's background work, e.g. timers)."""
-        await self._publish_all([output], None)
+        """Publish one output outside a message's handling (a stage's background work, e.g. timers).
+
+        It carries a fresh, unsampled ``traceparent``: timers belong to no request's trace.
+        """
+        await self._publish_all([output], telemetry.new_traceparent(sampled=False))
 
     async def _publish_all(self, outputs: Sequence[Emit], traceparent: bytes | None) -> None:
         if not outputs:
