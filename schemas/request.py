@@ -22,6 +22,12 @@ DEFAULT_TIMEOUT_MS = 60_000
 DEFAULT_MAX_TOKENS = 1024
 #: ``temperature`` used when a request leaves it out (OpenAI's documented default).
 DEFAULT_TEMPERATURE = 1.0
+#: Largest encoded request accepted on ``ai.requests`` (bytes); larger ones get ``invalid_request``.
+MAX_REQUEST_BYTES = 1_048_576
+#: Most characters in ``prompt`` or in one message's ``content`` (characters).
+MAX_TEXT_CHARS = 800_000
+#: Most chat turns in ``messages``.
+MAX_MESSAGES = 1_000
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -30,7 +36,7 @@ class Message(Struct, forbid_unknown_fields=True, frozen=True):
     """One chat turn: ``{"role": "system"|"user"|"assistant", "content": str}``."""
 
     role: Role
-    content: str
+    content: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
 
 
 class CacheOptions(Struct, forbid_unknown_fields=True, frozen=True):
@@ -55,8 +61,8 @@ class AIRequest(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
 
     id: RequestId
     model: Annotated[str, Meta(min_length=1, max_length=256)]
-    prompt: Annotated[str, Meta(min_length=1)] | None = None
-    messages: list[Message] | None = None
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    messages: Annotated[list[Message], Meta(max_length=MAX_MESSAGES)] | None = None
     max_tokens: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_TOKENS
     temperature: Annotated[float, Meta(ge=0, le=2)] = DEFAULT_TEMPERATURE
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None

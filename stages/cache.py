@@ -37,12 +37,12 @@ import anyio
 import anyio.abc
 
 from pipeline.cache_store import CLAIM_SLACK_MS, CacheCounters, CacheStore
-from pipeline.runner import Emit, MessageContext, decode_or_invalid, now_utc
+from pipeline.runner import Emit, InvalidInput, MessageContext, decode_or_invalid, now_utc, sniff_request_id
 from pipeline.topics import Topics
 from schemas.cache import CachedAnswer
 from schemas.envelope import Envelope, Outcome
 from schemas.events import CacheClear, CacheStats, CacheStatsRequest
-from schemas.request import AIRequest
+from schemas.request import MAX_REQUEST_BYTES, AIRequest
 from schemas.response import ErrorInfo
 from stages.cache_key import cache_key
 from stages.common import REQUEST_DECODER, error_envelope, now_ms, to_record
@@ -111,6 +111,11 @@ class CacheLookupStage:
         Raises:
             InvalidInput: naming the bad field.
         """
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise InvalidInput(
+                f"request is {len(raw)} bytes; the limit is {MAX_REQUEST_BYTES} bytes",
+                request_id=sniff_request_id(raw),
+            )
         request: AIRequest = decode_or_invalid(REQUEST_DECODER, raw)
         return request
 

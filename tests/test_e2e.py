@@ -147,3 +147,26 @@ async def test_all_providers_failing_gives_one_all_providers_failed(pipe: Harnes
     assert resp.error.type == "all_providers_failed"
     assert [a.provider for a in resp.attempts] == ["cloudflare"] * 3 + ["openai"] * 3 + ["anthropic"] * 3
     assert sum(emu.counts().values()) == 9
+
+
+async def test_limits_give_invalid_request_naming_the_limit(pipe: Harness, emu: Any) -> None:
+    big = json.dumps({"id": f"huge-{pipe.kind}", "model": "gpt-3.5-turbo", "prompt": "x" * 1_100_000}).encode()
+    await pipe.bus.publish(Outgoing(pipe.topics.requests, big, key=None))
+    many = json.dumps({"id": f"many-{pipe.kind}", "model": "gpt-3.5-turbo",
+                       "messages": [{"role": "user", "content": "hi"}] * 1001}).encode()
+    await pipe.bus.publish(Outgoing(pipe.topics.requests, many, key=f"many-{pipe.kind}".encode()))
+    too_long = await pipe.client.request(request(f"maxtok-{pipe.kind}", max_tokens=50_000))
+    assert too_long.error is not None and too_long.error.type == "invalid_request"
+    assert "max_tokens_per_request" in too_long.error.message
+    wanted = {f"huge-{pipe.kind}", f"many-{pipe.kind}"}
+    responses = pipe.decode(
+        await pipe.read_all(pipe.topics.responses,
+                            until=lambda rs: wanted <= {r.key.decode() for r in rs if r.key}),
+        AIResponse,
+    )
+    by_id = {r.id: r for r in responses if r.id in wanted}
+    assert by_id[f"huge-{pipe.kind}"].error is not None
+    assert "limit is 1048576 bytes" in by_id[f"huge-{pipe.kind}"].error.message
+    assert by_id[f"many-{pipe.kind}"].error is not None
+    assert "messages" in by_id[f"many-{pipe.kind}"].error.message
+    assert sum(emu.counts().values()) == 0
