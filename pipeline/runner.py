@@ -146,6 +146,11 @@ class _IdOnly(msgspec.Struct):
 _ID_DECODER = msgspec.json.Decoder(_IdOnly)
 
 
+def sniff_request_id(raw: bytes) -> str | None:
+    """The string ``id`` field of a JSON object, if one can be read from ``raw`` (else ``None``)."""
+    return _sniff_id(raw)
+
+
 def _sniff_id(raw: bytes) -> str | None:
     try:
         found = _ID_DECODER.decode(raw).id
