@@ -18,6 +18,7 @@ import anyio
 import httpx
 import msgspec
 
+from pipeline import telemetry
 from pipeline.budget_store import open_budget_store
 from pipeline.bus import Bus
 from pipeline.cache_store import build_cache_store
@@ -118,6 +119,7 @@ class Pipeline:
         self.rate_limiter: RateLimiter = rate_limiter or open_rate_limiter(settings)
         self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
         self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
+        self.budget_gauges = telemetry.BudgetGauges()
         self.runners: list[StageRunner] = []
         self.stages: dict[str, Stage] = {}
         self._client: httpx.AsyncClient | None = None
@@ -143,6 +145,7 @@ class Pipeline:
                 self.cost_feed.subscribe(gate.on_cost)
                 self.control_feed.subscribe(gate.on_control)
                 gate.follow(self.cost_feed.caught_up, self.control_feed.caught_up)  # no admission before replay
+                self.control_feed.subscribe(self.budget_gauges.apply)  # aipipe.budget.* metrics
                 stage = gate
             elif name == "router":
                 stage = RouterStage(
@@ -165,6 +168,7 @@ class Pipeline:
                     client,
                     circuits=self.circuits,
                     rate_limiter=self.rate_limiter,
+                    prices=self.prices,
                 )
                 if self.circuits.apply not in self.control_feed.listeners:
                     self.control_feed.subscribe(self.circuits.apply)
@@ -206,6 +210,15 @@ class Pipeline:
             ProviderHttpClient(max_connections=self.settings.max_in_flight, timeout=None)
         )
         self._build(self._client)
+        self._exit.callback(
+            telemetry.watch(
+                self,
+                runners=self.runners,
+                cache=self.stages.get("cache"),
+                circuits=self.circuits if {"router", "executor"} & set(self.stages) else None,
+                budget=self.budget_gauges if "budget" in self.stages else None,
+            )
+        )
         self._tg = await self._exit.enter_async_context(anyio.create_task_group())
         if self.control_feed.listeners:
             await self._tg.start(self.control_feed.run)

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import anyio
 import msgspec
 
+from pipeline import telemetry
 from pipeline.app import ALL_STAGES, Pipeline
 from pipeline.bench import add_arguments as add_bench_arguments
 from pipeline.broker import NoBrokerError
@@ -63,6 +64,11 @@ async def _run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(env)
     config = load_config(settings)
     stages = args.stage or list(ALL_STAGES)
+    metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    try:  # tracing as OTEL_* / LOG_LEVEL say; /metrics when a port is set (flushed at exit by the SDK)
+        telemetry.install(telemetry.Telemetry.from_env(env, metrics_port=metrics_port))
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on port {metrics_port}: {exc}") from exc
     async with open_bus("kafka", env, start_broker=True) as opened:
         origin = "started embedded broker" if opened.owns_broker else "using broker"
         log.info("%s at %s (stages: %s)", origin, opened.bootstrap, ", ".join(stages))
@@ -113,6 +119,7 @@ async def _send(args: argparse.Namespace) -> int:
         request = msgspec.convert(data, AIRequest)
     except msgspec.ValidationError as exc:
         raise CliError(f"invalid request: {exc}") from exc
+    telemetry.install(telemetry.Telemetry.from_env(env))  # the request's root span, when tracing
     async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
         await opened.bus.ensure_topics(settings.topics.all())
         client = PipelineClient(opened.bus, settings.topics)
@@ -347,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run pipeline stages (all seven by default)")
     p.add_argument("--stage", action="append", choices=ALL_STAGES, help="stage to run (repeatable)")
     p.add_argument("--emulate", action="store_true", help="point every provider at the emulator")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port at /metrics (AIPIPE_METRICS_PORT)"
+    )
     p.set_defaults(func=_run, is_async=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on real prompts and print a results table")

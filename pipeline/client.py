@@ -16,9 +16,10 @@ import anyio
 import msgspec
 from cachetools import TTLCache
 
+from pipeline import telemetry
 from pipeline.bus import Bus, BusError, Outgoing
 from pipeline.errors import ProviderTimeoutError
-from pipeline.runner import SCHEMA_HEADER, encode, publish_with_retry
+from pipeline.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
 from pipeline.topics import Topics
 from schemas import SCHEMA_VERSION
 from schemas.request import AIRequest
@@ -128,13 +129,19 @@ class PipelineClient:
     async def request(self, request: AIRequest, *, timeout_s: float | None = None) -> AIResponse:
         """Publish ``request`` and return its response.
 
+        With tracing on, the call is the trace's root span (``generate_content
+        <model>``); the request is published with its ``traceparent`` (or the
+        caller's own OpenTelemetry span context, when it has one).
+
         Raises:
             ProviderTimeoutError: when no response arrives within the request's
                 ``timeout_ms`` plus ``slack_ms`` (or ``timeout_s``).
         """
         waiter = self._waiters[request.id] = _Waiter()
+        tel = telemetry.current()
+        span, traceparent = tel.start_request(request, self.topics.requests)  # the trace's root, when tracing
         try:
-            await self.publish(request)
+            await self.publish(request, headers=((TRACE_HEADER, traceparent),) if traceparent is not None else ())
             early = self._early.pop(request.id, None)
             if early is not None:
                 self._deliver(early)
@@ -148,3 +155,5 @@ class PipelineClient:
             return waiter.response
         finally:
             self._waiters.pop(request.id, None)
+            if span is not None:
+                tel.finish_request(span, waiter.response, None if waiter.response is not None else "timeout")

@@ -25,11 +25,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import msgspec
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from pipeline.app import ALL_STAGES, Pipeline
@@ -82,6 +85,13 @@ def _table(rows: list[tuple[str, AIRequest, AIResponse]]) -> Table:
     return table
 
 
+@asynccontextmanager
+async def _progress(console: Console) -> AsyncIterator[Status]:
+    """A spinner with the responses so far while the demo runs (on a terminal; nothing is left behind)."""
+    with console.status("starting the embedded broker, the emulator and the stages ...") as status:
+        yield status
+
+
 async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, str] | None = None) -> int:
     """Run the demo; returns the exit code (0 when every request got a response and the moments showed).
 
@@ -98,6 +108,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
     started = time.perf_counter()
     rows: list[tuple[str, AIRequest, AIResponse]] = []
     async with (
+        _progress(console) as status,
         open_bus("kafka", env, start_broker=True, force_new_broker=True) as opened,
         EmulatorServer() as emulator,
     ):
@@ -115,6 +126,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
 
             async def ask(phase: str, request: AIRequest) -> None:
                 rows.append((phase, request, await client.request(request)))
+                status.update(f"{len(rows)} responses so far ({phase})")
 
             models = ["gpt-3.5-turbo", "chat-small", "chat-large"]
             first = [
@@ -143,6 +155,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
             async def ask_one(phase: str, request: AIRequest) -> AIResponse:
                 response = await client.request(request)
                 rows.append((phase, request, response))
+                status.update(f"{len(rows)} responses so far ({phase})")
                 return response
 
             console.print("circuit breaker: anthropic answers 529 twice; its circuit opens, is skipped, closes ...")

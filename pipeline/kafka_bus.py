@@ -87,7 +87,12 @@ class KafkaSettings:
         heartbeat_interval_ms: consumer group heartbeat period (ms), below the session timeout.
         max_poll_interval_ms: longest gap (ms) between two ``getmany`` calls
             before the member is dropped from its group (long enough for a 60 s provider call).
-        linger_ms: how long (ms) the producer waits to batch messages.
+        linger_ms: how long (ms) the producer waits to batch messages. 0: a
+            message goes out at once; messages published while a produce
+            request is in flight are still batched into the next one (measured
+            with ``aipipe bench`` on the embedded broker: 0 ms halves the
+            acknowledgement time at 100 requests/s, ~1 ms instead of ~2.5 ms,
+            and costs no throughput under load).
         max_batch_size_bytes: largest producer batch per partition (bytes).
         max_request_size_bytes: largest produce request (bytes), so the largest message.
         request_timeout_ms: limit (ms) for one request to the broker, and for a publish.
@@ -115,7 +120,7 @@ class KafkaSettings:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 500
     max_poll_interval_ms: int = 600_000
-    linger_ms: int = 1
+    linger_ms: int = 0
     max_batch_size_bytes: int = 262_144
     max_request_size_bytes: int = 4_194_304
     request_timeout_ms: int = 30_000
@@ -199,7 +204,8 @@ class KafkaSettings:
         ``AIPIPE_KAFKA_IDEMPOTENCE`` (``1``/``true``/``yes``/``on`` or
         ``0``/``false``/``no``/``off``), ``AIPIPE_KAFKA_SECURITY_PROTOCOL``,
         ``AIPIPE_KAFKA_SASL_MECHANISM``, ``AIPIPE_KAFKA_SASL_USERNAME``,
-        ``AIPIPE_KAFKA_SASL_PASSWORD`` and ``AIPIPE_KAFKA_SSL_CAFILE``. The
+        ``AIPIPE_KAFKA_SASL_PASSWORD``, ``AIPIPE_KAFKA_SSL_CAFILE`` and
+        ``AIPIPE_KAFKA_START_TIMEOUT_S`` (s, how long to wait for the broker). The
         heartbeat interval follows a session timeout set below the default, so
         it stays under it.
 
@@ -235,6 +241,14 @@ class KafkaSettings:
         if session_ms is not None and session_ms <= default_heartbeat_ms:
             values["heartbeat_interval_ms"] = max(1, session_ms // 3)
 
+        raw = env.get("AIPIPE_KAFKA_START_TIMEOUT_S", "").strip()
+        if raw:
+            try:
+                values["start_timeout_s"] = float(raw)
+            except ValueError as exc:
+                raise ValueError(f"AIPIPE_KAFKA_START_TIMEOUT_S must be a number of seconds, got {raw!r}") from exc
+            if values["start_timeout_s"] <= 0:
+                raise ValueError(f"AIPIPE_KAFKA_START_TIMEOUT_S must be positive, got {raw!r}")
         raw = env.get("AIPIPE_KAFKA_IDEMPOTENCE", "").strip().lower()
         if raw:
             if raw in _TRUE_WORDS:
@@ -643,6 +657,20 @@ class KafkaConsumer:
             return frozenset()
         return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
 
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The partition's end offset as of the latest fetch (``None``: not assigned or not fetched yet).
+
+        aiokafka's ``highwater`` (from fetch responses; no request is sent), for
+        consumer-lag metrics.
+        """
+        if self._stopped:
+            return None
+        try:
+            value = self._consumer.highwater(KafkaTopicPartition(*tp))
+        except (AssertionError, KafkaError, AttributeError):  # not assigned (any more)
+            return None
+        return int(value) if value is not None else None
+
     async def _stop_client(self) -> None:
         """Stop the aiokafka consumer, finishing the job when aiokafka's own cleanup trips over itself."""
         try:
@@ -900,7 +928,8 @@ class KafkaBus:
                 delivered within ``settings.request_timeout_ms``.
         """
         self._require_started()
-        await self._ensure_known([message.topic])
+        if message.topic not in self._ready_topics:  # checked per message: skip the call when known
+            await self._ensure_known([message.topic])
         try:
             await self._producer.send_and_wait(
                 message.topic,

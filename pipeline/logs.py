@@ -11,9 +11,15 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``at``, ``level``, ``logger``, ``message`` (and ``exc`` when any)."""
+    """One JSON object per line: ``at``, ``level``, ``logger``, ``message`` (and ``exc`` when any).
+
+    A line logged while a recording span is current (tracing on, inside a
+    stage message) also has ``trace_id`` and ``span_id`` (hex), so logs and traces join.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one JSON line."""
@@ -23,6 +29,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            data["trace_id"] = f"{span.trace_id:032x}"
+            data["span_id"] = f"{span.span_id:016x}"
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False)

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from pipeline import cache_control, strategy_control
+from pipeline import cache_control, strategy_control, telemetry
 from pipeline.app import ALL_STAGES, Pipeline
 from pipeline.broker import read_runtime_broker
 from pipeline.client import PipelineClient, as_request
@@ -34,6 +34,7 @@ from schemas.request import AIRequest
 from schemas.response import AIResponse
 from stages.health_status import HealthStatus
 from stages.ledger import zone
+from stages.provider_metrics import MetricsBook, ProviderMetrics
 from stages.reports import BudgetReport, CostProjection, CostSummary, DailyCost, ModelUsage, UserUsage
 from stages.strategies import STRATEGY_NAMES, StrategySpec, parse_strategy
 
@@ -97,6 +98,7 @@ class AIProviderManager:
         self._tg: anyio.abc.TaskGroup | None = None
         self._reports: ReportReader | None = None
         self._health: HealthReader | None = None
+        self._calls = MetricsBook()
 
     def spawn(self, func: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``func`` in the manager's task group (stopped at shutdown).
@@ -137,6 +139,7 @@ class AIProviderManager:
         """
         if self._started:
             return self
+        telemetry.ensure_configured(self.env)  # OTEL_* and LOG_LEVEL=debug tracing, once per process
         runs_stages = True
         if self.bus_kind == "kafka":
             has_broker = bool(self.settings.kafka_bootstrap) or read_runtime_broker(self.env) is not None
@@ -240,17 +243,24 @@ class AIProviderManager:
         read up to the moment of the call. Enabled providers of the manager's
         configuration come first, then any other provider seen on the topic.
         """
+        reader = await self._health_reader()
+        return reader.status()
+
+    async def _health_reader(self) -> HealthReader:
+        """The manager's reader of ``ai.control`` (health and call metrics), started on first use, caught up to now."""
         if self._open_bus is None:
             await self.start()
         assert self._open_bus is not None and self._tg is not None
         reader = self._health
         if reader is None or reader.bus is not self._open_bus.bus:
             reader = HealthReader(self._open_bus.bus, self.settings.topics, self.config)
+            self._calls = MetricsBook()
+            reader.listeners.append(self._calls.apply)  # before it reads: every event is counted
             await self._tg.start(reader.run)
             self._stack.callback(reader.stop)
             self._health = reader
         await reader.sync()
-        return reader.status()
+        return reader
 
     async def test_provider(self, name: str) -> bool:
         """One real call through the pipeline to provider ``name``; True when it answers.
@@ -401,9 +411,20 @@ class AIProviderManager:
         local = self.bus_kind == "memory" and self._pipeline is not None and "cache" in self._pipeline.stages
         return self._open_bus.bus, 1 if local else None
 
-    async def get_metrics(self) -> dict[str, Any]:
-        """Per provider: request, success and failure counts, latency percentiles (ms), cost (USD)."""
-        raise _missing("provider metrics")
+    async def get_metrics(self) -> dict[str, ProviderMetrics]:
+        """Per provider: calls, successes, failures, latency (average, p50/p95/p99, ms), cost (USD), tokens.
+
+        Computed from the topics, read up to the moment of the call: calls and
+        latencies from the executor's ``health`` events on ``ai.control`` (one
+        per provider call, retries included; probes left out), cost and tokens
+        from ``ai.costs`` (``stages.provider_metrics`` says how). Enabled
+        providers are listed even with no calls. The seed's names work too:
+        ``request_count``, ``success_count``, ``average_latency`` (ms),
+        ``total_cost`` (USD).
+        """
+        await self._health_reader()
+        costs = (await self._report_reader()).book.cost_summary()
+        return self._calls.metrics(costs, list(self.config.enabled_providers()))
 
     async def get_top_models(self, n: int = 5) -> list[ModelUsage]:
         """The ``n`` provider models with the most requests (from ``ai.costs``), with tokens and cost (USD)."""

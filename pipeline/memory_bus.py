@@ -115,6 +115,11 @@ class MemoryConsumer:
             for topic in self._topics:
                 self._cursor.positions[topic] = self._cursor.committed.get(topic, 0)
 
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The end offset of ``tp``'s topic (the offset the next record gets), for consumer-lag metrics."""
+        log = self._bus._logs.get(tp[0])
+        return log.end if log is not None and not self._closed else None
+
     def position(self, topic: str) -> int:
         """The next offset this reader will take from ``topic`` (group: the committed one)."""
         if self._group is not None:
@@ -124,6 +129,9 @@ class MemoryConsumer:
 
 class MemoryBus:
     """The in-process implementation of ``pipeline.bus.Bus`` (anyio events, no I/O)."""
+
+    #: ``messaging.system`` on the spans of stages running over this bus (it is not Kafka).
+    messaging_system = "aipipe_memory"
 
     def __init__(self, *, trim_above: int = 50_000) -> None:
         self._logs: dict[str, _Log] = {}

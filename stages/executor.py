@@ -18,11 +18,13 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 import anyio
 import httpx
 
+from pipeline import telemetry
 from pipeline.config import PipelineConfig
 from pipeline.errors import AIProviderError
 from pipeline.runner import Emit, MessageContext, decode_or_invalid, now_utc
@@ -30,9 +32,10 @@ from pipeline.topics import Topics
 from schemas.envelope import Candidate, Envelope, Outcome
 from schemas.events import Health
 from schemas.request import AIRequest
-from schemas.response import Attempt, ErrorInfo
+from schemas.response import Attempt, ErrorInfo, Usage
 from stages.circuits import CircuitView
 from stages.common import ENVELOPE_DECODER, error_envelope, now_ms, to_record
+from stages.pricing import PriceTable
 from stages.providers import ProviderAdapter, ProviderCall, model_info
 from stages.providers.tokens import estimate_messages_tokens
 from stages.ratelimit import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
@@ -76,8 +79,10 @@ class ExecutorStage:
         rng: random.Random | None = None,
         circuits: CircuitView | None = None,
         rate_limiter: RateLimiter | None = None,
+        prices: PriceTable | None = None,
     ) -> None:
         self.topics = topics
+        self.prices = prices  # for the cost (USD) on an attempt's trace span only; the recorder prices the answer
         self.circuits = circuits or CircuitView()
         self.rate_limiter: RateLimiter = rate_limiter or MemoryRateLimiter()
         self.config = config
@@ -143,7 +148,9 @@ class ExecutorStage:
                         saturated.append((candidate, charge.wait_s))
                     break
                 calls[candidate.provider] = attempt_number
-                result = await self._attempt(envelope, candidate, timeout_s, attempts, ctx, charge)
+                result = await self._attempt(
+                    envelope, candidate, timeout_s, attempts, ctx, charge, attempt_number=attempt_number
+                )
                 if isinstance(result, Outcome):
                     return result
                 error = last_error = result
@@ -243,6 +250,8 @@ class ExecutorStage:
         attempts: list[Attempt],
         ctx: MessageContext,
         charge: Charge | None = None,
+        *,
+        attempt_number: int = 1,
     ) -> Outcome | AIProviderError:
         """One HTTP call; appends the attempt and publishes its health event; the ok outcome or the error.
 
@@ -253,11 +262,22 @@ class ExecutorStage:
         request = envelope.request
         assert request is not None
         adapter = self.adapters[candidate.provider]
+        tel = telemetry.current()
+        span = tel.start_attempt(candidate.provider, candidate.model, request, attempt_number)
         started = time.perf_counter()
         try:
             result = await adapter.complete(self.client, provider_call(request, candidate.model), timeout_s)
         except Exception as exc:
             latency_ms = (time.perf_counter() - started) * 1000
+            tel.finish_attempt(
+                span,
+                candidate.provider,
+                candidate.model,
+                ok=False,
+                status_code=exc.status_code if isinstance(exc, AIProviderError) else None,
+                error_type=exc.error_type if isinstance(exc, AIProviderError) else type(exc).__name__,
+                latency_ms=latency_ms,
+            )
             if charge is not None:
                 await charge.settle_failure(exc)
             if not isinstance(exc, AIProviderError):
@@ -285,6 +305,19 @@ class ExecutorStage:
             )
             return exc
         latency_ms = (time.perf_counter() - started) * 1000
+        answered_model = result.model or candidate.model
+        tel.finish_attempt(
+            span,
+            candidate.provider,
+            candidate.model,
+            ok=True,
+            status_code=result.status_code,
+            error_type=None,
+            latency_ms=latency_ms,
+            usage=result.usage,
+            response_model=answered_model,
+            cost_usd=lambda: self._cost_usd(candidate.provider, answered_model, result.usage),
+        )
         if charge is not None:
             await charge.settle_answer(result.usage)
         attempts.append(
@@ -305,6 +338,15 @@ class ExecutorStage:
             usage=result.usage,
             attempts=attempts,
         )
+
+    def _cost_usd(self, provider: str, model: str, usage: Usage) -> Decimal | None:
+        """What ``usage`` cost (USD) at the price table, for the attempt's span; ``None`` without a price."""
+        if self.prices is None:
+            return None
+        cfg = self.config.providers.get(provider)
+        default = Decimal(str(cfg.cost_per_token)) if cfg is not None else None
+        costing = self.prices.cost(provider, model, usage, default_cost_per_token=default)
+        return None if costing.price_source == "none" else costing.cost_usd
 
     async def _health(
         self,

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 from cachetools import LRUCache, TTLCache
 
+from pipeline import telemetry
 from pipeline.cache_store import CacheStore
 from pipeline.config import PipelineConfig
 from pipeline.runner import Emit, MessageContext, decode_or_invalid, now_utc
@@ -167,6 +168,16 @@ class RecorderStage:
             cached=outcome.cached,
             attempts=outcome.attempts,
             error=outcome.error,
+        )
+        telemetry.current().record_outcome(
+            provider=outcome.provider,
+            model=outcome.model,
+            status=outcome.status,
+            cached=outcome.cached,
+            error_type=outcome.error.type if outcome.error is not None else None,
+            latency_ms=latency_ms,
+            usage=outcome.usage,
+            cost_usd=cost_usd,
         )
         self._finalized[envelope.id] = response
         outputs.append(Emit(self.topics.responses, envelope.id, response))

@@ -156,3 +156,15 @@ def test_usage_errors_exit_2() -> None:
     out = subprocess.run([*AIPIPE, "tail", "nonsense"], capture_output=True, timeout=30,
                          env=_env(AIPIPE_KAFKA_BOOTSTRAP="127.0.0.1:1"))
     assert out.returncode in (1, 2) and b"unknown topic" in out.stderr
+
+
+def test_unreachable_bootstrap_fails_after_the_start_timeout_naming_the_address(home: Path) -> None:
+    started = time.monotonic()
+    out = subprocess.run(
+        [*AIPIPE, "send", "hi", "--model", "gpt-3.5-turbo"],
+        env=_env(AIPIPE_HOME=str(home), AIPIPE_KAFKA_BOOTSTRAP="127.0.0.1:1", AIPIPE_KAFKA_START_TIMEOUT_S="1.5"),
+        capture_output=True, timeout=30,
+    )
+    assert out.returncode == 1
+    assert b"no Kafka broker answered at 127.0.0.1:1 within 1.5 s" in out.stderr
+    assert 1.0 < time.monotonic() - started < 15

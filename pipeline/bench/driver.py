@@ -297,6 +297,11 @@ class _Session:
             tg.cancel_scope.cancel()
         usage = monitor.stop()
         self.next_index = first + samples.sent
+        # aipipe keeps working on requests a client gave up on (at-least-once): let that backlog
+        # drain, so it does not load the next run.
+        wait_idle = getattr(target, "wait_idle", None)
+        if wait_idle is not None and not await wait_idle(options.timeout_s + 10):
+            log.warning("%s still had a backlog %.0f s after a run", target.key, options.timeout_s + 10)
         await anyio.sleep(options.settle_s)
         return summarize(
             target=target.key,

@@ -229,7 +229,8 @@ def plot_latency(report: BenchReport, path: Path) -> bool:
                 )
             for run in (r for r in report.runs if r.target == key and r.profile_ms == profile and r.mode == "closed"):
                 if run.latency_ms.p50 is not None and run.throughput_rps > 0:
-                    ax.scatter([run.throughput_rps], [run.latency_ms.p50], marker="*", s=120, color=color)
+                    label = f"{TARGET_TITLES.get(key, key)} closed {run.concurrency} (p50)"
+                    ax.scatter([run.throughput_rps], [run.latency_ms.p50], marker="*", s=120, color=color, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("offered load (requests/s); stars: closed loop at achieved throughput")

@@ -18,6 +18,7 @@ request ``i`` and raises on failure.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import tempfile
@@ -244,6 +245,10 @@ class LiteLLMTarget(_Base):
 
         litellm.suppress_debug_info = True
         litellm.telemetry = False
+        # LiteLLM logs a warning per call once its pool is saturated, through its own handler and
+        # the root one: errors only, as aipipe logs nothing per successful call either.
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         base = f"{self.emulator_url}/v1"
 
         def deployment(name: str, model: str) -> dict[str, Any]:
@@ -326,6 +331,7 @@ class AipipeTarget(_Base):
         self.bootstrap = bootstrap
         self.env = dict(os.environ if env is None else env)
         self._broker_pid: int | None = None
+        self._pipeline: Any = None
         self._kafka_settings: Any = None
         self._run = secrets.token_hex(3)
 
@@ -356,7 +362,7 @@ class AipipeTarget(_Base):
         await bus.start()
         self._stack.push_async_callback(bus.stop)
         resolved = resolve_endpoints(settings, bench_config(), self.emulator_url)
-        await self._stack.enter_async_context(Pipeline(settings, resolved, bus))
+        self._pipeline = await self._stack.enter_async_context(Pipeline(settings, resolved, bus))
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._client = PipelineClient(bus, settings.topics)
         await tg.start(self._client.run)
@@ -397,6 +403,29 @@ class AipipeTarget(_Base):
         response = await self._client.request(request)
         if response.status != "ok":
             raise error_from_response(response)
+
+    def backlog(self) -> int:
+        """Messages the stages still hold: in flight, plus not yet read from their input partitions."""
+        total = 0
+        for runner in self._pipeline.runners if self._pipeline is not None else ():
+            total += runner.in_flight
+            try:
+                total += sum(runner.lag().values())
+            except RuntimeError:  # a tracker changed while reading: count it as busy
+                total += 1
+        return total
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until the stages have no backlog (requests a client gave up on still run to their end).
+
+        Returns:
+            False when a backlog is left after ``timeout_s`` (s).
+        """
+        with anyio.move_on_after(timeout_s):
+            while self.backlog():
+                await anyio.sleep(0.1)
+            return True
+        return False
 
     def pids(self) -> dict[str, int]:
         """The embedded broker's pid, when this target started one."""
