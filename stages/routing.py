@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pipeline.config import PipelineConfig, ProviderConfig
 from schemas.envelope import Candidate
 from schemas.request import AIRequest
+from stages.providers.catalog import model_info
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,13 @@ def serving_providers(config: PipelineConfig, model: str) -> list[Candidate]:
 
 
 def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
-    """The candidates for ``request``: serving providers, allow-list applied, limits checked."""
+    """The candidates for ``request``: serving providers, allow-list applied, limits checked.
+
+    A candidate is dropped when ``max_tokens`` exceeds its provider's
+    ``max_tokens_per_request`` or its model's documented maximum output
+    (``stages.providers.catalog``): a request a model group can serve through
+    one member must not fail on another member's limit.
+    """
     serving = serving_providers(config, request.model)
     if request.providers is not None:
         allowed = set(request.providers)
@@ -61,7 +68,23 @@ def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
             "invalid_request",
             f"max_tokens {request.max_tokens} exceeds every provider's max_tokens_per_request (largest: {limit})",
         )
-    return Resolution(fitting)
+    within_output = [c for c in fitting if request.max_tokens <= _max_output(c)]
+    if not within_output:
+        largest = max(_max_output(c) for c in fitting)
+        models = ", ".join(f"{c.provider}/{c.model} ({_max_output(c)})" for c in fitting)
+        return Resolution(
+            [],
+            "invalid_request",
+            f"max_tokens {request.max_tokens} exceeds the maximum output of every candidate model: {models}; "
+            f"the largest is {largest}",
+        )
+    return Resolution(within_output)
+
+
+def _max_output(candidate: Candidate) -> int:
+    """The model's documented maximum output (tokens, from the catalog); unknown models are not limited here."""
+    info = model_info(candidate.provider, candidate.model)
+    return info.max_output_tokens if info is not None else 2**31
 
 
 def order_by_priority(candidates: list[Candidate], providers: dict[str, ProviderConfig]) -> list[Candidate]:

@@ -190,3 +190,16 @@ def test_presets_and_seed_camel_case_aliases() -> None:
         config_from_mapping({"providers": {"mistral": {}}}, base=dev)
     with pytest.raises(ValueError, match="unknown environment"):
         preset("staging")
+
+
+def test_candidates_whose_model_cannot_output_max_tokens_are_dropped() -> None:
+    config = preset("production")
+    # gpt-3.5-turbo outputs at most 4,096 tokens, claude-3-5-haiku 8,192, llama-3.1-8b 7,968 (catalog)
+    res = resolve(config, req(model="gpt-3.5-turbo", max_tokens=4096))
+    assert {c.provider for c in res.candidates} == {"cloudflare", "openai", "anthropic"}
+    wide = config_from_mapping({"providers": {p: {"max_tokens_per_request": 100_000}
+                                              for p in ("openai", "anthropic", "cloudflare")}}, base=config)
+    res = resolve(wide, req(model="gpt-3.5-turbo", max_tokens=8000))
+    assert [c.provider for c in res.candidates] == ["anthropic"]
+    none = resolve(wide, req(model="gpt-3.5-turbo", max_tokens=9000))
+    assert none.error_type == "invalid_request" and "maximum output" in none.message and "8192" in none.message
