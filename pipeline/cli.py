@@ -43,6 +43,10 @@ class CliError(Exception):
     """A failure to report in one line, with exit code 1."""
 
 
+class UsageError(CliError):
+    """A bad argument value (a time, a topic, a request field): reported in one line, exit code 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -118,7 +122,7 @@ async def _send(args: argparse.Namespace) -> int:
     try:
         request = msgspec.convert(data, AIRequest)
     except msgspec.ValidationError as exc:
-        raise CliError(f"invalid request: {exc}") from exc
+        raise UsageError(f"invalid request: {exc}") from exc
     telemetry.install(telemetry.Telemetry.from_env(env))  # the request's root span, when tracing
     async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
         await opened.bus.ensure_topics(settings.topics.all())
@@ -162,7 +166,7 @@ async def _tail(args: argparse.Namespace) -> int:
     try:
         topic = settings.topics.short(args.topic)
     except ValueError as exc:
-        raise CliError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     shown = 0
     async with open_bus("kafka", env, start_broker=False) as opened:
         consumer = await opened.bus.consumer([topic], group=None, from_beginning=args.from_beginning)
@@ -205,6 +209,11 @@ async def _replay(args: argparse.Namespace) -> int:
         topic = settings.topics.short(args.topic)
         since = parse_time(args.since)
         until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if until is not None and until <= since:
+        raise UsageError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
+    try:
         prices = PriceTable.load(Path(args.reprice)) if args.reprice else None
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from exc
@@ -267,7 +276,9 @@ async def _audit(args: argparse.Namespace) -> int:
         since = parse_time(args.since)
         until = parse_time(args.until) if args.until else None
     except ValueError as exc:
-        raise CliError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
+    if until is not None and until <= since:
+        raise UsageError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     t = settings.topics
     async with open_bus("kafka", env, start_broker=False) as opened:
         requests = await read_range(opened.bus, t.requests, since, until, idle_s=args.idle_s)
@@ -293,6 +304,7 @@ async def _audit(args: argparse.Namespace) -> int:
         ("duplicate identical responses", len(report.duplicate_responses), report.duplicate_responses),
         ("ok without cost event", len(report.missing_costs), report.missing_costs),
         ("more than one cost event", len(report.extra_costs), report.extra_costs),
+        ("ids reused for a different request", len(report.reused_ids), report.reused_ids),
     ]
     for name, count, ids in rows:
         table.add_row(name, str(count), ", ".join(ids[:10]))
@@ -346,9 +358,30 @@ def _not_built(name: str) -> Any:
 # --- parser ----------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aipipe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``aipipe`` argument parser with every command of DESIGN A6."""
     parser = _Parser(prog="aipipe", description="AI provider fallback pipeline on Kafka")
+    parser.add_argument("--version", action="version", version=f"aipipe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="run pipeline stages (all seven by default)")
@@ -380,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print messages of a topic as they arrive")
     p.add_argument("topic", help="responses | control | costs | deadletter | requests | ...")
     p.add_argument("--from-beginning", action="store_true", help="start at the oldest message")
-    p.add_argument("--limit", type=int, help="stop after N messages")
+    p.add_argument("--limit", type=_positive_int, help="stop after N messages")
     p.add_argument("--json", action="store_true", help="print only the JSON values")
     p.set_defaults(func=_tail, is_async=True)
 
@@ -426,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aipipe`` console script; returns the exit code."""
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        os.environ["COLUMNS"] = "200"  # rich tables keep their numbers when piped to a file
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -442,6 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoBrokerError as exc:
         print(f"aipipe: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except UsageError as exc:
+        print(f"aipipe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (CliError, BusError, AIProviderError, ValueError) as exc:
         print(f"aipipe: error: {exc}", file=sys.stderr)
         return EXIT_FAIL

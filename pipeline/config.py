@@ -153,8 +153,9 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         """Check cross-field rules.
 
         Raises:
-            ValueError: for a provider name aipipe has no adapter for, or a
-                model group naming an unknown provider.
+            ValueError: for a provider name aipipe has no adapter for, a
+                model group naming an unknown provider, or an unknown
+                strategy or invalid weights.
         """
         for name in self.providers:
             if name not in PROVIDER_NAMES:
@@ -163,6 +164,13 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
             for provider in members:
                 if provider not in PROVIDER_NAMES:
                     raise ValueError(f"model group `{group}` names unknown provider `{provider}`")
+        from stages.strategies import normalize_strategy_name, validate_weights  # stages import this module
+
+        try:
+            normalize_strategy_name(self.strategy)
+            validate_weights(self.weights)
+        except ValueError as exc:
+            raise ValueError(f"`strategy`/`weights`: {exc}") from exc
 
     def enabled_providers(self) -> dict[str, ProviderConfig]:
         """The providers with ``enabled = true``."""

@@ -197,7 +197,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
         f"[bold]summary[/]: {summary['ok']}/{summary['requests']} answered, {summary['errors']} errors, "
         f"{summary['cache_hits']} cache hits, {summary['fallbacks']} answered after failover, "
         f"total cost ${total_cost:.8f}, p50 latency {summary['p50_latency_ms']} ms (uncached), "
-        f"{summary['wall_s']} s"
+        f"wall time {summary['wall_s']} s"
     )
     rotation = [r.provider or "-" for phase, _, r in rows if phase == "round_robin"]
     console.print(f"[bold]strategy switch[/]: after set_strategy round_robin, answers came from {' → '.join(rotation)}")

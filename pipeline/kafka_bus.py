@@ -542,13 +542,16 @@ class KafkaConsumer:
         return f"in group {self._group}" if self._group is not None else "(broadcast)"
 
     async def _assigned(self, partitions: frozenset[TopicPartition]) -> None:
-        log.info("assigned partitions %s %s", _tp_text(partitions), self._where())
+        # group assignments at INFO (operators follow rebalances); broadcast readers are routine: DEBUG
+        log.log(logging.INFO if self._group is not None else logging.DEBUG, "assigned partitions %s %s",
+                _tp_text(partitions), self._where())
         await _call_hook(self.on_assign, partitions, "on_assign")
 
     async def _revoked(self, partitions: frozenset[TopicPartition]) -> None:
         if not partitions:
             return
-        log.info("revoked partitions %s %s", _tp_text(partitions), self._where())
+        log.log(logging.INFO if self._group is not None else logging.DEBUG, "revoked partitions %s %s",
+                _tp_text(partitions), self._where())
         await _call_hook(self.on_revoke, partitions, "on_revoke")
 
     async def _start_broadcast(self, partitions: frozenset[TopicPartition]) -> None:

@@ -38,6 +38,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+class RepeatFilter(logging.Filter):
+    """Let one line of a kind through per ``window_s`` (s) for the client libraries' loggers.
+
+    While a broker is down, aiokafka logs the same connection error many times
+    a second; this keeps the first line of each kind (logger and message
+    template) per window and counts the rest, reported on the next line let
+    through as ``(N similar lines suppressed)``.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "kafka"), window_s: float = 30.0) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.window_s = window_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record`` is shown (the first of its kind in the window)."""
+        if not record.name.startswith(self.prefixes):
+            return True
+        kind = (record.name, str(record.msg))
+        last = self._last.get(kind)
+        if last is not None and record.created - last < self.window_s:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return False
+        self._last[kind] = record.created
+        skipped = self._suppressed.pop(kind, 0)
+        if skipped:
+            record.msg = f"{record.msg} ({skipped} similar lines suppressed)"
+        return True
+
+
 def setup_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     """Configure the root logger on stderr.
 
@@ -51,6 +83,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool | None = None) -> Non
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -189,6 +189,8 @@ class AuditReport:
     by at-least-once delivery). ``missing_costs``: ``status: ok`` ids without a
     cost event; ``extra_costs``: ids with more than one cost event;
     ``orphan_costs``: cost events for ids with no ok response in the period.
+    ``reused_ids``: ids sent with two different request bodies (ids must be
+    unique: the second request got the first one's answer).
     ``totals_usd``: cost per provider (USD, 10 decimal places).
     """
 
@@ -204,12 +206,15 @@ class AuditReport:
     missing_costs: list[str] = field(default_factory=list)
     extra_costs: list[str] = field(default_factory=list)
     orphan_costs: list[str] = field(default_factory=list)
+    reused_ids: list[str] = field(default_factory=list)
     totals_usd: dict[str, float] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
         """No missing, conflicting or extra item."""
-        return not (self.missing_responses or self.conflicting or self.missing_costs or self.extra_costs)
+        return not (
+            self.missing_responses or self.conflicting or self.missing_costs or self.extra_costs or self.reused_ids
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -234,6 +239,8 @@ def audit(
     """Reconcile requests (by record key, else the value's id) against responses and cost events."""
     report = AuditReport()
     request_ids: set[str] = set()
+    bodies: dict[str, bytes] = {}
+    reused: set[str] = set()
     for record in request_records:
         rid = record.key.decode("utf-8", "replace") if record.key else None
         if rid is None:
@@ -243,6 +250,10 @@ def audit(
                 rid = None
         if isinstance(rid, str) and rid:
             request_ids.add(rid)
+            first_body = bodies.setdefault(rid, record.value)
+            if first_body != record.value:
+                reused.add(rid)
+    report.reused_ids = sorted(reused)
     report.requests = len(request_ids)
 
     by_id: dict[str, list[AIResponse]] = defaultdict(list)

@@ -82,12 +82,14 @@ class Topics:
         return topic == self.requests or topic.startswith(f"{self.prefix}stage.")
 
     def short(self, name: str) -> str:
-        """Full topic name for a short name such as ``responses`` or ``deadletter``.
+        """Full topic name for a short name such as ``responses`` or ``deadletter`` (or the full name).
 
         Raises:
             ValueError: for an unknown short name.
         """
         mapping = {t.removeprefix(self.prefix): t for t in self.all()}
+        if name in mapping.values():  # the full name (``ai.responses``) is fine too
+            return name
         if name not in mapping:
             raise ValueError(f"unknown topic {name!r}; one of: {', '.join(sorted(mapping))}")
         return mapping[name]

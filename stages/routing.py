@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import PipelineConfig, ProviderConfig
+from pipeline.config import PROVIDER_NAMES, PipelineConfig, ProviderConfig
 from schemas.envelope import Candidate
 from schemas.request import AIRequest
 from stages.providers.catalog import model_info
@@ -52,8 +52,23 @@ def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
     """
     serving = serving_providers(config, request.model)
     if request.providers is not None:
+        unknown = [p for p in request.providers if p not in PROVIDER_NAMES]
+        if unknown:
+            return Resolution(
+                [], "invalid_request",
+                f"unknown provider(s) in `providers`: {', '.join(unknown)} (known: {', '.join(PROVIDER_NAMES)})",
+            )
         allowed = set(request.providers)
-        serving = [c for c in serving if c.provider in allowed]
+        allowed_serving = [c for c in serving if c.provider in allowed]
+        if serving and not allowed_serving:
+            disabled = [p for p in request.providers if not (config.providers.get(p) and config.providers[p].enabled)]
+            why = f" ({', '.join(disabled)} disabled)" if disabled else ""
+            return Resolution(
+                [], "model_not_found",
+                f"none of the allowed providers ({', '.join(request.providers)}){why} serves model "
+                f"{request.model!r}; enabled providers serving it: {', '.join(c.provider for c in serving)}",
+            )
+        serving = allowed_serving
         rank = {name: i for i, name in enumerate(request.providers)}
         serving.sort(key=lambda c: rank[c.provider])
     if not serving:

@@ -155,7 +155,16 @@ def test_usage_errors_exit_2() -> None:
     assert out.returncode == 2
     out = subprocess.run([*AIPIPE, "tail", "nonsense"], capture_output=True, timeout=30,
                          env=_env(AIPIPE_KAFKA_BOOTSTRAP="127.0.0.1:1"))
-    assert out.returncode in (1, 2) and b"unknown topic" in out.stderr
+    assert out.returncode == 2 and b"unknown topic" in out.stderr
+    for bad in (["send", "hi", "--model", "m", "--max-tokens", "0"],
+                ["send", "hi", "--model", "m", "--temperature", "5"],
+                ["replay", "costs", "--since", "yesterday"], ["tail", "responses", "--limit", "0"],
+                ["audit", "--since", "2026-11-29", "--until", "2020-01-01"]):
+        out = subprocess.run([*AIPIPE, *bad], capture_output=True, timeout=30,
+                             env=_env(AIPIPE_KAFKA_BOOTSTRAP="127.0.0.1:1"))
+        assert out.returncode == 2, (bad, out.stderr)
+    version = subprocess.run([*AIPIPE, "--version"], capture_output=True, timeout=30, env=_env())
+    assert version.returncode == 0 and version.stdout.startswith(b"aipipe ")
 
 
 def test_unreachable_bootstrap_fails_after_the_start_timeout_naming_the_address(home: Path) -> None:

@@ -170,3 +170,23 @@ async def test_limits_give_invalid_request_naming_the_limit(pipe: Harness, emu: 
     assert by_id[f"many-{pipe.kind}"].error is not None
     assert "messages" in by_id[f"many-{pipe.kind}"].error.message
     assert sum(emu.counts().values()) == 0
+
+
+async def test_a_key_that_is_not_the_request_id_is_answered_under_the_key(pipe: Harness, emu: Any) -> None:
+    key = f"key-{pipe.kind}"
+    body = json.dumps({"id": f"body-{pipe.kind}", "model": "gpt-3.5-turbo", "prompt": "x"}).encode()
+    await pipe.bus.publish(Outgoing(pipe.topics.requests, body, key=key.encode()))
+    responses = pipe.decode(
+        await pipe.read_all(pipe.topics.responses, until=lambda rs: any(r.key == key.encode() for r in rs)),
+        AIResponse,
+    )
+    answer = [r for r in responses if r.id == key]
+    assert answer and answer[0].error is not None and answer[0].error.type == "invalid_request"
+    assert "is not the request id" in answer[0].error.message
+    assert not [r for r in responses if r.id == f"body-{pipe.kind}"]
+
+
+async def test_allow_list_errors_name_the_real_cause(pipe: Harness, emu: Any) -> None:
+    bogus = await pipe.client.request(request(f"allow-bogus-{pipe.kind}", providers=["bogus"]))
+    assert bogus.error is not None and bogus.error.type == "invalid_request"
+    assert "unknown provider(s) in `providers`: bogus" in bogus.error.message

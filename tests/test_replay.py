@@ -90,6 +90,9 @@ def test_audit_finds_missing_conflicting_and_cost_problems() -> None:
     assert report.extra_costs == ["b"]
     assert report.totals_usd == {"openai": 0.75}
     assert not report.clean
+    again = audit([_rec("a", b'{"prompt": "one"}'), _rec("a", b'{"prompt": "one"}'), _rec("b", b'{"prompt": "x"}'),
+                   _rec("b", b'{"prompt": "y"}')], [ok], [])
+    assert again.reused_ids == ["b"]
 
 
 def test_parse_time_accepts_dates_and_zones() -> None:
