@@ -485,6 +485,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:  # an error raised inside a task group: report its cause in one line
+        known = group.subgroup(lambda e: isinstance(e, (NoBrokerError, CliError, BusError, AIProviderError,
+                                                           ValueError)))
+        if known is None:
+            raise
+        leaf: BaseException = known
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        print(f"aipipe: error: {leaf}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(leaf, UsageError) else EXIT_FAIL
     return code
 
 
