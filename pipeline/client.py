@@ -18,7 +18,7 @@ from cachetools import TTLCache
 
 from pipeline import telemetry
 from pipeline.bus import Bus, BusError, Outgoing
-from pipeline.errors import ProviderTimeoutError
+from pipeline.errors import ProviderTimeoutError, ServiceUnavailableError
 from pipeline.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
 from pipeline.topics import Topics
 from schemas import SCHEMA_VERSION
@@ -28,6 +28,8 @@ from schemas.response import AIResponse
 log = logging.getLogger("aipipe.client")
 
 _RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
+#: Longest wait (s) for the broker to acknowledge a request before the call fails as ``service_unavailable``.
+PUBLISH_TIMEOUT_S = 10.0
 
 
 def new_request_id() -> str:
@@ -136,12 +138,22 @@ class PipelineClient:
         Raises:
             ProviderTimeoutError: when no response arrives within the request's
                 ``timeout_ms`` plus ``slack_ms`` (or ``timeout_s``).
+            ServiceUnavailableError: when the broker does not acknowledge the
+                request within ``PUBLISH_TIMEOUT_S`` (10 s) or its ``timeout_ms``.
         """
         waiter = self._waiters[request.id] = _Waiter()
         tel = telemetry.current()
         span, traceparent = tel.start_request(request, self.topics.requests)  # the trace's root, when tracing
         try:
-            await self.publish(request, headers=((TRACE_HEADER, traceparent),) if traceparent is not None else ())
+            headers = ((TRACE_HEADER, traceparent),) if traceparent is not None else ()
+            with anyio.move_on_after(min(PUBLISH_TIMEOUT_S, request.timeout_ms / 1000)) as publishing:
+                await self.publish(request, headers=headers)
+            if publishing.cancelled_caught:
+                raise ServiceUnavailableError(
+                    f"the Kafka broker did not take request {request.id} within "
+                    f"{min(PUBLISH_TIMEOUT_S, request.timeout_ms / 1000):.1f}s (is it running?)",
+                    request_id=request.id,
+                )
             early = self._early.pop(request.id, None)
             if early is not None:
                 self._deliver(early)
