@@ -8,16 +8,23 @@ anyio). The same stage code and end-to-end tests run on both (DESIGN B1).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 Headers = tuple[tuple[str, bytes], ...]
 TopicPartition = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed message: its position, key, value, headers and timestamp (Unix epoch ms)."""
+class Record(msgspec.Struct, frozen=True, gc=False):
+    """One consumed message: its position, key, value, headers and timestamp (Unix epoch ms).
+
+    A msgspec struct without garbage-collector tracking (it holds only str,
+    bytes, ints and tuples of them): the in-process bus keeps up to 50,000 per
+    topic, and as tracked objects they made each full collection pause the
+    pipeline for 100+ ms (``aipipe bench``); building one is also ~3x cheaper
+    than a frozen dataclass.
+    """
 
     topic: str
     partition: int
@@ -35,14 +42,13 @@ class Record:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(msgspec.Struct, frozen=True, gc=False):
     """One message to publish: topic, value bytes, optional key and headers."""
 
     topic: str
     value: bytes
     key: bytes | None = None
-    headers: Headers = field(default=())
+    headers: Headers = ()
 
 
 class Consumer(Protocol):

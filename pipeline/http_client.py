@@ -39,12 +39,20 @@ __all__ = ["ProviderHttpClient"]
 
 
 class _SetCookieOnlyCookies(httpx.Cookies):
-    """``httpx.Cookies`` that skips the cookie look-up for a response without ``Set-Cookie``."""
+    """``httpx.Cookies`` that skips the cookie look-up for a response without ``Set-Cookie``.
+
+    ``maybe_set`` says whether the jar may hold a cookie (checking the jar itself takes its lock).
+    """
+
+    def __init__(self, cookies: Any = None) -> None:
+        super().__init__(cookies)
+        self.maybe_set = bool(self)
 
     def extract_cookies(self, response: httpx.Response) -> None:
         """Store the cookies ``response`` sets, if it sets any."""
         if "set-cookie" in response.headers:
             super().extract_cookies(response)
+            self.maybe_set = True
 
 
 class ProviderHttpClient(HttpxAiohttpClient):  # type: ignore[misc]
@@ -71,15 +79,17 @@ class ProviderHttpClient(HttpxAiohttpClient):  # type: ignore[misc]
         """The aiohttp session to send on directly, or ``None`` when httpx's own path is needed."""
         transport = getattr(self, "_transport", None)
         hooks = getattr(self, "_event_hooks", {})
-        if type(transport) is not AiohttpTransport or getattr(self, "_mounts", None) or self._cookies:
+        if type(transport) is not AiohttpTransport or getattr(self, "_mounts", None):
             return None
-        if hooks.get("request") or hooks.get("response"):
+        if getattr(self._cookies, "maybe_set", True) or hooks.get("request") or hooks.get("response"):
             return None
         if not isinstance(transport.client, ClientSession):
             transport.client = transport.get_client()  # as AiohttpTransport.handle_async_request does
         return transport.client if isinstance(transport.client, ClientSession) else None
 
     def _aiohttp_timeout(self, timeout: Any) -> ClientTimeout:
+        if isinstance(timeout, float | int):  # the adapters' case: one limit (s) for every phase
+            return ClientTimeout(sock_connect=timeout, sock_read=timeout, connect=timeout)
         phases = self.timeout if isinstance(timeout, type(httpx.USE_CLIENT_DEFAULT)) else httpx.Timeout(timeout)
         return ClientTimeout(sock_connect=phases.connect, sock_read=phases.read, connect=phases.pool)
 

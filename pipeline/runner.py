@@ -379,12 +379,18 @@ class StageRunner:
             if target is not None:
                 offsets[tp] = target
         if offsets:
-            try:
-                await consumer.commit(offsets)
-                log.info("stage %s: committed %s before handing partitions over", self.stage.name,
-                         ", ".join(f"{t}:{p}@{o}" for (t, p), o in sorted(offsets.items())))
-            except BusError as exc:
-                log.warning("stage %s: commit before hand-over failed (%s)", self.stage.name, exc)
+            # Bounded: after a broker restart the topics may be gone and a commit would retry for ever,
+            # holding up the rebalance.
+            with anyio.move_on_after(FINAL_COMMIT_TIMEOUT_S) as timer:
+                try:
+                    await consumer.commit(offsets)
+                    log.info("stage %s: committed %s before handing partitions over", self.stage.name,
+                             ", ".join(f"{t}:{p}@{o}" for (t, p), o in sorted(offsets.items())))
+                except BusError as exc:
+                    log.warning("stage %s: commit before hand-over failed (%s)", self.stage.name, exc)
+            if timer.cancelled_caught:
+                log.warning("stage %s: commit before hand-over timed out; the next owner may redo some work",
+                            self.stage.name)
         for tp in partitions:
             self._trackers.pop(tp, None)
 

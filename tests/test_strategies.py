@@ -321,8 +321,9 @@ def test_state_from_config_validates_strategy_and_weights() -> None:
     cfg = config_from_mapping({"strategy": "weighted", "weights": {"openai": 3}}, base=preset("production"))
     state = StrategyState.from_config(cfg)
     assert state.weights == {"openai": 3.0} and state.describe() == "weighted (openai=3)"
-    with pytest.raises(ValueError, match="invalid configuration: strategy/weights: unknown strategy 'fastest'"):
-        StrategyState.from_config(config_from_mapping({"strategy": "fastest"}, base=preset("production")))
+    # an unknown strategy fails when the configuration is loaded, naming the key
+    with pytest.raises(ValueError, match="invalid configuration: `strategy`/`weights`: unknown strategy 'fastest'"):
+        config_from_mapping({"strategy": "fastest"}, base=preset("production"))
 
 
 # --- `aipipe strategy set`: usage errors exit 2 before touching the broker ------------------------

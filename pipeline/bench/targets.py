@@ -214,12 +214,31 @@ class HttpxTarget(_Base):
 
 
 def litellm_available() -> bool:
-    """Whether ``litellm`` can be imported (the ``bench`` extra installs it)."""
+    """Whether ``litellm`` can be imported (the ``bench`` extra installs it).
+
+    Sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` first (unless set): LiteLLM otherwise fetches its price
+    map from the network at import, and retries for ~7 s when there is none.
+    """
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     try:
         import litellm  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+async def close_litellm() -> None:
+    """Close the HTTP clients LiteLLM caches for the whole process (once, after its last Router).
+
+    LiteLLM keeps them in a module-level cache that a later ``Router`` reuses, so closing them
+    between targets would leave the next one with closed clients.
+    """
+    import sys
+
+    litellm = sys.modules.get("litellm")
+    closer = getattr(litellm, "close_litellm_async_clients", None) if litellm is not None else None
+    if closer is not None:
+        await closer()
 
 
 class LiteLLMTarget(_Base):
@@ -263,16 +282,7 @@ class LiteLLMTarget(_Base):
             num_retries=2,
             timeout=self.timeout_s,
         )
-        self._stack.push_async_callback(self._close)
         return self
-
-    @staticmethod
-    async def _close() -> None:
-        import litellm
-
-        closer = getattr(litellm, "close_litellm_async_clients", None)
-        if closer is not None:
-            await closer()
 
     async def call(self, index: int) -> None:
         """One ``Router.acompletion`` call.

@@ -22,6 +22,8 @@ DEFAULT_PORT = 8900
 START_TIMEOUT_S = 10.0
 #: How long uvicorn waits for in-flight calls at shutdown before cancelling them (s).
 GRACEFUL_SHUTDOWN_S = 2
+#: How long an idle keep-alive connection stays open (s).
+KEEP_ALIVE_S = 75
 
 
 def emulator_env(url: str) -> dict[str, str]:
@@ -96,6 +98,9 @@ def _config(state: EmulatorState, *, log_config: bool) -> uvicorn.Config:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # Longer than clients keep idle connections (aiohttp 15 s, httpx 5 s): with uvicorn's 5 s, a
+        # client could reuse a connection the server was closing and get a reset (``aipipe bench``).
+        timeout_keep_alive=KEEP_ALIVE_S,
         **kwargs,
     )
 

@@ -244,6 +244,10 @@ class EmulatorState:
         self._initial = _copy_profile(profile)
         self.faults = FaultController(self._initial)
         self._calls: list[CallRecord] = []
+        # Kept as calls arrive: every answer reports the provider's count (rate-limit headers), and
+        # counting the log each time made a call cost O(calls so far) (``aipipe bench``: 0.6 ms per
+        # call at the start of a run, 2.5 ms after 40,000 calls).
+        self._counts: dict[str, int] = dict.fromkeys(PROVIDERS, 0)
         self._seq = 0
         self._hold: _Hold | None = None
         self._changed: asyncio.Condition | None = None
@@ -271,6 +275,7 @@ class EmulatorState:
         self._seq += 1
         record = msgspec.convert({**record_fields, "seq": self._seq, "arrived_at": time.time()}, CallRecord)
         self._calls.append(record)
+        self._counts[record.provider] = self._counts.get(record.provider, 0) + 1
         await self.notify()
         return record
 
@@ -285,14 +290,12 @@ class EmulatorState:
 
     def counts(self) -> dict[str, int]:
         """Calls received per provider (every provider listed, 0 included)."""
-        out: dict[str, int] = dict.fromkeys(PROVIDERS, 0)
-        for c in self._calls:
-            out[c.provider] += 1
-        return out
+        return dict(self._counts)
 
     def clear_calls(self) -> None:
         """Forget the call log and counters (faults and holds are kept)."""
         self._calls.clear()
+        self._counts = dict.fromkeys(PROVIDERS, 0)
 
     def reset(self) -> None:
         """Back to the start: empty call log, holds released, faults as the initial profile."""
