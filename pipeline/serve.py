@@ -43,7 +43,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,6 +58,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pipeline.asgi import InLoopServer, bind_tcp
 from pipeline.broker import read_runtime_broker_async
 from pipeline.config import PipelineConfig
 from pipeline.errors import ProviderTimeoutError
@@ -599,23 +600,10 @@ def create_app(state: ServeState) -> Starlette:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        return bind_tcp(host, port)
     except OSError as exc:
-        sock.close()
         raise ServeConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return sock
-
-
-class _InLoopServer(uvicorn.Server):
-    """uvicorn server that leaves the process's signal handlers to its owner."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 class OpenAIServer:
@@ -645,7 +633,7 @@ class OpenAIServer:
         self.port = port
         self.graceful_shutdown_s = graceful_shutdown_s
         self.api_keys: ApiKeys | None = None
-        self._server: _InLoopServer | None = None
+        self._server: InLoopServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self._url: str | None = None
@@ -702,7 +690,7 @@ class OpenAIServer:
             server_header=False,
             timeout_graceful_shutdown=self.graceful_shutdown_s,
         )
-        server = _InLoopServer(config)
+        server = InLoopServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="aipipe-serve")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import uvicorn
 
+from pipeline.asgi import InLoopServer, bind_tcp, url_of
 from pipeline.emulator.app import create_app
 from pipeline.emulator.spec import FaultProfile, Provider, load_profile
 from pipeline.emulator.state import CallRecord, EmulatorState, FaultController
@@ -44,28 +44,6 @@ def emulator_env(url: str) -> dict[str, str]:
     }
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio turns TCP_NODELAY on for accepted connections only when the
-    # socket's ``proto`` says TCP (``asyncio.base_events._set_nodelay``); with the default 0, Nagle's
-    # algorithm and the client's delayed ACK held each keep-alive answer ~40 ms (h11 writes the head
-    # and the body separately). Measured with ``aipipe bench``: sequential calls 44 ms -> 0.4 ms.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _url(host: str, sock: socket.socket) -> str:
-    port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
-
-
 class _UvicornServer(uvicorn.Server):
     """uvicorn server that ends held and hanging calls when it shuts down."""
 
@@ -78,12 +56,8 @@ class _UvicornServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-class _InLoopServer(_UvicornServer):
-    """uvicorn server that leaves the caller's signal handlers (Ctrl-C) alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
+class _InLoopServer(_UvicornServer, InLoopServer):
+    """The emulator's server, leaving the caller's signal handlers (Ctrl-C) alone."""
 
 
 def _config(state: EmulatorState, *, log_config: bool) -> uvicorn.Config:
@@ -159,7 +133,7 @@ class EmulatorServer:
         """
         if self._task is not None:
             raise RuntimeError("EmulatorServer is already started")
-        sock = _bind(self.host, self.port)
+        sock = bind_tcp(self.host, self.port)
         self.state.stopping.clear()
         server = _InLoopServer(_config(self.state, log_config=False), self.state)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="aipipe-emulator")
@@ -177,7 +151,7 @@ class EmulatorServer:
                 raise RuntimeError(f"emulator did not start within {START_TIMEOUT_S} s")
             await asyncio.sleep(0.005)
         self._server, self._task, self._sock = server, task, sock
-        self._url = _url(self.host, sock)
+        self._url = url_of(self.host, sock)
 
     async def stop(self) -> None:
         """Stop serving: held and hanging calls end, in-flight calls get up to 2 s, then the port closes."""
@@ -267,9 +241,9 @@ def serve_forever(host: str = "127.0.0.1", port: int = DEFAULT_PORT, profile_pat
     """
     profile = load_profile(profile_path) if profile_path is not None else None
     state = EmulatorState(profile)
-    sock = _bind(host, port)
+    sock = bind_tcp(host, port)
     server = _UvicornServer(_config(state, log_config=True), state)
-    print(f"aipipe emulator listening on {_url(host, sock)}", flush=True)
+    print(f"aipipe emulator listening on {url_of(host, sock)}", flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
