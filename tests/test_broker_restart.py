@@ -31,7 +31,7 @@ async def test_stages_reconnect_after_a_broker_restart(tmp_path: Path) -> None:
 
 
 async def _restart_scenario(tmp_path: Path) -> None:
-    tmp_path.mkdir(parents=True, exist_ok=True)
+    await anyio.Path(tmp_path).mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(log_path=tmp_path / "broker.log")
     await broker.start()
     try:
