@@ -348,13 +348,6 @@ async def _bench(args: argparse.Namespace) -> int:
     return await run_command(args)
 
 
-def _not_built(name: str) -> Any:
-    def handler(_args: argparse.Namespace) -> int:
-        raise CliError(f"`aipipe {name}` is not built yet in this version")
-
-    return handler
-
-
 # --- parser ----------------------------------------------------------------------------------
 
 

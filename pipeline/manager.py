@@ -46,10 +46,6 @@ log = logging.getLogger("aipipe.manager")
 LOAD_BALANCING_STRATEGIES: dict[str, str] = {name: name for name in STRATEGY_NAMES}
 
 
-def _missing(capability: str) -> NotImplementedError:
-    return NotImplementedError(f"{capability} is not built yet in this version of aipipe")
-
-
 def _coerce_config(config: PipelineConfig | Mapping[str, Any] | None, env_name: str) -> PipelineConfig:
     if config is None:
         return preset(env_name)
