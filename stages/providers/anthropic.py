@@ -43,11 +43,11 @@ import httpx
 import msgspec
 from msgspec import Meta, Struct
 
-from pipeline.errors import AIProviderError, ContentFilterError, InvalidRequestError
+from pipeline.errors import ContentFilterError, InvalidRequestError
 from schemas.request import Message
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
-from stages.providers.classify import malformed_response, post_json
+from stages.providers.classify import malformed_response, parse_guarded, post_json
 
 PROVIDER = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -257,14 +257,14 @@ class AnthropicAdapter:
             timeout_s=timeout_s,
             secrets=secrets,
         )
-        try:
-            return parse_response(
+        return parse_guarded(
+            PROVIDER,
+            response.status_code,
+            lambda: parse_response(
                 response.content,
                 call,
                 request_id=response.headers.get("request-id"),
                 status_code=response.status_code,
-            )
-        except AIProviderError:
-            raise
-        except Exception as exc:  # a parser bug must still surface as a typed error
-            raise malformed_response(PROVIDER, repr(exc), status_code=response.status_code, secrets=secrets) from exc
+            ),
+            secrets=secrets,
+        )

@@ -57,8 +57,8 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -435,6 +435,28 @@ def classify_transport_error(
     if isinstance(exc, httpx.TransportError):
         return ProviderServerError(f"{provider}: transport failure ({detail})", provider=provider)
     return ProviderServerError(f"{provider}: request failed ({detail})", provider=provider)
+
+
+T = TypeVar("T")
+
+
+def parse_guarded(
+    provider: str, status_code: int, parse: Callable[[], T], *, secrets: tuple[str | None, ...] = ()
+) -> T:
+    """Run an adapter's ``parse`` of a 200 body; any unexpected exception becomes a typed error.
+
+    A parser bug must never escape as a bare exception: it is reported as
+    ``malformed_response`` (``ProviderServerError``) with ``status_code``.
+
+    Raises:
+        AIProviderError: what ``parse`` raised, or ``ProviderServerError`` for anything else.
+    """
+    try:
+        return parse()
+    except AIProviderError:
+        raise
+    except Exception as exc:
+        raise malformed_response(provider, repr(exc), status_code=status_code, secrets=secrets) from exc
 
 
 async def post_json(

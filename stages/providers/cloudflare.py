@@ -36,10 +36,10 @@ import httpx
 import msgspec
 from msgspec import Meta, Struct
 
-from pipeline.errors import AIProviderError, AuthenticationError
+from pipeline.errors import AuthenticationError
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
-from stages.providers.classify import classify_response, malformed_response, post_json
+from stages.providers.classify import classify_response, malformed_response, parse_guarded, post_json
 from stages.providers.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "cloudflare"
@@ -198,16 +198,16 @@ class CloudflareAdapter:
             timeout_s=timeout_s,
             secrets=secrets,
         )
-        try:
-            return parse_response(
+        return parse_guarded(
+            PROVIDER,
+            response.status_code,
+            lambda: parse_response(
                 response.content,
                 call,
                 request_id=response.headers.get("cf-ray"),
                 status_code=response.status_code,
                 headers=response.headers,
                 secrets=secrets,
-            )
-        except AIProviderError:
-            raise
-        except Exception as exc:  # a parser bug must still surface as a typed error
-            raise malformed_response(PROVIDER, repr(exc), status_code=response.status_code, secrets=secrets) from exc
+            ),
+            secrets=secrets,
+        )
