@@ -378,7 +378,7 @@ async def _run_scenario(
             return ids
 
         held = await _wait_for(
-            victims_calls_in_flight, "a held call of the victim", procs, timeout_s=30, abort=failures, tick=pump
+            victims_calls_in_flight, "a held call of the victim", procs, timeout_s=90, abort=failures, tick=pump
         )
         os.kill(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait(timeout=10)
