@@ -15,11 +15,11 @@ import random
 import secrets
 import time
 
-from pipeline.config import RateLimit, preset
+from pipeline.runtime.config import RateLimit, preset
 from schemas.envelope import Candidate
-from stages.pricing import PriceTable
-from stages.ratelimit import MemoryRateLimiter, RateLimiter
-from stages.strategies import RouteInfo, StrategySpec, StrategyState
+from stages.rules.pricing import PriceTable
+from stages.rules.rate_limits import MemoryRateLimiter, RateLimiter
+from stages.rules.strategies import RouteInfo, StrategySpec, StrategyState
 
 CANDS = [
     Candidate(provider="cloudflare", model="@cf/meta/llama-3.1-8b-instruct"),
@@ -62,7 +62,7 @@ async def main() -> None:
     bench_strategies(args.n)
     await bench_limiter("in-process", MemoryRateLimiter(), args.n)
     if args.redis:
-        from pipeline.ratelimit_store import RedisRateLimiter
+        from pipeline.stores.rate_limit_store import RedisRateLimiter
 
         await bench_limiter("redis", RedisRateLimiter.from_url(args.redis, namespace=f"bench-{secrets.token_hex(3)}:"),
                             min(args.n, 2_000))

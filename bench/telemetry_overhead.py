@@ -30,11 +30,11 @@ from typing import Any
 import anyio
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from pipeline import telemetry
-from pipeline.bus import Outgoing
-from pipeline.memory_bus import MemoryBus
-from pipeline.runner import Emit, MessageContext, StageRunner
-from pipeline.telemetry import Telemetry, build_tracer_provider, new_traceparent, start_prometheus
+from pipeline.bus.memory import MemoryBus
+from pipeline.bus.protocol import Outgoing
+from pipeline.runtime import telemetry
+from pipeline.runtime.runner import Emit, MessageContext, StageRunner
+from pipeline.runtime.telemetry import Telemetry, build_tracer_provider, new_traceparent, start_prometheus
 from schemas.response import ErrorInfo, Usage
 
 

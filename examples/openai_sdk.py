@@ -12,7 +12,7 @@ import asyncio
 import openai
 
 from pipeline import create_ai_provider_manager
-from pipeline.serve import OpenAIServer
+from pipeline.serve.openai_server import OpenAIServer
 
 
 async def main() -> None:

@@ -42,7 +42,7 @@ async def kafka_bootstrap() -> AsyncIterator[str]:
     if configured:
         yield configured
         return
-    from pipeline.broker import EmbeddedBroker
+    from pipeline.bus.embedded import EmbeddedBroker
 
     log_dir = Path(tempfile.mkdtemp(prefix="aipipe-test-broker-"))
     broker = EmbeddedBroker(log_path=log_dir / "broker.log")

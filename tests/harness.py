@@ -10,16 +10,16 @@ from typing import Any
 import anyio
 import msgspec
 
-from pipeline.app import PIPELINE_STAGES, Pipeline
-from pipeline.bus import Bus, Record
-from pipeline.client import PipelineClient
-from pipeline.config import PipelineConfig, config_from_mapping, preset
+from pipeline.assembly.build import PIPELINE_STAGES, Pipeline
+from pipeline.bus.kafka import KafkaBus, KafkaSettings
+from pipeline.bus.memory import MemoryBus
+from pipeline.bus.protocol import Bus, Record
+from pipeline.bus.topics import Topics
+from pipeline.client.pipeline_client import PipelineClient
 from pipeline.emulator import EmulatorServer
-from pipeline.endpoints import resolve_endpoints
-from pipeline.kafka_bus import KafkaBus, KafkaSettings
-from pipeline.memory_bus import MemoryBus
-from pipeline.settings import Settings
-from pipeline.topics import Topics
+from pipeline.runtime.config import PipelineConfig, config_from_mapping, preset
+from pipeline.runtime.endpoints import resolve_endpoints
+from pipeline.runtime.settings import Settings
 
 FAST_RETRY = {"retry": {"base_delay_ms": 5, "max_delay_ms": 3000}}
 

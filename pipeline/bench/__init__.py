@@ -13,6 +13,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.bench.driver import BenchOptions, run_bench, write_results
+from pipeline.bench.report import print_report
+from pipeline.bench.stats import RunResult, Skipped
+from pipeline.bench.targets import litellm_available
+
 __all__ = ["add_arguments", "run_command"]
 
 _TARGET_NAMES = ("limit", "litellm", "aipipe-memory", "aipipe-kafka")
@@ -77,11 +82,6 @@ async def run_command(args: argparse.Namespace) -> int:
     import msgspec
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from pipeline.bench.driver import BenchOptions, run_bench, write_results
-    from pipeline.bench.report import print_report
-    from pipeline.bench.stats import RunResult, Skipped
-    from pipeline.bench.targets import litellm_available
 
     overrides: dict[str, object] = {"out_dir": Path(args.out), "plot": not args.no_plot}
     if args.duration is not None:

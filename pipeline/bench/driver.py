@@ -34,6 +34,7 @@ import httpx
 import msgspec
 
 from pipeline.bench.load import LoadSamples, ProcessMonitor, closed_loop, open_loop
+from pipeline.bench.report import plot_latency
 from pipeline.bench.stats import (
     TARGETS,
     BenchReport,
@@ -155,7 +156,7 @@ class BenchOptions:
 
 
 class EmulatorProcess:
-    """The provider emulator as a child process (``python -m pipeline.cli emulator --port 0``).
+    """The provider emulator as a child process (``python -m pipeline.cli.main emulator --port 0``).
 
     It runs apart from the bench process so its CPU is not charged to the
     targets; ``set_latency`` switches its fixed-latency profile (and empties
@@ -545,8 +546,6 @@ def write_results(report: BenchReport, out_dir: Path, *, plot: bool = True) -> d
     Raises:
         OSError: when the files cannot be written.
     """
-    from pipeline.bench.report import plot_latency
-
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     written: dict[str, Path] = {}

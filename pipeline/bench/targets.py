@@ -1,7 +1,7 @@
 """What the benchmark drives: bare HTTP clients, LiteLLM's Router, and aipipe on either bus.
 
 Every target answers the same chat completion of the same real prompt
-(MT-Bench and Vicuna questions, ``pipeline.prompts``) against the same
+(MT-Bench and Vicuna questions, ``pipeline.data.prompts``) against the same
 emulator, and is used as an async context manager whose ``call(i)`` makes
 request ``i`` and raises on failure.
 
@@ -31,8 +31,17 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
+from pipeline.assembly.build import Pipeline
+from pipeline.bus.embedded import EmbeddedBroker
+from pipeline.bus.kafka import KafkaBus, KafkaSettings
+from pipeline.bus.memory import MemoryBus
+from pipeline.bus.protocol import Bus
+from pipeline.client.pipeline_client import PipelineClient
+from pipeline.data.prompts import load_prompts
 from pipeline.errors import error_from_response
-from pipeline.prompts import load_prompts
+from pipeline.runtime.config import BudgetConfig, RateLimit, preset
+from pipeline.runtime.endpoints import resolve_endpoints
+from pipeline.runtime.settings import Settings
 from schemas.request import AIRequest, CacheOptions, Message
 
 #: Model every target asks for: an OpenAI model on the emulator (and aipipe's model group of that name).
@@ -346,11 +355,6 @@ class AipipeTarget(_Base):
         self._run = secrets.token_hex(3)
 
     async def __aenter__(self) -> AipipeTarget:
-        from pipeline.app import Pipeline
-        from pipeline.bus import Bus
-        from pipeline.client import PipelineClient
-        from pipeline.endpoints import resolve_endpoints
-        from pipeline.settings import Settings
 
         prefix = f"bench-{self._run}."
         settings = Settings.from_env(
@@ -364,8 +368,6 @@ class AipipeTarget(_Base):
         )
         bus: Bus
         if self.bus_kind == "memory":
-            from pipeline.memory_bus import MemoryBus
-
             bus = MemoryBus()
         else:
             bus = await self._kafka_bus()
@@ -380,8 +382,6 @@ class AipipeTarget(_Base):
         return self
 
     async def _kafka_bus(self) -> Any:
-        from pipeline.broker import EmbeddedBroker
-        from pipeline.kafka_bus import KafkaBus, KafkaSettings
 
         env = {"AIPIPE_KAFKA_SESSION_TIMEOUT_MS": "2000", **{k: v for k, v in self.env.items() if v}}
         self._kafka_settings = KafkaSettings.from_env(env)
@@ -462,8 +462,6 @@ def bench_config() -> Any:
     Anthropic is disabled; rate limits and budgets are off, so the benchmark measures the pipeline,
     not a limit.
     """
-    from pipeline.config import BudgetConfig, RateLimit, preset
-
     base = preset("production")
     providers = {}
     for name, provider in base.providers.items():

@@ -63,7 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline.emulator import wire
 from pipeline.emulator.spec import ErrorKind, FaultProfile, FaultStep, Provider
 from pipeline.emulator.state import CallRecord, EmulatorState, summarize, wait_first
-from stages.providers.catalog import known_models, model_info
+from stages.rules.catalog import known_models, model_info
 
 #: Scope key under which the server's own ``send`` is kept (to reach the transport for resets).
 RAW_SEND_KEY = "aipipe.emulator.raw_send"

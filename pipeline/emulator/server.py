@@ -11,10 +11,10 @@ from typing import Any
 
 import uvicorn
 
-from pipeline.asgi import InLoopServer, bind_tcp, url_of
 from pipeline.emulator.app import create_app
 from pipeline.emulator.spec import FaultProfile, Provider, load_profile
 from pipeline.emulator.state import CallRecord, EmulatorState, FaultController
+from pipeline.runtime.asgi import InLoopServer, bind_tcp, url_of
 
 #: Port ``aipipe emulator`` listens on by default.
 DEFAULT_PORT = 8900

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from stages.providers.anthropic import AnthropicAdapter
 from stages.providers.base import ProviderAdapter, ProviderCall, ProviderResult
-from stages.providers.catalog import ModelInfo, catalog_providers, known_models, model_info
 from stages.providers.classify import classify_response, classify_transport_error, parse_retry_after, redact
 from stages.providers.cloudflare import CloudflareAdapter
 from stages.providers.openai import OpenAIAdapter
-from stages.providers.tokens import estimate_messages_tokens, estimate_tokens
+from stages.rules.catalog import ModelInfo, catalog_providers, known_models, model_info
+from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 #: Provider names ``build_adapter`` accepts.
 PROVIDER_NAMES: tuple[str, ...] = ("openai", "anthropic", "cloudflare")

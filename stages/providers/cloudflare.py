@@ -20,7 +20,7 @@ Response: every answer is the Cloudflare API envelope
 ``errors[].code``/``message`` (see ``stages.providers.classify``). The text is
 ``result.response``. ``result.usage`` ``{prompt_tokens, completion_tokens,
 total_tokens}`` is used when present; when a model omits it, usage is
-*estimated* with ``stages.providers.tokens`` (``estimate_messages_tokens`` of
+*estimated* with ``stages.rules.tokens`` (``estimate_messages_tokens`` of
 the sent messages and ``estimate_tokens`` of the answer), so costs stay
 approximately right. The model name is the one asked for (the envelope does
 not echo it); the provider request id is the ``cf-ray`` header.
@@ -40,7 +40,7 @@ from pipeline.errors import AuthenticationError
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
 from stages.providers.classify import classify_response, malformed_response, parse_guarded, post_json
-from stages.providers.tokens import estimate_messages_tokens, estimate_tokens
+from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "cloudflare"
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"

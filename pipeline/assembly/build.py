@@ -1,0 +1,292 @@
+"""Assembles and runs the stages of one process over a bus (the runner owns the plumbing).
+
+``Pipeline`` builds the shared resources a process needs (HTTP client,
+provider adapters, price table, cache store, budget ledger, control and cost
+feeds), one ``StageRunner`` per requested stage, and runs them in one task
+group until stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import anyio
+import httpx
+
+from pipeline.bus.protocol import Bus
+from pipeline.runtime import telemetry
+from pipeline.runtime.config import PipelineConfig
+from pipeline.runtime.endpoints import Resolved
+from pipeline.runtime.feeds import BroadcastFeed
+from pipeline.runtime.http_client import ProviderHttpClient
+from pipeline.runtime.messages import CONTROL_DECODER, COST_DECODER
+from pipeline.runtime.runner import Stage, StageRunner
+from pipeline.runtime.settings import Settings
+from pipeline.stores.budget_store import open_budget_store
+from pipeline.stores.cache_store import build_cache_store
+from pipeline.stores.rate_limit_store import open_rate_limiter
+from stages.breaker.stage import BreakerStage
+from stages.budget.stage import BudgetGateStage
+from stages.cache.stage import CacheLookupStage
+from stages.executor.stage import ExecutorStage
+from stages.health.stage import HealthStage
+from stages.providers import ProviderAdapter, build_adapter
+from stages.recorder.stage import RecorderStage
+from stages.router.stage import RouterStage
+from stages.rules.budget_view import ProviderBudgetView
+from stages.rules.circuit_view import CircuitView
+from stages.rules.ledger import BudgetLedger
+from stages.rules.pricing import PriceTable
+from stages.rules.rate_limits import RateLimiter
+from stages.rules.strategies import StrategyState
+
+log = logging.getLogger("aipipe.app")
+
+#: The five stages on the request path, in pipeline order; ``aipipe run`` runs ``ALL_STAGES`` (DESIGN A6).
+PIPELINE_STAGES: tuple[str, ...] = ("cache", "budget", "router", "executor", "recorder")
+ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
+#: A draining stage stops once it has fetched nothing for this long (s) after the stages before it stopped.
+DRAIN_QUIET_S = 0.3
+
+
+def build_adapters(resolved: Resolved) -> dict[str, ProviderAdapter]:
+    """One adapter per enabled provider with an endpoint."""
+    adapters: dict[str, ProviderAdapter] = {}
+    for name, endpoint in resolved.endpoints.items():
+        adapters[name] = build_adapter(
+            name,
+            base_url=endpoint.base_url,
+            api_key=endpoint.api_key.reveal() if endpoint.api_key else None,
+            account_id=endpoint.account_id,
+        )
+    return adapters
+
+
+class Pipeline:
+    """The stages of one process, running over ``bus``.
+
+    Args:
+        settings: runtime settings (topics, concurrency).
+        resolved: configuration and provider endpoints (emulator rule applied).
+        bus: a started bus.
+        stages: stage names to run (subset of ``ALL_STAGES``).
+        prices: price table (default: the packaged one).
+        rate_limiter: RPM/TPM limiter shared by this process's router and
+            executor (default: Redis-shared with ``AIPIPE_REDIS_URL``, else in-process).
+
+    Raises:
+        ValueError: for an unknown stage, or an invalid ``strategy``/``weights`` in the configuration.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolved: Resolved,
+        bus: Bus,
+        *,
+        stages: Sequence[str] = PIPELINE_STAGES,
+        prices: PriceTable | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        unknown = [s for s in stages if s not in ALL_STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")
+        self.settings = settings
+        self.resolved = resolved
+        self.config: PipelineConfig = resolved.config
+        self.bus = bus
+        self.stage_names = [s for s in ALL_STAGES if s in stages]
+        self.topics = settings.topics
+        self.prices = prices or PriceTable.load()
+        # Redis (AIPIPE_REDIS_URL) shares the cache between replicas; in-process it is shared by this
+        # process's cache stage and recorder only.
+        self.cache_store = build_cache_store(
+            settings.redis_url, self.config.cache, namespace=f"aipipe:{{{self.topics.prefix}cache}}"
+        )
+        self._cache_shared = self.cache_store.kind == "redis" or {"cache", "recorder"} <= set(self.stage_names)
+        self.ledger = BudgetLedger()
+        self.circuits = CircuitView()
+        self.provider_budgets = ProviderBudgetView()
+        self.strategy = StrategyState.from_config(self.config, prices=self.prices)
+        self.rate_limiter: RateLimiter = rate_limiter or open_rate_limiter(settings)
+        self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
+        self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
+        self.budget_gauges = telemetry.BudgetGauges()
+        self.runners: list[StageRunner] = []
+        self.stages: dict[str, Stage] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._exit = AsyncExitStack()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stopped = anyio.Event()
+        self._background = anyio.CancelScope()
+        self.drain_grace_s = 30.0
+
+    def _build(self, client: httpx.AsyncClient) -> None:
+        t = self.topics
+        for name in self.stage_names:
+            stage: Stage
+            if name == "cache":
+                stage = CacheLookupStage(
+                    t, self.cache_store, enabled=self.config.cache.enabled, coalesce=self._cache_shared
+                )
+                self.control_feed.subscribe(stage.on_control)
+            elif name == "budget":
+                store = open_budget_store(self.settings.redis_url, self.topics.prefix, self.ledger)
+                gate = BudgetGateStage(t, self.config, self.prices, self.ledger, store=store)
+                self._exit.push_async_callback(gate.aclose)
+                self.cost_feed.subscribe(gate.on_cost)
+                self.control_feed.subscribe(gate.on_control)
+                gate.follow(self.cost_feed.caught_up, self.control_feed.caught_up)  # no admission before replay
+                self.control_feed.subscribe(self.budget_gauges.apply)  # aipipe.budget.* metrics
+                stage = gate
+            elif name == "router":
+                stage = RouterStage(
+                    t,
+                    self.config,
+                    self.circuits,
+                    strategy=self.strategy,
+                    rate_limiter=self.rate_limiter,
+                    budgets=self.provider_budgets,
+                )
+                self.control_feed.subscribe(self.strategy.apply)
+                self.control_feed.subscribe(self.provider_budgets.apply)
+                if self.circuits.apply not in self.control_feed.listeners:
+                    self.control_feed.subscribe(self.circuits.apply)
+            elif name == "executor":
+                stage = ExecutorStage(
+                    t,
+                    self.config,
+                    build_adapters(self.resolved),
+                    client,
+                    circuits=self.circuits,
+                    rate_limiter=self.rate_limiter,
+                    prices=self.prices,
+                )
+                if self.circuits.apply not in self.control_feed.listeners:
+                    self.control_feed.subscribe(self.circuits.apply)
+            elif name == "recorder":
+                stage = RecorderStage(t, self.config, self.prices, self.cache_store if self._cache_shared else None)
+                self.cost_feed.subscribe(stage.on_cost)  # ids already costed, also before a restart
+                stage.follow(self.cost_feed.caught_up)
+            elif name == "breaker":
+                breaker = BreakerStage(t, self.config, ready=self.control_feed.caught_up)
+                self.control_feed.subscribe(breaker.on_control)
+                stage = breaker
+            elif name == "health":
+                health = HealthStage(t, self.config, build_adapters(self.resolved), client)
+                self.control_feed.subscribe(health.on_control)
+                stage = health
+            else:
+                log.info("stage %s is not built yet; skipping", name)
+                continue
+            self.stages[name] = stage
+            self.runners.append(
+                StageRunner(
+                    self.bus,
+                    stage,
+                    group=f"{self.topics.prefix}{name}",
+                    deadletter_topic=t.deadletter,
+                    keyed_by_request_id=t.keyed_by_request_id(stage.input_topic),
+                    max_in_flight=self.settings.max_in_flight,
+                )
+            )
+            bind_runner = getattr(stage, "bind_runner", None)
+            if bind_runner is not None:  # breaker, health: own the providers whose partition they hold
+                bind_runner(self.runners[-1])
+
+    async def __aenter__(self) -> Pipeline:
+        await self.bus.ensure_topics(self.topics.all())
+        self._exit.push_async_callback(self.rate_limiter.aclose)
+        self._exit.push_async_callback(self.cache_store.aclose)
+        self._client = await self._exit.enter_async_context(
+            ProviderHttpClient(max_connections=self.settings.max_in_flight, timeout=None)
+        )
+        self._build(self._client)
+        self._exit.callback(
+            telemetry.watch(
+                self,
+                runners=self.runners,
+                cache=self.stages.get("cache"),
+                circuits=self.circuits if {"router", "executor"} & set(self.stages) else None,
+                budget=self.budget_gauges if "budget" in self.stages else None,
+            )
+        )
+        self._tg = await self._exit.enter_async_context(anyio.create_task_group())
+        if self.control_feed.listeners:
+            await self._tg.start(self.control_feed.run)
+        if self.cost_feed.listeners:
+            await self._tg.start(self.cost_feed.run)
+        tg = self._tg
+        async with anyio.create_task_group() as starting:  # group joins run in parallel
+            for runner in self.runners:
+                starting.start_soon(tg.start, runner.run)
+        self._background = anyio.CancelScope()
+        tg.start_soon(self._run_background)
+        log.info("stages running: %s", ", ".join(self.stages))
+        return self
+
+    async def _run_background(self) -> None:
+        """Run each stage's optional ``background(publish)`` until the pipeline drains."""
+        with self._background:
+            async with anyio.create_task_group() as bg:
+                for runner in self.runners:
+                    background = getattr(runner.stage, "background", None)
+                    if background is not None:
+                        bg.start_soon(background, runner.publish)
+                await anyio.sleep_forever()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        await self._exit.__aexit__(exc_type, exc, tb)
+
+    def stop(self) -> None:
+        """Wind the process down in pipeline order (idempotent; returns at once).
+
+        The first stage stops fetching at once; each later stage keeps
+        consuming until what the stages before it produced has been handled
+        (no record fetched for ``DRAIN_QUIET_S`` and nothing in flight), then
+        stops — so a request in flight inside this process at SIGTERM is
+        still answered, within ``drain_grace_s`` in all. Work left on a
+        topic is never lost: another replica, or this one after a restart,
+        takes it from the committed offset.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._tg is None:
+            self._stop_all()
+            return
+        self._tg.start_soon(self._drain)
+
+    def _stop_all(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+        self.control_feed.stop()
+        self.cost_feed.stop()
+        self._background.cancel()
+
+    async def _drain(self) -> None:
+        chain = [r for r in self.runners if r.stage.name in PIPELINE_STAGES]
+        others = [r for r in self.runners if r not in chain]
+        for runner in others:
+            runner.stop()
+        with anyio.move_on_after(self.drain_grace_s):
+            for i, runner in enumerate(chain):
+                if i > 0:
+                    while runner.quiet_for_s() < DRAIN_QUIET_S:
+                        await anyio.sleep(0.05)
+                runner.stop()
+                await runner.finished.wait()
+        self._stop_all()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``stop()`` has been called."""
+        await self._stopped.wait()

@@ -1,0 +1,278 @@
+"""How a process finds its broker: ``AIPIPE_KAFKA_BOOTSTRAP``, the runtime file, or a new embedded broker.
+
+The runtime file (``$AIPIPE_HOME/broker``, default ``~/.aipipe/broker``) holds
+the address of the embedded broker a running ``aipipe run`` started, so other
+``aipipe`` processes share it (DESIGN A6). ``resolve_broker`` applies the rules:
+``AIPIPE_KAFKA_BOOTSTRAP`` first, then a runtime-file broker that answers, then
+(when allowed) a new embedded broker whose address goes into the file; only
+the process that started it stops it and removes the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.bus.embedded import BrokerError, EmbeddedBroker
+from pipeline.bus.kafka import broker_answers
+
+__all__ = [
+    "BrokerHandle",
+    "NoBrokerError",
+    "aipipe_home",
+    "read_runtime_broker",
+    "read_runtime_broker_async",
+    "remove_runtime_file",
+    "resolve_broker",
+    "runtime_file",
+    "write_runtime_file",
+]
+
+log = logging.getLogger(__name__)
+
+NO_BROKER_MESSAGE = "no broker: start `aipipe run` or set AIPIPE_KAFKA_BOOTSTRAP"
+
+
+class NoBrokerError(BrokerError):
+    """No broker is configured or running, and starting one was not allowed."""
+
+    def __init__(self, message: str = NO_BROKER_MESSAGE) -> None:
+        super().__init__(message)
+
+
+def aipipe_home(env: Mapping[str, str]) -> Path:
+    """Return aipipe's state directory: ``$AIPIPE_HOME``, else ``~/.aipipe``."""
+    home = env.get("AIPIPE_HOME", "").strip()
+    return Path(home).expanduser() if home else Path.home() / ".aipipe"
+
+
+def runtime_file(env: Mapping[str, str]) -> Path:
+    """Return the runtime file's path: ``$AIPIPE_HOME/broker`` (default ``~/.aipipe/broker``)."""
+    return aipipe_home(env) / "broker"
+
+
+def write_runtime_file(env: Mapping[str, str], address: str) -> None:
+    """Write ``address`` (``host:port``) to the runtime file, atomically, creating its directory.
+
+    Raises:
+        OSError: when the directory or the file cannot be written.
+    """
+    path = runtime_file(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(address + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _read_runtime_address(env: Mapping[str, str]) -> str | None:
+    try:
+        text = runtime_file(env).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines and lines[0].strip() else None
+
+
+def _answers_sync(address: str, timeout_s: float) -> bool:
+    """Whether a plaintext Kafka broker at ``host:port`` answers a metadata request within ``timeout_s`` (s).
+
+    Blocking; one raw Metadata v0 request for no particular topic, so nothing is auto-created.
+    """
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not port_text.isdigit():
+        return False
+    host = host.strip("[]")
+    correlation_id = 0x41495050  # "AIPP"
+    client_id = b"aipipe-probe"
+    # Header v0: api_key 3 (Metadata), api_version 0, correlation id, client id; body: empty topic array.
+    body = struct.pack(">hhih", 3, 0, correlation_id, len(client_id)) + client_id + struct.pack(">i", 0)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s) as sock:
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            received = b""
+            while len(received) < 8:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                sock.settimeout(remaining)
+                chunk = sock.recv(8 - len(received))
+                if not chunk:
+                    return False
+                received += chunk
+    except (OSError, ValueError):
+        return False
+    size, answered_id = struct.unpack(">ii", received)
+    answered: bool = size >= 4 and answered_id == correlation_id
+    return answered
+
+
+def read_runtime_broker(env: Mapping[str, str], timeout_s: float = 1.0) -> str | None:
+    """Return the runtime file's broker address if a broker answers there within ``timeout_s`` (s).
+
+    Blocking (at most ``timeout_s``; instant on loopback when nothing listens),
+    so it can be called from synchronous code; async code may prefer
+    ``read_runtime_broker_async``.
+
+    Returns:
+        The address, or ``None`` when the file is missing, empty, or names a
+        broker that does not answer (a stale file is left in place).
+    """
+    address = _read_runtime_address(env)
+    if address is None:
+        return None
+    if _answers_sync(address, timeout_s):
+        return address
+    log.debug("runtime file %s names %s, which does not answer", runtime_file(env), address)
+    return None
+
+
+async def read_runtime_broker_async(env: Mapping[str, str], timeout_s: float = 1.0) -> str | None:
+    """Like ``read_runtime_broker``, without blocking the event loop."""
+    address = _read_runtime_address(env)
+    if address is None:
+        return None
+    if await broker_answers(address, timeout_s=timeout_s):
+        return address
+    log.debug("runtime file %s names %s, which does not answer", runtime_file(env), address)
+    return None
+
+
+def remove_runtime_file(env: Mapping[str, str], address: str) -> None:
+    """Remove the runtime file, but only while it still holds ``address`` (another broker may own it now)."""
+    path = runtime_file(env)
+    if _read_runtime_address(env) == address:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+class BrokerHandle:
+    """The broker a process uses: its ``bootstrap`` address and, if this process started it, ``owned``.
+
+    ``close`` stops an owned broker and removes the runtime file (only if it
+    still names that broker); for a broker found elsewhere it does nothing.
+    Also an async context manager.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        owned: EmbeddedBroker | None,
+        env: Mapping[str, str],
+        *,
+        runtime_file_written: bool = True,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.owned = owned
+        self._env = dict(env)
+        self._runtime_file_written = runtime_file_written and owned is not None
+
+    def __repr__(self) -> str:
+        return f"BrokerHandle({self.bootstrap!r}, owned={self.owned is not None})"
+
+    async def __aenter__(self) -> BrokerHandle:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the broker if this process started it and remove the runtime file naming it; idempotent."""
+        owned, self.owned = self.owned, None
+        if owned is None:
+            return
+        if self._runtime_file_written:
+            remove_runtime_file(self._env, self.bootstrap)
+        await owned.stop()
+
+
+@contextlib.asynccontextmanager
+async def _runtime_lock(env: Mapping[str, str], timeout_s: float = 30.0) -> Any:
+    """Hold ``$AIPIPE_HOME/broker.lock`` so two processes do not both start a broker (POSIX; else no-op)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, accept the small race
+        yield
+        return
+    path = aipipe_home(env) / "broker.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BrokerError(f"timed out waiting for the lock {path}") from None
+                await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+async def resolve_broker(env: Mapping[str, str], *, start_if_missing: bool, force_new: bool = False) -> BrokerHandle:
+    """Find the broker to use (DESIGN A6).
+
+    In order: ``AIPIPE_KAFKA_BOOTSTRAP`` when set (not probed: the bus retries
+    at start); else the broker named in the runtime file, when it answers
+    within about 1 s; else, if ``start_if_missing``, a new embedded broker
+    whose address is written to the runtime file (its output goes to
+    ``$AIPIPE_HOME/logs/broker.log``). A lock file keeps two processes from
+    both starting one.
+
+    Args:
+        env: the environment (``AIPIPE_KAFKA_BOOTSTRAP``, ``AIPIPE_HOME``).
+        start_if_missing: whether to start an embedded broker when none is found.
+        force_new: start a private embedded broker whatever the environment
+            says (``aipipe demo``); the runtime file is neither read nor written.
+
+    Returns:
+        A handle; ``close()`` it when done (it stops the broker only if it started it).
+
+    Raises:
+        NoBrokerError: with "no broker: start `aipipe run` or set
+            AIPIPE_KAFKA_BOOTSTRAP", when none is found and starting is not allowed.
+        BrokerError: when the embedded broker cannot be started.
+    """
+    home = aipipe_home(env)
+    if force_new:
+        broker = EmbeddedBroker(log_path=home / "logs" / "broker-private.log")
+        await broker.start()
+        return BrokerHandle(broker.address, broker, env, runtime_file_written=False)
+    bootstrap = env.get("AIPIPE_KAFKA_BOOTSTRAP", "").strip()
+    if bootstrap:
+        return BrokerHandle(bootstrap, None, env)
+    found = await read_runtime_broker_async(env)
+    if found is not None:
+        return BrokerHandle(found, None, env)
+    if not start_if_missing:
+        raise NoBrokerError()
+    async with _runtime_lock(env):
+        found = await read_runtime_broker_async(env)  # someone may have started one while we waited
+        if found is not None:
+            return BrokerHandle(found, None, env)
+        broker = EmbeddedBroker(log_path=home / "logs" / "broker.log")
+        await broker.start()
+        try:
+            write_runtime_file(env, broker.address)
+        except OSError:
+            await broker.stop()
+            raise
+    log.info("started the embedded broker at %s (runtime file %s)", broker.address, runtime_file(env))
+    return BrokerHandle(broker.address, broker, env)

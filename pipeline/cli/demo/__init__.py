@@ -1,0 +1,1 @@
+"""``aipipe demo``: the tour (``tour``) and its moments (``budget``, ``circuit``)."""

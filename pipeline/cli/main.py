@@ -1,0 +1,511 @@
+"""``aipipe`` command line (DESIGN A6).
+
+Exit codes: 0 success, 1 failure, 2 usage error. ``--json`` prints data as
+JSON where a command prints data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import anyio
+import msgspec
+
+from pipeline.assembly.build import ALL_STAGES, Pipeline
+from pipeline.assembly.process import load_config, open_bus, open_providers
+from pipeline.bench import add_arguments as add_bench_arguments
+from pipeline.bench import run_command
+from pipeline.bus.discovery import NoBrokerError
+from pipeline.bus.protocol import BusError
+from pipeline.cli.cache_commands import add_cache_parser
+from pipeline.cli.cost_commands import add_cost_parsers
+from pipeline.cli.demo.tour import run_demo
+from pipeline.cli.status_command import add_status_parser
+from pipeline.cli.strategy_commands import add_strategy_parser
+from pipeline.client.health_reader import describe_control_event
+from pipeline.client.pipeline_client import PipelineClient, new_request_id
+from pipeline.client.replay import audit, decode_all, parse_time, read_range, reprice
+from pipeline.emulator import serve_forever
+from pipeline.errors import AIProviderError
+from pipeline.runtime import telemetry
+from pipeline.runtime.logs import setup_logging
+from pipeline.runtime.messages import CONTROL_DECODER
+from pipeline.runtime.settings import Settings
+from pipeline.serve.openai_server import run_server
+from schemas.events import CostEvent
+from schemas.request import AIRequest
+from schemas.response import AIResponse
+from stages.rules.pricing import PriceTable
+
+log = logging.getLogger("aipipe.cli")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A failure to report in one line, with exit code 1."""
+
+
+class UsageError(CliError):
+    """A bad argument value (a time, a topic, a request field): reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> int:
+    env = _env()
+    if args.emulate:
+        env["AIPIPE_EMULATE"] = "1"
+    settings = Settings.from_env(env)
+    config = load_config(settings)
+    stages = args.stage or list(ALL_STAGES)
+    metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    try:  # tracing as OTEL_* / LOG_LEVEL say; /metrics when a port is set (flushed at exit by the SDK)
+        telemetry.install(telemetry.Telemetry.from_env(env, metrics_port=metrics_port))
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on port {metrics_port}: {exc}") from exc
+    async with open_bus("kafka", env, start_broker=True) as opened:
+        origin = "started embedded broker" if opened.owns_broker else "using broker"
+        log.info("%s at %s (stages: %s)", origin, opened.bootstrap, ", ".join(stages))
+        async with open_providers(settings, config) as resolved, anyio.create_task_group() as tg:
+            pipeline = Pipeline(settings, resolved, opened.bus, stages=stages)
+
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for sig in signals:
+                        log.info("received %s: finishing in-flight work", signal.Signals(sig).name)
+                        pipeline.stop()
+                        return
+
+            tg.start_soon(on_signal)
+            async with pipeline:
+                print(
+                    f"aipipe running on {opened.bootstrap}: {', '.join(pipeline.stages)} (Ctrl-C to stop)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await pipeline.wait_stopped()
+            tg.cancel_scope.cancel()
+    return EXIT_OK
+
+
+# --- send ------------------------------------------------------------------------------------
+
+
+async def _send(args: argparse.Namespace) -> int:
+    env = _env()
+    settings = Settings.from_env(env)
+    data: dict[str, Any] = {
+        "id": args.id or new_request_id(),
+        "model": args.model,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "timeout_ms": args.timeout_ms,
+    }
+    if args.temperature is not None:
+        data["temperature"] = args.temperature
+    if args.user:
+        data["user"] = args.user
+    if args.provider:
+        data["providers"] = args.provider
+    if args.no_cache:
+        data["cache"] = {"bypass": True}
+    try:
+        request = msgspec.convert(data, AIRequest)
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"invalid request: {exc}") from exc
+    telemetry.install(telemetry.Telemetry.from_env(env))  # the request's root span, when tracing
+    async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
+        await opened.bus.ensure_topics(settings.topics.all())
+        client = PipelineClient(opened.bus, settings.topics)
+        await tg.start(client.run)
+        response = await client.request(request)
+        client.stop()
+    if args.json:
+        print(msgspec.json.encode(response).decode())
+    elif response.status == "ok":
+        print(response.content)
+        print(
+            f"-- {response.provider}/{response.model}  cached={response.cached}  cost=${response.cost_usd:.8f}  "
+            f"tokens={response.usage.total_tokens}  latency={response.latency_ms:.0f} ms  "
+            f"attempts={len(response.attempts)}",
+            file=sys.stderr,
+        )
+    else:
+        err = response.error
+        print(f"error: {err.type if err else '?'}: {err.message if err else ''}", file=sys.stderr)
+    return EXIT_OK if response.status == "ok" else EXIT_FAIL
+
+
+# --- tail ------------------------------------------------------------------------------------
+
+
+def _control_line(raw: bytes, text: str) -> str:
+    """A readable line for one ``ai.control`` value (circuit transitions, health...), else its raw text."""
+    try:
+        return describe_control_event(CONTROL_DECODER.decode(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return text
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    env = _env()
+    settings = Settings.from_env(env)
+    try:
+        topic = settings.topics.short(args.topic)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    shown = 0
+    async with open_bus("kafka", env, start_broker=False) as opened:
+        consumer = await opened.bus.consumer([topic], group=None, from_beginning=args.from_beginning)
+        try:
+            while args.limit is None or shown < args.limit:
+                for record in await consumer.getmany(500, max_records=500):
+                    text = record.value.decode("utf-8", "replace")
+                    if args.json:
+                        print(text, flush=True)
+                    elif topic == settings.topics.control:
+                        print(_control_line(record.value, text), flush=True)
+                    else:
+                        key = record.key.decode("utf-8", "replace") if record.key else "-"
+                        print(f"{record.partition}:{record.offset} {key} {text}", flush=True)
+                    shown += 1
+                    if args.limit is not None and shown >= args.limit:
+                        break
+        finally:
+            await consumer.stop()
+    return EXIT_OK
+
+
+# --- replay, audit ---------------------------------------------------------------------------
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from decimal import Decimal
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    env = _env()
+    settings = Settings.from_env(env)
+    try:
+        topic = settings.topics.short(args.topic)
+        since = parse_time(args.since)
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if until is not None and until <= since:
+        raise UsageError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
+    try:
+        prices = PriceTable.load(Path(args.reprice)) if args.reprice else None
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    if prices is not None and topic != settings.topics.costs:
+        raise CliError("--reprice applies to the costs topic only")
+    console = Console(stderr=True)
+    with console.status(f"reading {topic} ...") as status:
+        seen = 0
+
+        def progress(_record: object) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % 500 == 0:
+                status.update(f"reading {topic}: {seen} records")
+
+        async with open_bus("kafka", env, start_broker=False) as opened:
+            records = await read_range(opened.bus, topic, since, until, idle_s=args.idle_s, on_record=progress)
+    if args.out:
+        await anyio.Path(args.out).write_bytes(b"".join(r.value.rstrip(b"\n") + b"\n" for r in records))
+    summary: dict[str, Any] = {
+        "topic": topic,
+        "records": len(records),
+        "since": since.isoformat(),
+        "until": until.isoformat() if until else None,
+        "out": args.out,
+    }
+    if prices is not None:
+        events, bad = decode_all(records, CostEvent)
+        config = load_config(settings)
+        defaults = {p: Decimal(str(c.cost_per_token)) for p, c in config.providers.items()}
+        report = reprice(events, prices, default_cost_per_token=defaults)
+        report.undecodable = bad
+        summary["reprice"] = report.to_dict()
+    if args.json:
+        print(json.dumps(summary))
+        return EXIT_OK
+    console = Console()
+    console.print(
+        f"{len(records)} records of {topic} between {since.isoformat()} and "
+        f"{until.isoformat() if until else 'now'}" + (f", written to {args.out}" if args.out else "")
+    )
+    if "reprice" in summary:
+        table = Table(title=f"re-priced with {args.reprice}")
+        for col in ("provider", "model", "events", "recorded USD", "re-priced USD", "change USD"):
+            table.add_column(col)
+        for line in summary["reprice"]["lines"]:
+            table.add_row(
+                line["provider"],
+                line["model"],
+                str(line["events"]),
+                f"{line['old_usd']:.10f}",
+                f"{line['new_usd']:.10f}",
+                f"{line['new_usd'] - line['old_usd']:+.10f}",
+            )
+        rp = summary["reprice"]
+        table.add_row(
+            "total",
+            "",
+            "",
+            f"{rp['old_total_usd']:.10f}",
+            f"{rp['new_total_usd']:.10f}",
+            f"{rp['new_total_usd'] - rp['old_total_usd']:+.10f}",
+        )
+        console.print(table)
+    return EXIT_OK
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = _env()
+    settings = Settings.from_env(env)
+    try:
+        since = parse_time(args.since)
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if until is not None and until <= since:
+        raise UsageError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
+    t = settings.topics
+    async with open_bus("kafka", env, start_broker=False) as opened:
+        requests = await read_range(opened.bus, t.requests, since, until, idle_s=args.idle_s)
+        responses, _ = decode_all(
+            await read_range(opened.bus, t.responses, since, None, idle_s=args.idle_s), AIResponse
+        )
+        costs, _ = decode_all(await read_range(opened.bus, t.costs, since, None, idle_s=args.idle_s), CostEvent)
+    report = audit(requests, responses, costs)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return EXIT_OK if report.clean else EXIT_FAIL
+    console = Console()
+    table = Table(title=f"audit since {since.isoformat()}")
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    table.add_column("ids (first 10)")
+    rows = [
+        ("requests", report.requests, []),
+        ("responses (distinct ids)", report.responses, []),
+        ("ok / errors / cache hits", f"{report.ok} / {report.errors} / {report.cache_hits}", []),
+        ("cost events", report.cost_events, []),
+        ("missing responses", len(report.missing_responses), report.missing_responses),
+        ("conflicting responses", len(report.conflicting), report.conflicting),
+        ("duplicate identical responses", len(report.duplicate_responses), report.duplicate_responses),
+        ("ok without cost event", len(report.missing_costs), report.missing_costs),
+        ("more than one cost event", len(report.extra_costs), report.extra_costs),
+        ("ids reused for a different request", len(report.reused_ids), report.reused_ids),
+    ]
+    for name, count, ids in rows:
+        table.add_row(name, str(count), ", ".join(ids[:10]))
+    console.print(table)
+    for provider, total in report.totals_usd.items():
+        console.print(f"  {provider}: ${total:.10f}")
+    console.print("[green]clean[/]" if report.clean else "[red]problems found[/]")
+    return EXIT_OK if report.clean else EXIT_FAIL
+
+
+# --- emulator, demo --------------------------------------------------------------------------
+
+
+def _emulator(args: argparse.Namespace) -> int:
+
+    serve_forever(args.host, args.port, args.profile)
+    return EXIT_OK
+
+
+async def _serve(args: argparse.Namespace) -> int:
+
+    await run_server(_env(), host=args.host, port=args.port)
+    return EXIT_OK
+
+
+async def _demo(args: argparse.Namespace) -> int:
+
+    if "LOG_LEVEL" not in os.environ:
+        setup_logging("WARNING")  # the table is the demo's output; set LOG_LEVEL to see the stages' logs
+    return await run_demo(count=args.count, json_out=args.json)
+
+
+async def _bench(args: argparse.Namespace) -> int:
+
+    if "LOG_LEVEL" not in os.environ:
+        setup_logging("WARNING")  # the tables are the output; set LOG_LEVEL to see the stages' logs
+    return await run_command(args)
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aipipe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aipipe`` argument parser with every command of DESIGN A6."""
+    parser = _Parser(prog="aipipe", description="AI provider fallback pipeline on Kafka")
+    parser.add_argument("--version", action="version", version=f"aipipe {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run pipeline stages (all seven by default)")
+    p.add_argument("--stage", action="append", choices=ALL_STAGES, help="stage to run (repeatable)")
+    p.add_argument("--emulate", action="store_true", help="point every provider at the emulator")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port at /metrics (AIPIPE_METRICS_PORT)"
+    )
+    p.set_defaults(func=_run, is_async=True)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on real prompts and print a results table")
+    p.add_argument("--count", type=int, default=12, help="distinct prompts to send (default 12)")
+    p.add_argument("--json", action="store_true", help="print the responses as JSON lines")
+    p.set_defaults(func=_demo, is_async=True)
+
+    p = sub.add_parser("send", help="publish one request and print its answer")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--user")
+    p.add_argument("--provider", action="append", help="allow-list, in order of preference (repeatable)")
+    p.add_argument("--timeout-ms", type=int, default=60_000)
+    p.add_argument("--id", help="request id (default: generated)")
+    p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
+    p.add_argument("--json", action="store_true", help="print the whole AIResponse as JSON")
+    p.set_defaults(func=_send, is_async=True)
+
+    p = sub.add_parser("tail", help="print messages of a topic as they arrive")
+    p.add_argument("topic", help="responses | control | costs | deadletter | requests | ...")
+    p.add_argument("--from-beginning", action="store_true", help="start at the oldest message")
+    p.add_argument("--limit", type=_positive_int, help="stop after N messages")
+    p.add_argument("--json", action="store_true", help="print only the JSON values")
+    p.set_defaults(func=_tail, is_async=True)
+
+    p = sub.add_parser("replay", help="read a topic by time range (record timestamps); optionally re-price costs")
+    p.add_argument("topic", help="responses | costs | control | requests | deadletter | ...")
+    p.add_argument("--since", required=True, help="ISO 8601 start, included (e.g. 2026-11-29T00:00:00Z)")
+    p.add_argument("--until", help="ISO 8601 end, excluded (default: now)")
+    p.add_argument("--reprice", metavar="PRICES.toml", help="re-price cost events with another price table")
+    p.add_argument("--out", metavar="FILE.jsonl", help="write the values, one JSON per line")
+    p.add_argument("--idle-s", type=float, default=1.5, help="stop after this long without a new record (s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_replay, is_async=True)
+
+    p = sub.add_parser("audit", help="reconcile requests, responses and cost events since a time")
+    p.add_argument("--since", required=True, help="ISO 8601 start (e.g. 2026-11-29)")
+    p.add_argument("--until", help="ISO 8601 end, excluded (default: now)")
+    p.add_argument("--idle-s", type=float, default=1.5, help="stop reading after this long without a record (s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_audit, is_async=True)
+
+    p = sub.add_parser("emulator", help="serve the provider emulator (OpenAI, Anthropic, Cloudflare)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8900)
+    p.add_argument("--profile", help="fault profile (TOML)")
+    p.set_defaults(func=_emulator, is_async=False)
+
+    p = sub.add_parser("bench", help="benchmark aipipe against direct calls and LiteLLM's Router on the emulator")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench, is_async=True)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoint (POST /v1/chat/completions, GET /v1/models)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.set_defaults(func=_serve, is_async=True)
+
+    add_strategy_parser(sub)
+    add_cost_parsers(sub)
+    add_cache_parser(sub)
+
+    add_status_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aipipe`` console script; returns the exit code."""
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        os.environ["COLUMNS"] = "200"  # rich tables keep their numbers when piped to a file
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"aipipe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(settings.log_level)
+    try:
+        if args.is_async:
+            code: int = anyio.run(args.func, args)
+        else:
+            code = args.func(args)
+    except NoBrokerError as exc:
+        print(f"aipipe: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except UsageError as exc:
+        print(f"aipipe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, BusError, AIProviderError, ValueError) as exc:
+        print(f"aipipe: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:  # an error raised inside a task group: report its cause in one line
+        known = group.subgroup(
+            lambda e: isinstance(e, (NoBrokerError, CliError, BusError, AIProviderError, ValueError))
+        )
+        if known is None:
+            raise
+        leaf: BaseException = known
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        print(f"aipipe: error: {leaf}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(leaf, UsageError) else EXIT_FAIL
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

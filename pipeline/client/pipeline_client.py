@@ -1,0 +1,179 @@
+"""Client side of the pipeline: publish requests, await their responses by id.
+
+One ``PipelineClient`` per process reads ``ai.responses`` as a broadcast (one
+shared reader, not one per call) and resolves waiting calls by request id.
+Duplicate responses (at-least-once delivery) are ignored: the first one wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import msgspec
+from cachetools import LRUCache, TTLCache
+
+from pipeline.bus.protocol import Bus, BusError, Outgoing
+from pipeline.bus.topics import Topics
+from pipeline.errors import ProviderTimeoutError, ServiceUnavailableError
+from pipeline.runtime import telemetry
+from pipeline.runtime.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
+from schemas import SCHEMA_VERSION
+from schemas.request import AIRequest
+from schemas.response import AIResponse
+
+log = logging.getLogger("aipipe.client")
+
+_RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
+#: How long (s) a delivered response id is remembered, so a redelivered copy is dropped.
+SEEN_TTL_S = 600.0
+#: Longest wait (s) for the broker to acknowledge a request before the call fails as ``service_unavailable``.
+PUBLISH_TIMEOUT_S = 10.0
+
+
+def new_request_id() -> str:
+    """A fresh request id (``req-`` + 24 hex characters)."""
+    return f"req-{uuid.uuid4().hex[:24]}"
+
+
+def as_request(request: AIRequest | Mapping[str, Any]) -> AIRequest:
+    """An ``AIRequest`` from a struct or a dict of its JSON fields (an ``id`` is generated when absent).
+
+    Raises:
+        msgspec.ValidationError: when the dict is not a valid request.
+    """
+    if isinstance(request, AIRequest):
+        return request
+    data = dict(request)
+    data.setdefault("id", new_request_id())
+    return msgspec.convert(data, AIRequest)
+
+
+class _Waiter:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.response: AIResponse | None = None
+
+
+class PipelineClient:
+    """Publishes requests and awaits their responses.
+
+    Args:
+        bus: a started bus.
+        topics: topic names.
+        slack_ms: extra wait beyond a request's ``timeout_ms`` before giving up (ms).
+    """
+
+    def __init__(self, bus: Bus, topics: Topics, *, slack_ms: int = 5_000) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.slack_ms = slack_ms
+        self._waiters: dict[str, _Waiter] = {}
+        self._early: TTLCache[str, AIResponse] = TTLCache(maxsize=10_000, ttl=120)
+        # id -> until when (monotonic clock, s) a repeat of its response is a duplicate. Floats in an LRU
+        # map, not a TTLCache: its linked entries are objects the garbage collector walks on every full
+        # pass, and 100,000 of them slowed the whole process down (``aipipe bench``).
+        self._seen: LRUCache[str, float] = LRUCache(maxsize=100_000)
+        self._stop = anyio.Event()
+        self.duplicates = 0
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Read responses until ``stop()``; reports started once positioned at the topic's end."""
+        consumer = await self.bus.consumer([self.topics.responses], group=None, from_beginning=False)
+        task_status.started()
+        try:
+            while not self._stop.is_set():
+                try:
+                    records = await consumer.getmany(100, max_records=1000)
+                except BusError as exc:
+                    log.warning("response reader: fetch failed (%s); retrying", exc)
+                    with anyio.move_on_after(1.0):
+                        await self._stop.wait()
+                    continue
+                for record in records:
+                    try:
+                        response = _RESPONSE_DECODER.decode(record.value)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    self._deliver(response)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await consumer.stop()
+
+    def stop(self) -> None:
+        """Stop the response reader."""
+        self._stop.set()
+
+    def _deliver(self, response: AIResponse) -> None:
+        now = time.monotonic()
+        seen_until = self._seen.get(response.id)
+        if seen_until is not None and seen_until > now:
+            self.duplicates += 1
+            return
+        waiter = self._waiters.get(response.id)
+        if waiter is None:
+            self._early[response.id] = response
+            return
+        self._seen[response.id] = now + SEEN_TTL_S
+        waiter.response = response
+        waiter.event.set()
+
+    async def publish(self, request: AIRequest, *, headers: tuple[tuple[str, bytes], ...] = ()) -> None:
+        """Publish ``request`` to ``ai.requests`` keyed by its id."""
+        await publish_with_retry(
+            self.bus,
+            Outgoing(
+                topic=self.topics.requests,
+                value=encode(request),
+                key=request.id.encode(),
+                headers=((SCHEMA_HEADER, str(SCHEMA_VERSION).encode()), *headers),
+            ),
+        )
+
+    async def request(self, request: AIRequest, *, timeout_s: float | None = None) -> AIResponse:
+        """Publish ``request`` and return its response.
+
+        With tracing on, the call is the trace's root span (``generate_content
+        <model>``); the request is published with its ``traceparent`` (or the
+        caller's own OpenTelemetry span context, when it has one).
+
+        Raises:
+            ProviderTimeoutError: when no response arrives within the request's
+                ``timeout_ms`` plus ``slack_ms`` (or ``timeout_s``).
+            ServiceUnavailableError: when the broker does not acknowledge the
+                request within ``PUBLISH_TIMEOUT_S`` (10 s) or its ``timeout_ms``.
+        """
+        waiter = self._waiters[request.id] = _Waiter()
+        tel = telemetry.current()
+        span, traceparent = tel.start_request(request, self.topics.requests)  # the trace's root, when tracing
+        try:
+            headers = ((TRACE_HEADER, traceparent),) if traceparent is not None else ()
+            with anyio.move_on_after(min(PUBLISH_TIMEOUT_S, request.timeout_ms / 1000)) as publishing:
+                await self.publish(request, headers=headers)
+            if publishing.cancelled_caught:
+                raise ServiceUnavailableError(
+                    f"the Kafka broker did not take request {request.id} within "
+                    f"{min(PUBLISH_TIMEOUT_S, request.timeout_ms / 1000):.1f}s (is it running?)",
+                    request_id=request.id,
+                )
+            early = self._early.pop(request.id, None)
+            if early is not None:
+                self._deliver(early)
+            limit = timeout_s if timeout_s is not None else (request.timeout_ms + self.slack_ms) / 1000
+            with anyio.move_on_after(limit):
+                await waiter.event.wait()
+            if waiter.response is None:
+                raise ProviderTimeoutError(
+                    f"no response for request {request.id} within {limit:.1f}s", request_id=request.id
+                )
+            return waiter.response
+        finally:
+            self._waiters.pop(request.id, None)
+            if span is not None:
+                tel.finish_request(span, waiter.response, None if waiter.response is not None else "timeout")

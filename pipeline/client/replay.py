@@ -1,0 +1,291 @@
+"""Replay and audit: read any topic by time range, re-price cost events, reconcile answers.
+
+Reading by time filters on each record's own timestamp (the producer's create
+time). ``offsets_for_times`` is not used: it is unreliable on the embedded
+broker (EMBEDDED-BROKER.md), so a replay reads every partition from its
+beginning as a broadcast reader — it never joins the live consumer groups and
+commits nothing — and stops once no record has arrived for ``idle_s``
+seconds (the topic's end, as far as a reader can tell without trusting end
+offsets).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import msgspec
+
+from pipeline.bus.protocol import Bus, Record
+from schemas.events import CostEvent
+from schemas.response import AIResponse
+from stages.rules.pricing import PriceTable, round_usd
+
+log = logging.getLogger("aipipe.replay")
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or date-time (``2026-11-29``, ``2026-11-29T10:00:00Z``), as aware UTC.
+
+    A time without a zone is taken as UTC.
+
+    Raises:
+        ValueError: when ``text`` is not ISO 8601.
+    """
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-29 or 2026-11-29T10:00:00Z)") from exc
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+async def read_range(
+    bus: Bus,
+    topic: str,
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    idle_s: float = 1.5,
+    on_record: Callable[[Record], None] | None = None,
+) -> list[Record]:
+    """Every record of ``topic`` whose timestamp is in ``[since, until)``, in partition/offset order.
+
+    Args:
+        bus: a started bus.
+        topic: full topic name.
+        since: first instant included (aware).
+        until: first instant excluded (aware; ``None``: no upper bound).
+        idle_s: stop after this long without a new record (s).
+        on_record: called for each record read (for progress display).
+    """
+    since_ms = int(since.timestamp() * 1000)
+    until_ms = int(until.timestamp() * 1000) if until is not None else None
+    consumer = await bus.consumer([topic], group=None, from_beginning=True)
+    kept: list[Record] = []
+    try:
+        while True:
+            batch: list[Record] = []
+            with anyio.move_on_after(idle_s):
+                while not batch:
+                    batch = await consumer.getmany(200, max_records=2000)
+            if not batch:
+                break
+            for record in batch:
+                if on_record is not None:
+                    on_record(record)
+                if record.timestamp_ms < since_ms or (until_ms is not None and record.timestamp_ms >= until_ms):
+                    continue
+                kept.append(record)
+    finally:
+        await consumer.stop()
+    kept.sort(key=lambda r: (r.partition, r.offset))
+    return kept
+
+
+# --- re-pricing -------------------------------------------------------------------------------
+
+
+@dataclass
+class RepriceLine:
+    """Totals (USD) of one provider and model: as recorded, and as re-priced."""
+
+    provider: str
+    model: str
+    events: int = 0
+    old_usd: Decimal = Decimal(0)
+    new_usd: Decimal = Decimal(0)
+
+
+@dataclass
+class RepriceReport:
+    """Re-pricing of a set of cost events: per (provider, model) lines and totals (USD)."""
+
+    lines: dict[tuple[str, str], RepriceLine] = field(default_factory=dict)
+    undecodable: int = 0
+
+    @property
+    def old_total_usd(self) -> Decimal:
+        """Sum of recorded costs (USD)."""
+        return sum((line.old_usd for line in self.lines.values()), Decimal(0))
+
+    @property
+    def new_total_usd(self) -> Decimal:
+        """Sum of re-priced costs (USD)."""
+        return sum((line.new_usd for line in self.lines.values()), Decimal(0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: lines and totals as numbers rounded to 10 decimal places."""
+        return {
+            "lines": [
+                {
+                    "provider": ln.provider,
+                    "model": ln.model,
+                    "events": ln.events,
+                    "old_usd": round_usd(ln.old_usd),
+                    "new_usd": round_usd(ln.new_usd),
+                }
+                for ln in sorted(self.lines.values(), key=lambda x: (x.provider, x.model))
+            ],
+            "old_total_usd": round_usd(self.old_total_usd),
+            "new_total_usd": round_usd(self.new_total_usd),
+            "undecodable": self.undecodable,
+        }
+
+
+def reprice(
+    events: Iterable[CostEvent],
+    prices: PriceTable,
+    *,
+    default_cost_per_token: Mapping[str, Decimal] | None = None,
+) -> RepriceReport:
+    """Re-compute each cost event's cost from its recorded usage with ``prices``.
+
+    Cache hits cost 0 under any price table (they made no provider call). A
+    model missing from ``prices`` is charged at its provider's entry of
+    ``default_cost_per_token`` (USD per token), as the recorder does.
+    """
+    report = RepriceReport()
+    for event in events:
+        key = (event.provider, event.model)
+        line = report.lines.setdefault(key, RepriceLine(event.provider, event.model))
+        line.events += 1
+        line.old_usd += Decimal(str(event.cost_usd))
+        if not event.cached:
+            default = (default_cost_per_token or {}).get(event.provider)
+            costing = prices.cost(event.provider, event.model, event.usage, default_cost_per_token=default)
+            line.new_usd += costing.cost_usd
+    return report
+
+
+def decode_all(records: Iterable[Record], type_: type[Any]) -> tuple[list[Any], int]:
+    """Decode each record's value as ``type_``; returns the values and the number that failed."""
+    decoder = msgspec.json.Decoder(type_)
+    out: list[Any] = []
+    bad = 0
+    for record in records:
+        try:
+            out.append(decoder.decode(record.value))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            bad += 1
+    return out, bad
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditReport:
+    """Reconciliation of requests, responses and cost events over one period.
+
+    ``missing_responses``: request ids with no response. ``conflicting``: ids
+    whose responses differ (status, content, provider or error type).
+    ``duplicate_responses``: ids answered more than once identically (allowed
+    by at-least-once delivery). ``missing_costs``: ``status: ok`` ids without a
+    cost event; ``extra_costs``: ids with more than one cost event;
+    ``orphan_costs``: cost events for ids with no ok response in the period.
+    ``reused_ids``: ids sent with two different request bodies (ids must be
+    unique: the second request got the first one's answer).
+    ``totals_usd``: cost per provider (USD, 10 decimal places).
+    """
+
+    requests: int = 0
+    responses: int = 0
+    ok: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    cost_events: int = 0
+    missing_responses: list[str] = field(default_factory=list)
+    conflicting: list[str] = field(default_factory=list)
+    duplicate_responses: list[str] = field(default_factory=list)
+    missing_costs: list[str] = field(default_factory=list)
+    extra_costs: list[str] = field(default_factory=list)
+    orphan_costs: list[str] = field(default_factory=list)
+    reused_ids: list[str] = field(default_factory=list)
+    totals_usd: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        """No missing, conflicting or extra item."""
+        return not (
+            self.missing_responses or self.conflicting or self.missing_costs or self.extra_costs or self.reused_ids
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = {k: v for k, v in self.__dict__.items()}
+        data["clean"] = self.clean
+        return data
+
+
+def _signature(response: AIResponse) -> tuple[Any, ...]:
+    return (
+        response.status,
+        response.content,
+        response.provider,
+        response.model,
+        response.error.type if response.error else None,
+    )
+
+
+def audit(
+    request_records: Iterable[Record], responses: Iterable[AIResponse], costs: Iterable[CostEvent]
+) -> AuditReport:
+    """Reconcile requests (by record key, else the value's id) against responses and cost events."""
+    report = AuditReport()
+    request_ids: set[str] = set()
+    bodies: dict[str, bytes] = {}
+    reused: set[str] = set()
+    for record in request_records:
+        rid = record.key.decode("utf-8", "replace") if record.key else None
+        if rid is None:
+            try:
+                rid = msgspec.json.decode(record.value, type=dict[str, Any]).get("id")
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                rid = None
+        if isinstance(rid, str) and rid:
+            request_ids.add(rid)
+            first_body = bodies.setdefault(rid, record.value)
+            if first_body != record.value:
+                reused.add(rid)
+    report.reused_ids = sorted(reused)
+    report.requests = len(request_ids)
+
+    by_id: dict[str, list[AIResponse]] = defaultdict(list)
+    for response in responses:
+        by_id[response.id].append(response)
+    report.responses = len(by_id)
+    ok_ids: set[str] = set()
+    for rid, answers in by_id.items():
+        first = answers[0]
+        if len({_signature(a) for a in answers}) > 1:
+            report.conflicting.append(rid)
+        elif len(answers) > 1:
+            report.duplicate_responses.append(rid)
+        if first.status == "ok":
+            report.ok += 1
+            ok_ids.add(rid)
+            report.cache_hits += int(first.cached)
+        else:
+            report.errors += 1
+    report.missing_responses = sorted(request_ids - set(by_id))
+
+    counts: Counter[str] = Counter()
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    for event in costs:
+        counts[event.id] += 1
+        report.cost_events += 1
+        if counts[event.id] == 1:
+            totals[event.provider] += Decimal(str(event.cost_usd))
+    report.missing_costs = sorted(ok_ids - set(counts))
+    report.extra_costs = sorted(rid for rid, n in counts.items() if n > 1)
+    report.orphan_costs = sorted(set(counts) - ok_ids)
+    report.totals_usd = {p: round_usd(v) for p, v in sorted(totals.items())}
+    report.conflicting.sort()
+    report.duplicate_responses.sort()
+    return report

@@ -1,0 +1,447 @@
+"""Provider configuration: the seed's fields, DESIGN A8's names, presets and TOML files.
+
+A configuration is a frozen ``PipelineConfig``. ``preset("development")`` and
+``preset("production")`` give the built-in ones; ``load_config_file(path)``
+reads a TOML file (``AIPIPE_CONFIG``) on top of a preset and validates it,
+naming the bad key in the error. The seed's camelCase names
+(``maxTokensPerRequest``, ``costPerToken``, ``rateLimit.requestsPerMinute``,
+``retryAttempts``, ``retryDelay``, ``timeout``...) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROVIDER_NAMES: tuple[str, ...] = ("openai", "anthropic", "cloudflare")
+
+#: The strategy names (DESIGN A5), in the order the README lists them.
+STRATEGY_NAMES: tuple[str, ...] = ("round_robin", "weighted", "least_latency", "cost_optimized", "priority")
+
+
+def normalize_strategy_name(name: str) -> str:
+    """The canonical strategy name for ``name``.
+
+    Accepts the names of ``STRATEGY_NAMES``, the seed's kebab-case type names
+    (``"cost-optimized"``, ``"round-robin"``, ``"least-latency"``) and its
+    camelCase constant names (``"costOptimized"``).
+
+    Raises:
+        ValueError: for any other name, listing the known ones.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"strategy name must be a string, got {type(name).__name__}")
+    camel_split = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip()).lower()
+    canonical = camel_split.replace("-", "_").replace(" ", "_")
+    if canonical not in STRATEGY_NAMES:
+        raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_NAMES)})")
+    return canonical
+
+
+def validate_weights(weights: Mapping[str, Any], known: Iterable[str] | None = PROVIDER_NAMES) -> dict[str, float]:
+    """Check a ``{provider: weight}`` mapping and return it with float weights.
+
+    Weights are relative (they need not sum to 1) and must be finite numbers
+    >= 0 with at least one > 0.
+
+    Args:
+        weights: provider name -> weight.
+        known: provider names allowed (``None``: any name).
+
+    Raises:
+        ValueError: naming the bad provider or weight.
+    """
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"weights must be a mapping of provider to weight, got {type(weights).__name__}")
+    allowed = set(known) if known is not None else None
+    out: dict[str, float] = {}
+    for provider, raw in weights.items():
+        if allowed is not None and provider not in allowed:
+            raise ValueError(f"weight for unknown provider {provider!r} (known: {', '.join(sorted(allowed))})")
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"weight of {provider} must be a number, got {raw!r}")
+        value = float(raw)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"weight of {provider} must be a finite number >= 0, got {raw!r}")
+        out[provider] = value
+    if out and not any(v > 0 for v in out.values()):
+        raise ValueError("at least one weight must be > 0 (weight 0 means never chosen)")
+    return out
+
+
+Pos = Annotated[int, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+
+
+class RetryPolicy(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Retries on one provider (DESIGN A8); delays in ms, full jitter.
+
+    ``max_attempts`` counts every call to one provider for one request, the first included.
+    """
+
+    max_attempts: Pos = 3
+    base_delay_ms: Annotated[int, Meta(ge=0)] = 1000
+    max_delay_ms: Annotated[int, Meta(ge=0)] = 30_000
+    backoff_multiplier: Annotated[float, Meta(ge=1)] = 2.0
+    retryable_errors: tuple[str, ...] = ("rate_limit", "server_error", "timeout")
+
+
+class BreakerPolicy(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Circuit breaker thresholds (DESIGN A8); times in s, rates as fractions 0..1."""
+
+    failure_threshold: Pos = 5
+    error_rate_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    window_s: Annotated[float, Meta(gt=0)] = 60.0
+    min_requests: Pos = 10
+    cool_off_s: Annotated[float, Meta(gt=0)] = 30.0
+    max_cool_off_s: Annotated[float, Meta(gt=0)] = 300.0
+    success_threshold: Pos = 2
+
+
+class RateLimit(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Per-provider limits: requests and tokens per minute (``None``: unlimited)."""
+
+    requests_per_minute: Pos | None = None
+    tokens_per_minute: Pos | None = None
+
+
+class ProviderConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One provider's settings (the seed's ``ProviderConfig`` with DESIGN A8's names).
+
+    ``priority``: lower is preferred. ``cost_per_token``: USD per token, used
+    only for models missing from the price table. ``timeout_ms``: limit of one
+    attempt (one HTTP call, ms). ``models``: concrete models this provider
+    serves. ``max_tokens_per_request``: largest ``max_tokens`` it accepts.
+    """
+
+    enabled: bool = True
+    priority: int = 1
+    max_tokens_per_request: Pos = 4096
+    cost_per_token: NonNegFloat = 0.000002
+    rate_limit: RateLimit = RateLimit()
+    timeout_ms: Pos = 30_000
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    models: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ("text-generation", "chat")
+
+
+class CacheConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Response cache: ``max_size`` entries (LRU), ``default_ttl_s`` (s), compression above a size (bytes)."""
+
+    enabled: bool = True
+    max_size: Pos = 1000
+    default_ttl_s: Pos = 3600
+    compression_threshold_bytes: Annotated[int, Meta(ge=0)] = 1024
+    enable_compression: bool = True
+
+
+class BudgetConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Budget defaults: the ``global`` daily limit (USD, ``None``: unlimited) and the window time zone.
+
+    ``fail_mode``: what the budget gate does when its shared store (Redis) is
+    down and a request counts toward a scope that has a limit: ``closed``
+    (default) refuses it with ``service_unavailable`` until the store is back;
+    ``open`` admits it unreserved (spend is settled once the store answers
+    again). Requests whose scopes have no limit are admitted either way.
+    """
+
+    global_daily_usd: NonNegFloat | None = None
+    timezone: str = "UTC"
+    fail_mode: Literal["closed", "open"] = "closed"
+
+
+class HealthConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Health monitor and breaker timing (the ``health`` and ``breaker`` stages); times in s and ms.
+
+    ``interval_s``: period of the active probe of every enabled provider (0:
+    no periodic probes; the first round comes one interval after start).
+    ``half_open_interval_s``: pause between probes of a ``HALF_OPEN`` provider.
+    ``probe_timeout_ms``: limit of one probe. ``probe_models``: provider ->
+    model to probe (default: the provider's first ``models`` entry, its
+    cheapest in the presets). ``status_window_s``: sliding window of
+    ``HealthStatus`` (error rate, average response time).
+    ``snapshot_interval_s``: period of the breaker's ``circuit_snapshot``.
+    """
+
+    interval_s: Annotated[float, Meta(ge=0)] = 60.0
+    half_open_interval_s: Annotated[float, Meta(gt=0)] = 2.0
+    probe_timeout_ms: Pos = 10_000
+    probe_models: dict[str, str] = {}
+    status_window_s: Annotated[float, Meta(gt=0)] = 300.0
+    snapshot_interval_s: Annotated[float, Meta(gt=0)] = 30.0
+
+    def probe_result_deadline_s(self) -> float:
+        """How long (s) the breaker waits in ``HALF_OPEN`` for a decisive probe result before re-opening.
+
+        One probe's timeout plus the pause between probes plus 5 s for the bus.
+        """
+        return self.probe_timeout_ms / 1000 + self.half_open_interval_s + 5.0
+
+
+class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The whole configuration: providers, model groups, routing strategy, cache, budgets.
+
+    ``model_groups`` maps a logical model name to one concrete model per
+    provider, e.g. ``{"gpt-3.5-turbo": {"openai": "gpt-3.5-turbo",
+    "anthropic": "claude-3-5-haiku-20241022"}}``.
+    """
+
+    environment: Literal["development", "production", "custom"] = "custom"
+    providers: dict[str, ProviderConfig] = {}
+    model_groups: dict[str, dict[str, str]] = {}
+    strategy: str = "priority"
+    weights: dict[str, float] = {}
+    cache: CacheConfig = CacheConfig()
+    budget: BudgetConfig = BudgetConfig()
+    allow_content_filter_fallback: bool = False
+    health: HealthConfig = HealthConfig()
+
+    def __post_init__(self) -> None:
+        """Check cross-field rules.
+
+        Raises:
+            ValueError: for a provider name aipipe has no adapter for, a
+                model group naming an unknown provider, or an unknown
+                strategy or invalid weights.
+        """
+        for name in self.providers:
+            if name not in PROVIDER_NAMES:
+                raise ValueError(f"unknown provider `{name}` (known: {', '.join(PROVIDER_NAMES)})")
+        for group, members in self.model_groups.items():
+            for provider in members:
+                if provider not in PROVIDER_NAMES:
+                    raise ValueError(f"model group `{group}` names unknown provider `{provider}`")
+        try:
+            normalize_strategy_name(self.strategy)
+            validate_weights(self.weights)
+        except ValueError as exc:
+            raise ValueError(f"`strategy`/`weights`: {exc}") from exc
+
+    def enabled_providers(self) -> dict[str, ProviderConfig]:
+        """The providers with ``enabled = true``."""
+        return {n: p for n, p in self.providers.items() if p.enabled}
+
+    def probe_model(self, provider: str) -> str | None:
+        """The model the health monitor probes ``provider`` with (``health.probe_models``, else its first model)."""
+        configured = self.health.probe_models.get(provider)
+        if configured:
+            return configured
+        cfg = self.providers.get(provider)
+        return cfg.models[0] if cfg is not None and cfg.models else None
+
+    def with_providers(self, providers: dict[str, ProviderConfig]) -> PipelineConfig:
+        """A copy with ``providers`` replaced."""
+        return msgspec.structs.replace(self, providers=providers)
+
+
+_OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-3.5-turbo")
+_ANTHROPIC_MODELS = (
+    "claude-3-5-haiku-20241022",
+    "claude-3-haiku-20240307",
+    "claude-3-5-sonnet-20241022",
+    "claude-sonnet-4-20250514",
+)
+_CLOUDFLARE_MODELS = (
+    "@cf/meta/llama-3.1-8b-instruct",
+    "@cf/meta/llama-3.2-3b-instruct",
+    "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
+    "@cf/mistral/mistral-7b-instruct-v0.1",
+)
+
+DEFAULT_MODEL_GROUPS: dict[str, dict[str, str]] = {
+    # The seed's example model: served by each provider's small, cheap model.
+    "gpt-3.5-turbo": {
+        "openai": "gpt-3.5-turbo",
+        "anthropic": "claude-3-5-haiku-20241022",
+        "cloudflare": "@cf/meta/llama-3.1-8b-instruct",
+    },
+    "chat-small": {
+        "openai": "gpt-4o-mini",
+        "anthropic": "claude-3-5-haiku-20241022",
+        "cloudflare": "@cf/meta/llama-3.1-8b-instruct",
+    },
+    "chat-large": {
+        "openai": "gpt-4o",
+        "anthropic": "claude-sonnet-4-20250514",
+        "cloudflare": "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
+    },
+}
+
+
+def preset(env_name: str) -> PipelineConfig:
+    """The built-in configuration for ``development`` or ``production``.
+
+    development: conservative limits (60 RPM, 40,000 TPM, 1,024 max tokens per
+    request), two providers (Cloudflare, OpenAI), a $5 global daily budget.
+    production: higher limits, all three providers, no global budget by default.
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if env_name == "development":
+        limits = RateLimit(requests_per_minute=60, tokens_per_minute=40_000)
+        return PipelineConfig(
+            environment="development",
+            providers={
+                "cloudflare": ProviderConfig(
+                    priority=1,
+                    max_tokens_per_request=1024,
+                    cost_per_token=0.0000003,
+                    rate_limit=limits,
+                    timeout_ms=20_000,
+                    models=_CLOUDFLARE_MODELS,
+                ),
+                "openai": ProviderConfig(
+                    priority=2,
+                    max_tokens_per_request=1024,
+                    cost_per_token=0.000002,
+                    rate_limit=limits,
+                    timeout_ms=20_000,
+                    models=_OPENAI_MODELS,
+                ),
+                "anthropic": ProviderConfig(
+                    enabled=False,
+                    priority=3,
+                    max_tokens_per_request=1024,
+                    cost_per_token=0.000004,
+                    rate_limit=limits,
+                    timeout_ms=20_000,
+                    models=_ANTHROPIC_MODELS,
+                ),
+            },
+            model_groups=DEFAULT_MODEL_GROUPS,
+            budget=BudgetConfig(global_daily_usd=5.0),
+        )
+    if env_name == "production":
+        return PipelineConfig(
+            environment="production",
+            providers={
+                "cloudflare": ProviderConfig(
+                    priority=1,
+                    max_tokens_per_request=4096,
+                    cost_per_token=0.0000003,
+                    rate_limit=RateLimit(requests_per_minute=300, tokens_per_minute=300_000),
+                    models=_CLOUDFLARE_MODELS,
+                ),
+                "openai": ProviderConfig(
+                    priority=2,
+                    max_tokens_per_request=4096,
+                    cost_per_token=0.000002,
+                    rate_limit=RateLimit(requests_per_minute=3500, tokens_per_minute=2_000_000),
+                    models=_OPENAI_MODELS,
+                ),
+                "anthropic": ProviderConfig(
+                    priority=3,
+                    max_tokens_per_request=4096,
+                    cost_per_token=0.000004,
+                    rate_limit=RateLimit(requests_per_minute=1000, tokens_per_minute=400_000),
+                    models=_ANTHROPIC_MODELS,
+                ),
+            },
+            model_groups=DEFAULT_MODEL_GROUPS,
+        )
+    raise ValueError(f"unknown environment {env_name!r}: use 'development' or 'production'")
+
+
+# The seed's camelCase names and their DESIGN A8 paths (relative to a provider).
+_PROVIDER_ALIASES: dict[str, tuple[str, ...]] = {
+    "retryAttempts": ("retry", "max_attempts"),
+    "maxAttempts": ("retry", "max_attempts"),
+    "retryDelay": ("retry", "base_delay_ms"),
+    "timeout": ("timeout_ms",),
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _normalize_keys(value: Any, *, provider_level: bool = False) -> Any:
+    """CamelCase keys -> snake_case, recursively; the seed's provider aliases -> DESIGN A8 paths."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if provider_level and key in _PROVIDER_ALIASES:
+            path = _PROVIDER_ALIASES[key]
+            target = out
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            target[path[-1]] = item
+            continue
+        snake = _snake(key) if key.isidentifier() else key
+        if isinstance(item, dict) and snake in out and isinstance(out[snake], dict):
+            out[snake].update(_normalize_keys(item))
+        else:
+            out[snake] = _normalize_keys(item)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def config_from_mapping(data: Mapping[str, Any], *, base: PipelineConfig | None = None) -> PipelineConfig:
+    """Validate a configuration mapping (TOML-shaped), layered on ``base`` when given.
+
+    Raises:
+        ValueError: naming the bad key, e.g. ``Expected `int`, got `str` - at
+            `$.providers.openai.priority```.
+    """
+    raw = dict(data)
+    providers = raw.pop("providers", None)
+    normalized = dict(_normalize_keys(raw))
+    if isinstance(providers, dict):
+        normalized["providers"] = {
+            name: _normalize_keys(dict(cfg), provider_level=True) if isinstance(cfg, dict) else cfg
+            for name, cfg in providers.items()
+        }
+    elif providers is not None:
+        normalized["providers"] = providers
+    if base is not None:
+        normalized = _merge(msgspec.to_builtins(base), normalized)
+        normalized["environment"] = "custom" if data else base.environment
+    for name, cfg in (normalized.get("providers") or {}).items():
+        try:
+            msgspec.convert(cfg, ProviderConfig)
+        except msgspec.ValidationError as exc:
+            where = str(exc).replace("`$", f"`$.providers.{name}")
+            if "- at" not in where:
+                where = f"{where} - at `$.providers.{name}`"
+            raise ValueError(f"invalid configuration: {where}") from exc
+    try:
+        return msgspec.convert(normalized, PipelineConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid configuration: {exc}") from exc
+
+
+def load_config_file(path: Path, *, base: PipelineConfig | None = None) -> PipelineConfig:
+    """Read and validate a TOML configuration file (``AIPIPE_CONFIG``).
+
+    Raises:
+        ValueError: when the file is missing, not TOML, or a key is unknown or invalid.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ValueError(f"configuration file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    try:
+        return config_from_mapping(data, base=base)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc

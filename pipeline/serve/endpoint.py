@@ -1,0 +1,202 @@
+"""The ASGI app of ``aipipe serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
+
+Each chat completion becomes one ``AIRequest`` (``openai_format``), is
+answered through ``ServeState.ask`` (the manager's one shared
+``PipelineClient``: published to ``ai.requests``, awaited on
+``ai.responses``) and returned as a ``chat.completion`` body with the
+``x-aipipe-*`` headers, or as an OpenAI error body. Callers authenticate with
+the client keys of ``keys``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from pipeline.errors import ProviderTimeoutError
+from pipeline.runtime.config import PipelineConfig
+from pipeline.serve.keys import ApiKeys
+from pipeline.serve.openai_format import (
+    OpenAIHTTPError,
+    completion_body,
+    model_list,
+    new_completion_id,
+    to_ai_request,
+)
+from schemas.request import AIRequest
+from schemas.response import AIResponse
+
+log = logging.getLogger("aipipe.serve")
+
+#: Largest request body accepted (bytes); larger ones get 413.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Response headers the endpoint adds.
+HEADER_REQUEST_ID = "x-aipipe-request-id"
+HEADER_PROVIDER = "x-aipipe-provider"
+HEADER_COST = "x-aipipe-cost-usd"
+HEADER_CACHED = "x-aipipe-cached"
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        _ENCODER.encode(data), status_code=status, headers=dict(headers or {}), media_type="application/json"
+    )
+
+
+def _error_response(error: OpenAIHTTPError, headers: Mapping[str, str] | None = None) -> Response:
+    return _json(error.body(), error.status, headers)
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+def _pipeline_headers(response: AIResponse) -> dict[str, str]:
+    headers = {HEADER_REQUEST_ID: response.id, HEADER_COST: f"{response.cost_usd:.10f}"}
+    headers[HEADER_CACHED] = "true" if response.cached else "false"
+    provider = response.provider or (response.error.provider if response.error else None)
+    if provider:
+        headers[HEADER_PROVIDER] = provider
+    return headers
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise OpenAIHTTPError(
+            413, f"request body over {MAX_BODY_BYTES} bytes", type_="invalid_request_error", code=None
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise OpenAIHTTPError(
+                413, f"request body over {MAX_BODY_BYTES} bytes", type_="invalid_request_error", code=None
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class ServeState:
+    """What the endpoint needs: how to ask the pipeline, which models to list, the client keys."""
+
+    ask: Callable[[AIRequest], Awaitable[AIResponse]]
+    config: PipelineConfig
+    api_keys: ApiKeys | None
+
+
+def create_app(state: ServeState) -> Starlette:
+    """The Starlette app: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{model}``.
+
+    Errors (also 404/405 for unknown routes and methods) are OpenAI error bodies.
+    """
+
+    def authenticate(request: Request) -> str | None:
+        """The caller's user from its key (``None`` on an open endpoint).
+
+        Raises:
+            OpenAIHTTPError: 401 for a missing or unknown key.
+        """
+        if state.api_keys is None:
+            return None
+        token = _bearer(request)
+        if token is None:
+            raise OpenAIHTTPError(
+                401,
+                "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+        user = state.api_keys.user_for(token)
+        if user is None:
+            raise OpenAIHTTPError(
+                401, "Incorrect API key provided.", type_="authentication_error", code="invalid_api_key"
+            )
+        return user
+
+    async def chat_completions(request: Request) -> Response:
+        request_id = new_completion_id()
+        id_header = {HEADER_REQUEST_ID: request_id}
+        try:
+            user = authenticate(request)
+            raw = await _read_body(request)
+            try:
+                body = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                raise OpenAIHTTPError.invalid("We could not parse the JSON body of your request.") from None
+            ai_request = to_ai_request(body, request_id=request_id, key_user=user)
+        except OpenAIHTTPError as exc:
+            return _error_response(exc, id_header)
+        try:
+            response = await state.ask(ai_request)
+        except ProviderTimeoutError as exc:
+            log.warning("request %s: %s", request_id, exc)
+            return _error_response(OpenAIHTTPError.for_type("timeout", str(exc)), id_header)
+        headers = _pipeline_headers(response)
+        if response.status == "error" or response.error is not None:
+            err = response.error
+            error_type = err.type if err else "server_error"
+            message = err.message if err else "the pipeline answered with an error"
+            log.info("request %s: %s: %s", request_id, error_type, message)
+            return _error_response(OpenAIHTTPError.for_type(error_type, message), headers)
+        log.info(
+            "request %s: ok provider=%s cost_usd=%.10f cached=%s",
+            request_id,
+            response.provider,
+            response.cost_usd,
+            response.cached,
+        )
+        return _json(completion_body(response, ai_request, created=int(time.time())), 200, headers)
+
+    async def list_models(request: Request) -> Response:
+        try:
+            authenticate(request)
+        except OpenAIHTTPError as exc:
+            return _error_response(exc)
+        return _json({"object": "list", "data": model_list(state.config)})
+
+    async def get_model(request: Request) -> Response:
+        try:
+            authenticate(request)
+        except OpenAIHTTPError as exc:
+            return _error_response(exc)
+        wanted = request.path_params["model"]
+        for entry in model_list(state.config):
+            if entry["id"] == wanted:
+                return _json(entry)
+        return _error_response(
+            OpenAIHTTPError.for_type("model_not_found", f"The model `{wanted}` is not served by this aipipe.")
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        message = f"{detail}: {request.method} {request.url.path}"
+        return _error_response(OpenAIHTTPError(status, message, type_=type_, code=None))
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: http_error},
+    )

@@ -1,0 +1,285 @@
+"""The OpenAI chat-completions wire format of ``aipipe serve`` (pure: no I/O).
+
+Requests: an OpenAI chat-completions body becomes one ``AIRequest``
+(``to_ai_request``): ``model``, ``messages`` (text content; ``developer`` is
+read as ``system``), ``max_tokens``/``max_completion_tokens``, ``temperature``,
+``top_p``, ``stop``, ``user``, ``metadata`` map onto it; the aipipe extensions
+``providers``, ``cache`` and ``timeout_ms`` (the SDK's ``extra_body``) pass
+through. Parameters aipipe cannot honour are accepted only at their no-op
+value (``n: 1``, ``stream: false``, ``presence_penalty: 0``, ...), hints that do
+not change the answer (``seed``, ``store``, ``service_tier``, ...) are ignored,
+and anything else is a 400 naming the parameter, so a request never silently
+means something else.
+
+Answers: an ``AIResponse`` becomes a ``chat.completion`` body
+(https://platform.openai.com/docs/api-reference/chat/object), an error the
+OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` with the
+status code of ``ERROR_STATUS``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+
+from pipeline.runtime.config import PipelineConfig
+from schemas.request import AIRequest
+from schemas.response import AIResponse
+
+#: aipipe ``error.type`` -> (HTTP status, OpenAI error ``type``). The body's ``code`` is the aipipe type.
+ERROR_STATUS: dict[str, tuple[int, str]] = {
+    "invalid_request": (400, "invalid_request_error"),
+    "authentication": (401, "authentication_error"),
+    "budget_exceeded": (402, "budget_exceeded_error"),
+    "model_not_found": (404, "invalid_request_error"),
+    "rate_limit": (429, "rate_limit_error"),
+    "content_filter": (400, "invalid_request_error"),
+    "context_length_exceeded": (400, "invalid_request_error"),
+    "timeout": (504, "timeout_error"),
+    "server_error": (502, "server_error"),
+    "all_providers_failed": (503, "server_error"),
+    "service_unavailable": (503, "server_error"),
+}
+_PARAM_OF: dict[str, str] = {"model_not_found": "model", "context_length_exceeded": "messages"}
+
+
+class OpenAIHTTPError(Exception):
+    """An answer in OpenAI's error shape: status, ``message``, ``type``, ``param``, ``code``."""
+
+    def __init__(self, status: int, message: str, *, type_: str, code: str | None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+
+    @classmethod
+    def for_type(cls, error_type: str, message: str, *, param: str | None = None) -> OpenAIHTTPError:
+        """The error for an aipipe ``error.type`` (``ERROR_STATUS``; unknown types: 500 ``server_error``)."""
+        status, type_ = ERROR_STATUS.get(error_type, (500, "server_error"))
+        return cls(status, message, type_=type_, code=error_type, param=param or _PARAM_OF.get(error_type))
+
+    @classmethod
+    def invalid(cls, message: str, param: str | None = None) -> OpenAIHTTPError:
+        """A 400 ``invalid_request_error`` about ``param``."""
+        return cls.for_type("invalid_request", message, param=param)
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+#: OpenAI parameters aipipe cannot honour, accepted only at these no-op values (``None`` is always accepted).
+NOOP_PARAMS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "stream": (False,),
+    "stream_options": (),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+}
+#: OpenAI parameters that do not change the answer's content or shape; accepted and ignored.
+IGNORED_PARAMS: frozenset[str] = frozenset(
+    {"seed", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+)
+#: Parameters mapped onto the ``AIRequest`` (the aipipe extensions last).
+MAPPED_PARAMS: frozenset[str] = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "user",
+        "metadata",
+        "providers",
+        "cache",
+        "timeout_ms",
+    }
+)
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_MESSAGE_KEYS_IGNORED = frozenset({"name", "refusal"})
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise OpenAIHTTPError.invalid(
+                    f"only text content is supported; {where}.content[{i}] is {kind!r}", f"{where}.content"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise OpenAIHTTPError.invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise OpenAIHTTPError.invalid("'messages' must be a non-empty array", "messages")
+    out: list[dict[str, str]] = []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise OpenAIHTTPError.invalid(f"{where} must be an object", where)
+        role = message.get("role")
+        if role not in _ROLES:
+            raise OpenAIHTTPError.invalid(
+                f"{where}.role {role!r} is not supported; use system, developer, user or assistant", f"{where}.role"
+            )
+        for key, value in message.items():
+            if key in ("role", "content") or key in _MESSAGE_KEYS_IGNORED or value in (None, []):
+                continue
+            raise OpenAIHTTPError.invalid(f"{where}.{key} is not supported (text chat only)", f"{where}.{key}")
+        out.append({"role": _ROLES[role], "content": _text(message.get("content"), where)})
+    return out
+
+
+def to_ai_request(body: Any, *, request_id: str, key_user: str | None = None) -> AIRequest:
+    """Map an OpenAI chat-completions body onto an ``AIRequest`` with id ``request_id``.
+
+    Args:
+        body: the decoded JSON body.
+        request_id: the pipeline request id (also the completion's ``id``).
+        key_user: the user of the caller's client key; when set it is the request's ``user``
+            and a body ``user`` is kept as ``metadata["openai_user"]``.
+
+    Raises:
+        OpenAIHTTPError: 400 for ``stream: true``, an unknown or unsupported parameter, or a value the
+            ``AIRequest`` rejects (the message names the field).
+    """
+    if not isinstance(body, dict):
+        raise OpenAIHTTPError.invalid("the request body must be a JSON object")
+    if body.get("stream") is True:
+        raise OpenAIHTTPError.invalid(
+            "stream=true is not supported yet: aipipe answers with whole completions; send stream=false", "stream"
+        )
+    for name, value in body.items():
+        if name in MAPPED_PARAMS or name in IGNORED_PARAMS:
+            continue
+        if name in NOOP_PARAMS:
+            if value is None or value in NOOP_PARAMS[name]:
+                continue
+            raise OpenAIHTTPError.invalid(f"parameter {name!r} is not supported by aipipe (value {value!r})", name)
+        raise OpenAIHTTPError.invalid(f"Unrecognized request argument supplied: {name}", name)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise OpenAIHTTPError.invalid("you must provide a model parameter", "model")
+    data: dict[str, Any] = {"id": request_id, "model": body["model"], "messages": _messages(body.get("messages"))}
+    max_tokens, max_completion = body.get("max_tokens"), body.get("max_completion_tokens")
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise OpenAIHTTPError.invalid(
+            "max_tokens and max_completion_tokens differ; send one of them", "max_completion_tokens"
+        )
+    if max_completion is not None or max_tokens is not None:
+        data["max_tokens"] = max_completion if max_completion is not None else max_tokens
+    for name in ("temperature", "top_p", "stop", "metadata", "providers", "cache", "timeout_ms"):
+        if body.get(name) is not None:
+            data[name] = body[name]
+    body_user = body.get("user")
+    if key_user is not None:
+        data["user"] = key_user
+        metadata = data.get("metadata", {})
+        if body_user is not None and body_user != key_user and isinstance(metadata, dict):
+            data["metadata"] = {**metadata, "openai_user": body_user}
+    elif body_user is not None:
+        data["user"] = body_user
+    try:
+        return msgspec.convert(data, AIRequest)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        param = None
+        if "`$." in message:
+            param = message.split("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0]
+        raise OpenAIHTTPError.invalid(f"invalid request: {message}", param) from None
+
+
+def finish_reason(response: AIResponse, request: AIRequest) -> str:
+    """``length`` when the answer used the whole ``max_tokens`` budget, else ``stop``.
+
+    ``AIResponse`` carries no provider finish reason, so this is inferred from the token counts.
+    """
+    return "length" if response.usage.completion_tokens >= request.max_tokens else "stop"
+
+
+def completion_body(response: AIResponse, request: AIRequest, *, created: int) -> dict[str, Any]:
+    """The OpenAI ``chat.completion`` object for an ``ok`` response.
+
+    Args:
+        response: the pipeline's answer.
+        request: the request it answers (for ``max_tokens`` and the requested model).
+        created: Unix time (s) of the answer.
+
+    Returns:
+        ``{id, object: "chat.completion", created, model, choices: [{index, message, logprobs,
+        finish_reason}], usage: {prompt_tokens, completion_tokens, total_tokens,
+        prompt_tokens_details: {cached_tokens}}, system_fingerprint}``; ``model`` is the provider's
+        model that answered.
+    """
+    usage = response.usage
+    return {
+        "id": response.id,
+        "object": "chat.completion",
+        "created": created,
+        "model": response.model or request.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": response.content or "", "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(response, request),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        },
+        "system_fingerprint": None,
+    }
+
+
+def model_list(config: PipelineConfig) -> list[dict[str, Any]]:
+    """``GET /v1/models`` entries: model groups served by an enabled provider, then each enabled provider's models.
+
+    Groups are ``owned_by: "aipipe"``, concrete models by their provider; ``created`` is 0 (unknown).
+    """
+    enabled = config.enabled_providers()
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for group, members in config.model_groups.items():
+        if any(p in enabled for p in members) and group not in seen:
+            seen.add(group)
+            out.append({"id": group, "object": "model", "created": 0, "owned_by": "aipipe"})
+    for name, provider in enabled.items():
+        for model in provider.models:
+            if model not in seen:
+                seen.add(model)
+                out.append({"id": model, "object": "model", "created": 0, "owned_by": name})
+    return out
+
+
+def new_completion_id() -> str:
+    """A fresh id for a chat completion and its pipeline request (``chatcmpl-`` + 24 hex characters)."""
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,1 @@
+"""Stage package: the budget gate: refuses spent scopes and reserves each request's worst-case cost."""

@@ -1,0 +1,1 @@
+"""Stage package: the provider executor: calls, retries and fallbacks along the candidate chain."""

@@ -1,0 +1,1 @@
+"""Stage package: the health monitor: probes each provider it owns on an interval."""

@@ -1,0 +1,244 @@
+"""cost-recorder: the single finalizer (DESIGN A3).
+
+Input ``ai.stage.record`` (envelope with an outcome). For each request id it:
+prices the provider's reported usage (``stages.rules.pricing``, Decimal USD),
+writes one ``CostEvent`` to ``ai.costs`` for a ``status: ok`` outcome (cache
+hits too, with ``cost_usd`` 0 and ``saved_usd``), releases the budget
+reservation of an outcome without cost (``reservation_release`` on
+``ai.control``), stores complete successful answers in the response cache
+(then ends the request's coalescing claim, so identical requests waiting in
+the cache stage are answered from it or go on), and publishes the final
+``AIResponse`` to ``ai.responses``. A redelivered record gets the very same
+response again and no second cost event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import msgspec
+from cachetools import LRUCache
+
+from pipeline.bus.topics import Topics
+from pipeline.runtime import telemetry
+from pipeline.runtime.config import PipelineConfig
+from pipeline.runtime.messages import ENVELOPE_DECODER, now_ms
+from pipeline.runtime.runner import Emit, MessageContext, decode_or_invalid, encode, now_utc
+from pipeline.stores.cache_store import CacheStore
+from schemas.cache import CachedAnswer
+from schemas.envelope import Envelope, Outcome
+from schemas.events import CostEvent, ReservationRelease
+from schemas.response import AIResponse, ErrorInfo
+from stages.rules.pricing import PriceTable, round_usd
+
+log = logging.getLogger("aipipe.recorder")
+
+_RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
+
+#: How long (s) the recorder remembers a finalized id, to answer redeliveries identically.
+FINALIZED_TTL_S = 3600
+
+
+class RecorderStage:
+    """Prices, records and answers each outcome exactly once per request id."""
+
+    name = "recorder"
+
+    def __init__(
+        self,
+        topics: Topics,
+        config: PipelineConfig,
+        prices: PriceTable,
+        cache: CacheStore | None,
+        *,
+        finalized_max: int = 200_000,
+    ) -> None:
+        self.topics = topics
+        self.config = config
+        self.prices = prices
+        self.cache = cache
+        self.input_topic = topics.stage_record
+        # id -> (expiry on the monotonic clock, s; the response as JSON). Bytes in an LRU map rather
+        # than response structs in a TTLCache: 200,000 of those (structs, their lists, the cache's
+        # linked entries) were all tracked by the garbage collector, whose full passes then paused
+        # the process for 100+ ms and cut in-process throughput by a quarter after ~40,000 requests
+        # (``aipipe bench``); bytes, floats and their tuples are not tracked.
+        self._finalized: LRUCache[str, tuple[float, bytes]] = LRUCache(maxsize=finalized_max)
+        # Ids with a CostEvent on ai.costs (written here or read back from the topic, also after a restart).
+        self._costed: LRUCache[str, bool] = LRUCache(maxsize=finalized_max)
+        self._synced: list[anyio.Event] = []
+
+    def on_cost(self, event: CostEvent) -> None:
+        """Remember that ``event.id`` has its ``CostEvent`` (fed from ``ai.costs``), so none is written again."""
+        self._costed[event.id] = True
+
+    def _finalized_response(self, request_id: str) -> AIResponse | None:
+        """The response already published for ``request_id`` within ``FINALIZED_TTL_S``, if any."""
+        entry = self._finalized.get(request_id)
+        if entry is None:
+            return None
+        expires_at, raw = entry
+        if expires_at < time.monotonic():
+            del self._finalized[request_id]
+            return None
+        response: AIResponse = _RESPONSE_DECODER.decode(raw)
+        return response
+
+    def follow(self, *caught_up: anyio.Event) -> None:
+        """Write no cost event before these are set (the ``ai.costs`` feed replayed what was written before)."""
+        self._synced.extend(caught_up)
+
+    def decode(self, raw: bytes) -> Envelope:
+        """Decode an envelope.
+
+        Raises:
+            InvalidInput: when the value is not an envelope.
+        """
+        envelope: Envelope = decode_or_invalid(ENVELOPE_DECODER, raw)
+        return envelope
+
+    def reject(self, request_id: str, error: ErrorInfo, ctx: MessageContext) -> list[Emit]:
+        """Answer ``request_id`` with ``error`` directly (the recorder is the finalizer)."""
+        response = AIResponse(id=request_id, status="error", error=error)
+        return [Emit(self.topics.responses, request_id, response)]
+
+    def _price(self, outcome: Outcome) -> tuple[Decimal, str]:
+        provider = outcome.provider or ""
+        model = outcome.model or ""
+        cfg = self.config.providers.get(provider)
+        default = Decimal(str(cfg.cost_per_token)) if cfg is not None else None
+        costing = self.prices.cost(provider, model, outcome.usage, default_cost_per_token=default)
+        return costing.cost_usd, costing.price_source
+
+    async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
+        """Finalize one outcome: response, cost event, cache write, reservation release."""
+        envelope: Envelope = value
+        previous = self._finalized_response(envelope.id)
+        if previous is not None:
+            return [Emit(self.topics.responses, envelope.id, previous)]
+        for synced in self._synced:
+            if synced.is_set():  # the usual case: no cancel scope, no checkpoint per message
+                continue
+            with anyio.move_on_after(30.0):  # then go on: readers of ai.costs count an id once anyway
+                await synced.wait()
+        outcome = envelope.outcome or Outcome(
+            status="error", error=ErrorInfo(type="server_error", message="no outcome reached the recorder")
+        )
+        latency_ms = float(max(now_ms() - envelope.received_at_ms, 0))
+        user = envelope.request.user if envelope.request else None
+        outputs: list[Emit] = []
+        cost_usd = Decimal(0)
+        if outcome.status == "ok" and outcome.provider and outcome.model:
+            priced, source = self._price(outcome)
+            if outcome.cached:
+                # what the call would cost now, at the price table; the stored cost when the model has no price
+                saved = priced if source != "none" or not outcome.saved_usd else Decimal(str(outcome.saved_usd))
+                event = CostEvent(
+                    id=envelope.id,
+                    user=user,
+                    provider=outcome.provider,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                    cost_usd=0.0,
+                    saved_usd=round_usd(saved),
+                    cached=True,
+                    price_source=source,  # type: ignore[arg-type]
+                    at=now_utc(),
+                )
+            else:
+                cost_usd = priced
+                event = CostEvent(
+                    id=envelope.id,
+                    user=user,
+                    provider=outcome.provider,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                    cost_usd=round_usd(priced),
+                    saved_usd=0.0,
+                    cached=False,
+                    price_source=source,  # type: ignore[arg-type]
+                    at=now_utc(),
+                )
+                await self._store(envelope, outcome, priced)
+            if envelope.id not in self._costed:  # one CostEvent per id, also for a redelivered record
+                self._costed[envelope.id] = True
+                outputs.append(Emit(self.topics.costs, envelope.id, event))
+        elif envelope.reserved_usd > 0:
+            release = ReservationRelease(
+                request_id=envelope.id,
+                scope=",".join(envelope.reservation_scopes) or "global",
+                amount_usd=envelope.reserved_usd,
+                at=now_utc(),
+            )
+            outputs.append(Emit(self.topics.control, "*", release))
+        if envelope.cache_key is not None and not outcome.cached:
+            await self._finish_claim(envelope)
+        response = AIResponse(
+            id=envelope.id,
+            status=outcome.status,
+            content=outcome.content,
+            provider=outcome.provider,
+            model=outcome.model,
+            usage=outcome.usage,
+            cost_usd=round_usd(cost_usd),
+            latency_ms=latency_ms,
+            cached=outcome.cached,
+            attempts=outcome.attempts,
+            error=outcome.error,
+        )
+        telemetry.current().record_outcome(
+            provider=outcome.provider,
+            model=outcome.model,
+            status=outcome.status,
+            cached=outcome.cached,
+            error_type=outcome.error.type if outcome.error is not None else None,
+            latency_ms=latency_ms,
+            usage=outcome.usage,
+            cost_usd=cost_usd,
+        )
+        self._finalized[envelope.id] = (time.monotonic() + FINALIZED_TTL_S, encode(response))
+        outputs.append(Emit(self.topics.responses, envelope.id, response))
+        return outputs
+
+    async def _finish_claim(self, envelope: Envelope) -> None:
+        """End the request's coalescing claim on its cache key (after any cache write), waking its waiters."""
+        if self.cache is None or envelope.cache_key is None:
+            return
+        try:
+            await self.cache.finish(envelope.cache_key, envelope.id)
+        except Exception as exc:  # waiters then go on at the claim's expiry
+            log.warning("cache claim release failed for %s: %s", envelope.id, type(exc).__name__)
+
+    async def _store(self, envelope: Envelope, outcome: Outcome, cost_usd: Decimal) -> None:
+        """Cache a complete successful answer: status ok, non-blank content, usage with completion tokens.
+
+        Errors, empty or whitespace-only answers and answers without usage are
+        never stored, nor are requests with ``cache.bypass`` or ``cache.ttl_s`` 0.
+        """
+        request = envelope.request
+        if self.cache is None or envelope.cache_key is None or request is None:
+            return
+        if request.cache is not None and request.cache.bypass:
+            return
+        if outcome.status != "ok" or outcome.cached or not outcome.provider or not outcome.model:
+            return
+        if not outcome.content or not outcome.content.strip() or outcome.usage.completion_tokens <= 0:
+            return
+        ttl = request.cache.ttl_s if request.cache and request.cache.ttl_s is not None else None
+        ttl_s = self.config.cache.default_ttl_s if ttl is None else ttl
+        answer = CachedAnswer(
+            content=outcome.content,
+            provider=outcome.provider or "",
+            model=outcome.model or "",
+            usage=outcome.usage,
+            cost_usd=round_usd(cost_usd),
+            stored_at_ms=now_ms(),
+        )
+        try:
+            await self.cache.set(envelope.cache_key, answer, ttl_s)
+        except Exception as exc:  # a cache outage must not lose the answer
+            log.warning("cache write failed for %s: %s", envelope.id, type(exc).__name__)
