@@ -20,7 +20,9 @@ class Candidate(Struct, kw_only=True, frozen=True):
 class Outcome(Struct, kw_only=True):
     """How a request ended, before pricing: an answer, a cache hit or an error.
 
-    ``saved_usd`` is set on cache hits (what the call would have cost, USD).
+    ``saved_usd`` is set on cache hits (what the call would have cost, USD);
+    ``usage_source`` is ``estimated`` when the provider reported no usage and
+    the tokens were counted.
     """
 
     status: Literal["ok", "error"]
@@ -32,6 +34,7 @@ class Outcome(Struct, kw_only=True):
     error: ErrorInfo | None = None
     cached: bool = False
     saved_usd: float = 0.0
+    usage_source: Literal["provider", "estimated"] = "provider"
 
 
 class Envelope(Struct, kw_only=True):

@@ -161,7 +161,10 @@ class CostEvent(Struct, kw_only=True):
     """What one ``status: ok`` request cost (USD, 10 decimal places), written once per id.
 
     ``saved_usd`` is what a cache hit would have cost; ``price_source`` is
-    ``table`` (the price table) or ``default`` (the provider's ``cost_per_token``).
+    ``table`` (the price table), ``deployment`` (the deployment's own
+    ``prices``) or ``default`` (its ``cost_per_token``); ``usage_source`` is
+    ``estimated`` when the provider reported no usage and the tokens were
+    counted (an ``openai_compatible`` server that sends none).
     """
 
     id: str
@@ -172,7 +175,8 @@ class CostEvent(Struct, kw_only=True):
     cost_usd: float
     saved_usd: float = 0.0
     cached: bool = False
-    price_source: Literal["table", "default", "none"] = "table"
+    price_source: Literal["table", "deployment", "default", "none"] = "table"
+    usage_source: Literal["provider", "estimated"] = "provider"
     at: datetime
 
 

@@ -53,14 +53,19 @@ DRAIN_QUIET_S = 0.3
 
 
 def build_adapters(resolved: Resolved) -> dict[str, ProviderAdapter]:
-    """One adapter per enabled provider with an endpoint."""
+    """One adapter per enabled deployment with an endpoint: an instance of its type's wire format."""
     adapters: dict[str, ProviderAdapter] = {}
     for name, endpoint in resolved.endpoints.items():
+        cfg = resolved.config.providers[name]
         adapters[name] = build_adapter(
             name,
             base_url=endpoint.base_url,
             api_key=endpoint.api_key.reveal() if endpoint.api_key else None,
             account_id=endpoint.account_id,
+            kind=resolved.config.type_of(name),
+            api_version=endpoint.api_version,
+            azure_deployments=cfg.azure_deployments,
+            max_tokens_field=cfg.max_tokens_field,
         )
     return adapters
 
@@ -100,7 +105,7 @@ class Pipeline:
         self.bus = bus
         self.stage_names = [s for s in ALL_STAGES if s in stages]
         self.topics = settings.topics
-        self.prices = prices or PriceTable.load()
+        self.prices = (prices or PriceTable.load()).with_deployments(self.config)
         # Redis (AIPIPE_REDIS_URL) shares the cache between replicas; in-process it is shared by this
         # process's cache stage and recorder only.
         self.cache_store = build_cache_store(

@@ -27,7 +27,7 @@ from pipeline.runtime.runner import now_utc
 from pipeline.runtime.settings import Settings
 from stages.rules.ledger import WINDOWS, zone
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _money(value: float | None) -> str:
@@ -160,13 +160,18 @@ async def _costs(args: argparse.Namespace) -> int:
 
 
 async def _budget_set(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    settings = Settings.from_env(env)
     try:
-        event = set_budget_event(args.scope, args.daily, args.weekly, args.monthly)
+        deployments = load_config(settings).providers
+    except ValueError as exc:
+        print(f"aipipe budget set: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        event = set_budget_event(args.scope, args.daily, args.weekly, args.monthly, deployments=deployments)
     except ValueError as exc:
         print(f"aipipe budget set: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    env = dict(os.environ)
-    settings = Settings.from_env(env)
     confirmed = False
     async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
         await opened.bus.ensure_topics([settings.topics.costs, settings.topics.control])

@@ -247,7 +247,7 @@ async def _replay(args: argparse.Namespace) -> int:
         events, bad = decode_all(records, CostEvent)
         config = load_config(settings)
         defaults = {p: Decimal(str(c.cost_per_token)) for p, c in config.providers.items()}
-        report = reprice(events, prices, default_cost_per_token=defaults)
+        report = reprice(events, prices.with_deployments(config), default_cost_per_token=defaults)
         report.undecodable = bad
         summary["reprice"] = report.to_dict()
     if args.json:

@@ -15,14 +15,14 @@ from typing import Any
 
 import msgspec
 
-from pipeline.assembly.process import open_bus
+from pipeline.assembly.process import load_config, open_bus
 from pipeline.cli.status_command import read_status
 from pipeline.client.strategy_control import configured_strategy, publish_strategy, strategy_folder
 from pipeline.runtime.config import STRATEGY_NAMES, normalize_strategy_name, validate_weights
 from pipeline.runtime.settings import Settings
 from stages.rules.strategies import StrategySpec, parse_strategy
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def strategy_name(text: str) -> str:
@@ -67,13 +67,18 @@ def weights_arg(text: str) -> dict[str, float]:
 
 
 async def _set(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    settings = Settings.from_env(env)
     try:
-        spec: StrategySpec = parse_strategy(args.name, args.weights)
+        deployments = load_config(settings).providers
+    except ValueError as exc:
+        print(f"aipipe strategy set: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        spec: StrategySpec = parse_strategy(args.name, args.weights, known_providers=deployments)
     except ValueError as exc:
         print(f"aipipe strategy set: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    env = dict(os.environ)
-    settings = Settings.from_env(env)
     async with open_bus("kafka", env, start_broker=False) as opened:
         await opened.bus.ensure_topics([settings.topics.control])
         event = await publish_strategy(opened.bus, settings.topics, spec)

@@ -224,7 +224,7 @@ class AIProviderManager:
         Raises:
             ValueError: for an unknown strategy or invalid weights (nothing is published).
         """
-        spec = parse_strategy(strategy)
+        spec = parse_strategy(strategy, known_providers=self.config.providers)
         if self._open_bus is None:
             await self.start()
         assert self._open_bus is not None
@@ -270,8 +270,8 @@ class AIProviderManager:
         Raises:
             ValueError: for a provider name aipipe does not know.
         """
-        if name not in PROVIDER_NAMES:
-            raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDER_NAMES)}")
+        if name not in self.config.providers:
+            raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(self.config.providers)}")
         model = self.config.probe_model(name)
         cfg = self.config.providers.get(name)
         if model is None or cfg is None or not cfg.enabled:
@@ -342,7 +342,7 @@ class AIProviderManager:
             daily = limits.get("daily", daily)
             weekly = limits.get("weekly", weekly)
             monthly = limits.get("monthly", monthly)
-        event = set_budget_event(scope, daily, weekly, monthly)
+        event = set_budget_event(scope, daily, weekly, monthly, deployments=self.config.providers)
         reader = await self._report_reader()
         await publish_control(reader.bus, self.settings.topics, event)
         if wait_s > 0 and not await reader.wait_for(limits_applied(event), wait_s):

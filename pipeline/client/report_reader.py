@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from itertools import pairwise
 from typing import Any
@@ -173,13 +173,16 @@ def set_budget_event(
     monthly: float | None = None,
     *,
     at: datetime | None = None,
+    deployments: Iterable[str] = PROVIDER_NAMES,
 ) -> SetBudget:
     """A validated ``set_budget`` command (USD per window; ``None`` = unlimited).
+
+    ``deployments`` are the deployment names a provider scope may name (the configuration's).
 
     Raises:
         ValueError: for an unknown scope form or a negative or non-finite amount.
     """
-    validate_scope(scope, PROVIDER_NAMES)
+    validate_scope(scope, tuple(deployments))
     for name, value in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
         if value is not None and not (value >= 0 and value != float("inf")):
             raise ValueError(f"{name} budget must be a finite number >= 0 (USD), got {value!r}")

@@ -9,6 +9,19 @@ Provider endpoints (one server speaks all three):
 * Cloudflare: ``POST /client/v4/accounts/{account_id}/ai/run/{model}``
   (``CLOUDFLARE_BASE_URL={url}/client/v4``).
 
+Deployments (DESIGN A10): any number more, each under its own prefix
+``/d/{name}`` with its own calls, counts and faults (the target ``name`` in
+``/_emulator/...``): ``/d/{name}/v1/chat/completions`` (the ``openai`` and
+``openai_compatible`` types), ``/d/{name}/v1/messages``,
+``/d/{name}/client/v4/accounts/{account_id}/ai/run/{model}``, and Azure
+OpenAI's ``/d/{name}/openai/deployments/{deployment}/chat/completions?api-version=...``
+(key in the ``api-key`` header; the model answered is the body's ``model``, as
+Azure reports the deployed model's name, else the deployment id; a
+missing ``api-version`` is Azure's 404 ``Resource not found``; a filtered
+prompt is Azure's 400 ``content_filter`` body). A deployment target accepts
+any model id (its models are the configuration's) and takes the dialect of
+its rules: ``omit_usage``, ``error_body`` (``native``, ``vllm``, ``plain``).
+
 Each completion call is handled in this order: log the arrival; wait at the
 hold gate if a hold is active; check credentials (any non-empty key; missing
 -> 401 in the provider's shape); validate the body like the real API where
@@ -61,8 +74,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.emulator import wire
-from pipeline.emulator.spec import ErrorKind, FaultProfile, FaultStep, Provider
-from pipeline.emulator.state import CallRecord, EmulatorState, summarize, wait_first
+from pipeline.emulator.spec import ErrorKind, FaultStep, Provider, Wire, decode_profile_json
+from pipeline.emulator.state import TARGET_NAME, CallRecord, EmulatorState, summarize, wait_first
 from stages.rules.catalog import known_models, model_info
 
 #: Scope key under which the server's own ``send`` is kept (to reach the transport for resets).
@@ -112,10 +125,52 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _api_key(provider: Provider, headers: Mapping[str, str]) -> str | None:
+def _api_key(provider: Wire, headers: Mapping[str, str]) -> str | None:
     if provider == "anthropic":
         return (headers.get("x-api-key") or "").strip() or _bearer(headers)
     return _bearer(headers)
+
+
+def _azure_key(headers: Mapping[str, str]) -> str | None:
+    """Azure's key authentication: the ``api-key`` header (a Bearer token would be a Microsoft Entra token)."""
+    return (headers.get("api-key") or "").strip() or None
+
+
+#: Azure OpenAI's answer to a filtered prompt (HTTP 400; the shape of
+#: https://learn.microsoft.com/azure/ai-services/openai/concepts/content-filter, read 2026-12-06).
+AZURE_FILTERED_MESSAGE = (
+    "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+    "Please modify your prompt and retry."
+)
+
+
+def _azure_filter_body() -> dict[str, Any]:
+    filtered = {"filtered": True, "severity": "high"}
+    safe = {"filtered": False, "severity": "safe"}
+    return {
+        "error": {
+            "message": AZURE_FILTERED_MESSAGE,
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": {"hate": safe, "self_harm": safe, "sexual": safe, "violence": filtered},
+            },
+        }
+    }
+
+
+def _dialect_body(shape: str, native: dict[str, Any], status: int) -> dict[str, Any] | str:
+    """An OpenAI-wire error body re-shaped as vLLM's or Ollama's (``error_body`` of a deployment's rules)."""
+    err = native.get("error")
+    message = err.get("message", "") if isinstance(err, dict) else str(err)
+    if shape == "vllm":
+        return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
+    if shape == "plain":
+        return {"error": message}
+    return native
 
 
 def _text_of(content: Any) -> str | None:
@@ -128,7 +183,7 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
-def _turns(provider: Provider, data: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _turns(provider: Wire, data: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(role, text)`` of every message, the Anthropic ``system`` / Workers AI ``prompt`` included."""
     turns: list[tuple[str, str]] = []
     if provider == "anthropic" and data.get("system") is not None:
@@ -307,7 +362,7 @@ class _Handlers:
     def _models(self, provider: Provider) -> list[str]:
         return sorted(set(known_models(provider)) | set(self.state.faults.extra_models(provider)))
 
-    def _limits(self, provider: Provider, model: str) -> tuple[int, int]:
+    def _limits(self, provider: Wire, model: str) -> tuple[int, int]:
         info = model_info(provider, model)
         if info is None:
             return EXTRA_MODEL_CONTEXT_WINDOW, EXTRA_MODEL_MAX_OUTPUT
@@ -315,7 +370,7 @@ class _Handlers:
 
     def _error(
         self,
-        provider: Provider,
+        provider: Wire,
         kind: ErrorKind,
         status: int,
         ctx: wire.ErrorContext,
@@ -323,6 +378,8 @@ class _Handlers:
         *,
         message: str | None = None,
         step: FaultStep | None = None,
+        target: str | None = None,
+        azure: bool = False,
     ) -> Response:
         headers = {wire.request_id_header(provider): request_id}
         if step is not None:
@@ -333,13 +390,15 @@ class _Handlers:
                     headers["retry-after"] = f"{step.retry_after_s:g}"
             if step.retry_after_ms is not None:
                 headers["retry-after-ms"] = str(step.retry_after_ms)
-        body = wire.error_body(provider, kind, ctx, request_id=request_id, message=message)
+        body: dict[str, Any] | str = wire.error_body(provider, kind, ctx, request_id=request_id, message=message)
+        if azure and kind == "content_filter":
+            body = _azure_filter_body()
+        elif target is not None and provider == "openai":
+            body = _dialect_body(self.state.faults.dialect(target).error_body, body, status)  # type: ignore[arg-type]
         return _json(body, status, headers)
 
     @staticmethod
-    def _ok_body(
-        provider: Provider, model: str, text: str, *, prompt: int, cached: int, truncated: bool
-    ) -> dict[str, Any]:
+    def _ok_body(provider: Wire, model: str, text: str, *, prompt: int, cached: int, truncated: bool) -> dict[str, Any]:
         completion = wire.text_tokens(text)
         if provider == "openai":
             return wire.openai_completion(
@@ -355,9 +414,20 @@ class _Handlers:
         record.finish(outcome, status, kind)
         await self.state.notify()
 
-    # --- the completion call, shared by the three providers ---
+    # --- the completion call, shared by the three wire formats and every target ---
 
-    async def _call(self, provider: Provider, request: Request, path_model: str | None = None) -> Response:
+    async def _call(
+        self,
+        provider: Wire,
+        request: Request,
+        path_model: str | None = None,
+        *,
+        target: str | None = None,
+        azure: bool = False,
+    ) -> Response:
+        """One completion call in ``provider``'s wire format to ``target`` (default: the built-in of that name)."""
+        name = target or provider
+        deployment = target is not None
         request_id = wire.new_request_id(provider)
         raw = await request.body()
         try:
@@ -365,12 +435,14 @@ class _Handlers:
         except msgspec.DecodeError:
             decoded = None
         data: dict[str, Any] = decoded if isinstance(decoded, dict) else {}
-        model = path_model if path_model is not None else data.get("model")
+        if azure and isinstance(decoded, dict) and not isinstance(data.get("model"), str):
+            data["model"] = path_model  # Azure: the deployment id stands for a model the body did not name
+        model = data.get("model") if azure else path_model if path_model is not None else data.get("model")
         model = model if isinstance(model, str) else ""
         turns = _turns(provider, data)
         record = await self.state.arrive(
             {
-                "provider": provider,
+                "provider": name,
                 "model": model,
                 "path": request.url.path,
                 **summarize(turns),
@@ -378,10 +450,13 @@ class _Handlers:
                 "temperature": _number(data.get("temperature")),
             }
         )
-        key = _api_key(provider, request.headers)
+        key = _azure_key(request.headers) if azure else _api_key(provider, request.headers)
         ctx = wire.ErrorContext(model=model, api_key=key)
+        fail_target = name if deployment else None
         try:
             await self.state.hold_point(record)
+            if azure and not request.query_params.get("api-version"):
+                raise _Problem("not_found", 404, "Resource not found")
             if not key:
                 raise _Problem("authentication", 401, _missing_key_message(provider))
             if not isinstance(decoded, dict):
@@ -392,7 +467,7 @@ class _Handlers:
                 max_tokens = _validate_anthropic(data, request.headers)
             else:
                 max_tokens = _validate_cloudflare(data)
-            if model not in self._models(provider):
+            if not deployment and model not in self._models(name):
                 raise _Problem("not_found", wire.default_status(provider, "not_found"))
             window, max_out = self._limits(provider, model)
             max_tokens = max_out if max_tokens is None else max_tokens
@@ -408,10 +483,19 @@ class _Handlers:
             _check_limits(provider, model, prompt, max_tokens, window, max_out)
         except _Problem as problem:
             await self._finish(record, "error", problem.status, problem.kind)
-            return self._error(provider, problem.kind, problem.status, ctx, request_id, message=problem.message)
+            return self._error(
+                provider,
+                problem.kind,
+                problem.status,
+                ctx,
+                request_id,
+                message=problem.message,
+                target=fail_target,
+                azure=azure,
+            )
 
-        step = self.state.faults.next_step(provider, model)
-        delay_s = self.state.faults.latency_s(provider, model, step)
+        step = self.state.faults.next_step(name, model)
+        delay_s = self.state.faults.latency_s(name, model, step)
         if delay_s > 0 and await wait_first(asyncio.sleep(delay_s), self.state.stopping.wait()) != 0:
             await self._finish(record, "reset", None)
             return await _reset_connection(request)
@@ -432,7 +516,17 @@ class _Handlers:
             kind = step.kind or wire.default_kind(step.status or 500)
             status = step.status or wire.default_status(provider, kind)
             await self._finish(record, "error", status, kind)
-            return self._error(provider, kind, status, ctx, request_id, message=step.message, step=step)
+            return self._error(
+                provider,
+                kind,
+                status,
+                ctx,
+                request_id,
+                message=step.message,
+                step=step,
+                target=fail_target,
+                azure=azure,
+            )
 
         last_user = next((text for role, text in reversed(turns) if role == "user"), "")
         text, truncated = wire.reply_text(provider, model, last_user, max_tokens)
@@ -440,8 +534,10 @@ class _Handlers:
             text, truncated = "", False
         cached = min(step.cached_tokens, prompt)
         body = self._ok_body(provider, model, text, prompt=prompt, cached=cached, truncated=truncated)
+        if deployment and self.state.faults.dialect(name).omit_usage:
+            body.pop("usage", None)
         headers = wire.success_headers(
-            provider, request_id, calls_so_far=self.state.counts()[provider], tokens=prompt + max_tokens
+            provider, request_id, calls_so_far=self.state.counts().get(name, 0), tokens=prompt + max_tokens
         )
         encoded = _ENCODER.encode(body)
         if action == "malformed_json":
@@ -461,9 +557,26 @@ class _Handlers:
     async def cloudflare_run(self, request: Request) -> Response:
         return await self._call("cloudflare", request, path_model=str(request.path_params["model"]))
 
+    # --- deployment endpoints (``/d/{name}/...``) ---
+
+    async def deployment_chat(self, request: Request) -> Response:
+        return await self._call("openai", request, target=str(request.path_params["name"]))
+
+    async def deployment_messages(self, request: Request) -> Response:
+        return await self._call("anthropic", request, target=str(request.path_params["name"]))
+
+    async def deployment_run(self, request: Request) -> Response:
+        model = str(request.path_params["model"])
+        return await self._call("cloudflare", request, path_model=model, target=str(request.path_params["name"]))
+
+    async def azure_chat(self, request: Request) -> Response:
+        deployment = str(request.path_params["deployment"])
+        name = str(request.path_params["name"])
+        return await self._call("openai", request, path_model=deployment, target=name, azure=True)
+
     async def list_models(self, request: Request) -> Response:
         anthropic = "x-api-key" in request.headers or "anthropic-version" in request.headers
-        provider: Provider = "anthropic" if anthropic else "openai"
+        provider: Wire = "anthropic" if anthropic else "openai"
         request_id = wire.new_request_id(provider)
         if not _api_key(provider, request.headers):
             ctx = wire.ErrorContext(model="")
@@ -478,7 +591,12 @@ class _Handlers:
         return _json(self.state.faults.profile())
 
     async def post_faults(self, request: Request) -> Response:
-        return await _admin(request, FaultProfile, lambda p: self.state.faults.load(p))
+        try:
+            profile = decode_profile_json(await request.body() or b"{}")
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _json({"error": str(exc)}, 400)
+        self.state.faults.load(profile)
+        return _json({"ok": True})
 
     async def post_schedule(self, request: Request) -> Response:
         def apply(body: _ScheduleBody) -> None:
@@ -488,9 +606,9 @@ class _Handlers:
 
     async def get_calls(self, request: Request) -> Response:
         provider = request.query_params.get("provider")
-        if provider is not None and provider not in ("openai", "anthropic", "cloudflare"):
-            return _json({"error": f"unknown provider {provider!r}"}, 400)
-        calls = self.state.calls(provider)  # type: ignore[arg-type]
+        if provider is not None and not TARGET_NAME.match(provider):
+            return _json({"error": f"invalid target name {provider!r}: a provider or a deployment"}, 400)
+        calls = self.state.calls(provider)
         return _json(_CallsBody(counts=self.state.counts(), calls=calls))
 
     async def post_reset(self, request: Request) -> Response:
@@ -515,7 +633,7 @@ async def _admin(request: Request, body_type: type[Any], apply: Callable[[Any], 
     return _json({"ok": True})
 
 
-def _missing_key_message(provider: Provider) -> str:
+def _missing_key_message(provider: Wire) -> str:
     if provider == "openai":
         return (
             "You didn't provide an API key. You need to provide your API key in an Authorization header using "
@@ -527,7 +645,7 @@ def _missing_key_message(provider: Provider) -> str:
     return "Authentication error"
 
 
-def _bad_json_message(provider: Provider) -> str:
+def _bad_json_message(provider: Wire) -> str:
     if provider == "openai":
         return (
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
@@ -538,7 +656,7 @@ def _bad_json_message(provider: Provider) -> str:
     return "AiError: Bad input: the request body is not valid JSON"
 
 
-def _check_limits(provider: Provider, model: str, prompt: int, max_tokens: int, window: int, max_out: int) -> None:
+def _check_limits(provider: Wire, model: str, prompt: int, max_tokens: int, window: int, max_out: int) -> None:
     """Refuse ``max_tokens`` above the output limit and prompts over the context window, as each API does."""
     if provider == "openai":
         if max_tokens > max_out:
@@ -572,6 +690,10 @@ def create_app(state: EmulatorState) -> ASGIApp:
         Route("/v1/models", h.list_models, methods=["GET"]),
         Route("/v1/messages", h.anthropic_messages, methods=["POST"]),
         Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", h.cloudflare_run, methods=["POST"]),
+        Route("/d/{name}/v1/chat/completions", h.deployment_chat, methods=["POST"]),
+        Route("/d/{name}/v1/messages", h.deployment_messages, methods=["POST"]),
+        Route("/d/{name}/client/v4/accounts/{account_id}/ai/run/{model:path}", h.deployment_run, methods=["POST"]),
+        Route("/d/{name}/openai/deployments/{deployment}/chat/completions", h.azure_chat, methods=["POST"]),
         Route("/_emulator/faults", h.get_faults, methods=["GET"]),
         Route("/_emulator/faults", h.post_faults, methods=["POST"]),
         Route("/_emulator/schedule", h.post_schedule, methods=["POST"]),

@@ -45,7 +45,9 @@ How one call picks its response (provider ``P``, model ``M``):
 4. else a normal answer.
 
 Latency: the step's ``latency_ms`` when set, else ``M``'s ``latency``, else
-``P``'s. Invalid documents fail with ``msgspec.ValidationError`` naming the
+``P``'s. ``P`` is a built-in provider or a deployment served under
+``/d/<name>`` (DESIGN A10); a deployment's rules also set its dialect
+(``omit_usage``, ``error_body``). Invalid documents fail with ``msgspec.ValidationError`` naming the
 path, e.g. ``Expected `int` >= 100 - at `$.providers.openai.schedule[0].status```.
 """
 
@@ -58,9 +60,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-#: Providers the emulator speaks.
-Provider = Literal["openai", "anthropic", "cloudflare"]
-PROVIDERS: tuple[Provider, ...] = ("openai", "anthropic", "cloudflare")
+#: The wire formats the emulator speaks, and the built-in targets at its root paths.
+Wire = Literal["openai", "anthropic", "cloudflare"]
+PROVIDERS: tuple[Wire, ...] = ("openai", "anthropic", "cloudflare")
+#: A target: a built-in provider name, or a deployment name served under ``/d/<name>`` (DESIGN A10).
+Provider = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 #: What a scheduled call does.
 #: ``ok`` normal answer; ``error`` an HTTP error (``status``/``kind``); ``hang``
@@ -198,47 +202,33 @@ class FaultRule(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ProviderFaults(FaultRule, kw_only=True, forbid_unknown_fields=True):
-    """A provider's ``FaultRule`` plus per-model rules in ``models`` (model id -> rule)."""
+    """A target's ``FaultRule``, per-model rules in ``models`` (model id -> rule), and its dialect.
+
+    The dialect lets a deployment target behave like the OpenAI-compatible
+    servers it stands for: ``omit_usage`` answers without ``usage`` (some
+    servers send none), ``error_body`` shapes error answers as OpenAI's
+    (``native``), vLLM's ``{"object": "error", "message", "type", "param",
+    "code"}`` (``vllm``) or Ollama's ``{"error": "text"}`` (``plain``).
+    """
 
     models: dict[str, FaultRule] = {}
-
-
-class ProvidersFaults(Struct, kw_only=True, forbid_unknown_fields=True):
-    """The ``ProviderFaults`` of each provider (``None``: no faults)."""
-
-    openai: ProviderFaults | None = None
-    anthropic: ProviderFaults | None = None
-    cloudflare: ProviderFaults | None = None
-
-    def get(self, provider: Provider) -> ProviderFaults | None:
-        """The rules of ``provider``, if any."""
-        faults: ProviderFaults | None = getattr(self, provider)
-        return faults
-
-    def put(self, provider: Provider, faults: ProviderFaults | None) -> None:
-        """Replace the rules of ``provider`` (``None`` removes them)."""
-        setattr(self, provider, faults)
-
-
-class ExtraModels(Struct, kw_only=True, forbid_unknown_fields=True):
-    """Model ids accepted per provider besides the catalog's."""
-
-    openai: list[str] = []
-    anthropic: list[str] = []
-    cloudflare: list[str] = []
+    omit_usage: bool = False
+    error_body: Literal["native", "vllm", "plain"] = "native"
 
 
 class FaultProfile(Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole fault document (see the module docstring).
 
     ``seed`` seeds the RNG used for probabilities and latency draws (``None``:
-    0). ``extra_models`` adds model ids, per provider, that the emulator
-    accepts besides the catalog's.
+    0). ``providers`` holds the rules of each target (a built-in provider or a
+    deployment name). ``extra_models`` adds model ids, per built-in provider,
+    that the emulator accepts besides the catalog's (deployment targets
+    accept any model).
     """
 
     seed: int | None = None
-    providers: ProvidersFaults = msgspec.field(default_factory=ProvidersFaults)
-    extra_models: ExtraModels = msgspec.field(default_factory=ExtraModels)
+    providers: dict[Provider, ProviderFaults] = {}
+    extra_models: dict[Provider, list[str]] = {}
 
 
 def parse_profile(data: Any) -> FaultProfile:
@@ -249,7 +239,28 @@ def parse_profile(data: Any) -> FaultProfile:
     Raises:
         msgspec.ValidationError: with the path of the offending field.
     """
-    return msgspec.convert(data, FaultProfile, str_keys=True)
+    try:
+        return msgspec.convert(data, FaultProfile, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise _named(exc, data) from None
+
+
+def _named(exc: msgspec.ValidationError, data: Any) -> msgspec.ValidationError:
+    """``exc`` with the target name in its path (msgspec writes ``$.providers[...]`` for a dict entry)."""
+    if not isinstance(data, dict):
+        return exc
+    for table, entry_type in (("providers", ProviderFaults), ("extra_models", list[str])):
+        entries = data.get(table)
+        if f"$.{table}[...]" not in str(exc) or not isinstance(entries, dict):
+            continue
+        for name, entry in entries.items():
+            try:
+                msgspec.convert(entry, entry_type, str_keys=True)
+            except msgspec.ValidationError as inner:
+                where = f"$.{table}.{name}"
+                message = str(inner).replace("`$", f"`{where}") if "`$" in str(inner) else f"{inner} - at `{where}`"
+                return msgspec.ValidationError(message)
+    return exc
 
 
 def decode_profile_json(raw: bytes | str) -> FaultProfile:
@@ -259,7 +270,7 @@ def decode_profile_json(raw: bytes | str) -> FaultProfile:
         msgspec.ValidationError: with the path of the offending field.
         msgspec.DecodeError: when ``raw`` is not JSON.
     """
-    return msgspec.json.decode(raw, type=FaultProfile)
+    return parse_profile(msgspec.json.decode(raw))
 
 
 def load_profile(path: str | Path) -> FaultProfile:

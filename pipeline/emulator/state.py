@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
@@ -26,6 +27,7 @@ from pipeline.emulator.spec import (
     Provider,
     ProviderFaults,
     UniformLatency,
+    parse_profile,
 )
 
 Outcome = Literal["pending", "ok", "error", "hang", "reset", "malformed_json", "empty_content"]
@@ -70,7 +72,7 @@ def _copy_profile(profile: FaultProfile | Mapping[str, Any] | None) -> FaultProf
     if profile is None:
         return FaultProfile()
     data = msgspec.to_builtins(profile) if isinstance(profile, FaultProfile) else dict(profile)
-    return msgspec.convert(data, FaultProfile, str_keys=True)
+    return parse_profile(data)
 
 
 _RuleT = TypeVar("_RuleT", bound=FaultRule)
@@ -86,6 +88,9 @@ def _as_step(step: FaultStep | Mapping[str, Any]) -> FaultStep:
 
 
 _NORMAL = FaultStep(action="ok")
+_NO_FAULTS = ProviderFaults()
+#: A target name: a built-in provider or a deployment (same rule as deployment names, DESIGN A10).
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class FaultController:
@@ -116,13 +121,17 @@ class FaultController:
         return _copy_profile(self._profile)
 
     def _provider(self, provider: Provider) -> ProviderFaults:
-        if provider not in PROVIDERS:
-            raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+        if not TARGET_NAME.match(provider):
+            raise ValueError(f"invalid target name {provider!r}: a provider ({', '.join(PROVIDERS)}) or a deployment")
         faults = self._profile.providers.get(provider)
         if faults is None:
             faults = ProviderFaults()
-            self._profile.providers.put(provider, faults)
+            self._profile.providers[provider] = faults
         return faults
+
+    def dialect(self, provider: Provider) -> ProviderFaults:
+        """The rules of ``provider`` (for its ``omit_usage`` and ``error_body``), empty when it has none."""
+        return self._profile.providers.get(provider) or _NO_FAULTS
 
     def set(self, provider: Provider, rule: FaultRule | Mapping[str, Any] | None, *, model: str | None = None) -> None:
         """Replace the rule of ``provider`` (or of one ``model`` of it); ``None`` removes it.
@@ -130,7 +139,7 @@ class FaultController:
         Example: ``faults.set("openai", {"probabilities": {"500": 0.2}, "latency": {"dist": "fixed", "ms": 5}})``.
 
         Raises:
-            ValueError: for an unknown provider.
+            ValueError: for an invalid target name.
             msgspec.ValidationError: when ``rule`` is not a valid ``FaultRule``/``ProviderFaults``.
         """
         faults = self._provider(provider)
@@ -142,12 +151,12 @@ class FaultController:
             return
         models = faults.models
         if rule is None:
-            self._profile.providers.put(provider, ProviderFaults(models=models))
+            self._profile.providers[provider] = ProviderFaults(models=models)
             return
         new = _as_rule(rule, ProviderFaults)
         if not new.models:
             new.models = models
-        self._profile.providers.put(provider, new)
+        self._profile.providers[provider] = new
 
     def schedule(self, provider: Provider, *steps: FaultStep | Mapping[str, Any], model: str | None = None) -> None:
         """Append ``steps`` to the queue of ``provider`` (or of one ``model``); each answers one call, in order.
@@ -155,7 +164,7 @@ class FaultController:
         Example: ``faults.schedule("anthropic", {"status": 529}, {"status": 429, "retry_after_s": 1})``.
 
         Raises:
-            ValueError: for an unknown provider.
+            ValueError: for an invalid target name.
             msgspec.ValidationError: when a step is not a valid ``FaultStep``.
         """
         faults = self._provider(provider)
@@ -164,8 +173,10 @@ class FaultController:
 
     def clear(self, provider: Provider | None = None) -> None:
         """Remove every rule (of one provider, or of all); the seed is kept."""
-        for name in PROVIDERS if provider is None else (provider,):
-            self._profile.providers.put(name, None)
+        if provider is None:
+            self._profile.providers.clear()
+        else:
+            self._profile.providers.pop(provider, None)
 
     def pending(self, provider: Provider, model: str | None = None) -> int:
         """Scheduled steps not yet used, for ``provider`` (or only its ``model`` queue)."""
@@ -179,8 +190,7 @@ class FaultController:
 
     def extra_models(self, provider: Provider) -> list[str]:
         """Model ids the profile adds for ``provider``."""
-        extra: list[str] = getattr(self._profile.extra_models, provider)
-        return list(extra)
+        return list(self._profile.extra_models.get(provider, ()))
 
     def next_step(self, provider: Provider, model: str) -> FaultStep:
         """Choose what the next call to ``provider``/``model`` gets (rules in ``spec``'s docstring)."""

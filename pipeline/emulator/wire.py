@@ -40,7 +40,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.emulator.spec import ErrorKind, Provider
+from pipeline.emulator.spec import ErrorKind, Wire
 
 #: Characters per token of the emulator's token rule.
 CHARS_PER_TOKEN = 4
@@ -78,7 +78,7 @@ def prompt_tokens(texts: list[str]) -> int:
     return sum(text_tokens(t) + MESSAGE_OVERHEAD_TOKENS for t in texts) + REPLY_PRIMING_TOKENS
 
 
-def reply_text(provider: Provider, model: str, last_user_text: str, max_tokens: int) -> tuple[str, bool]:
+def reply_text(provider: Wire, model: str, last_user_text: str, max_tokens: int) -> tuple[str, bool]:
     """The deterministic answer for a request, cut to ``max_tokens`` (tokens).
 
     Returns:
@@ -93,7 +93,7 @@ def reply_text(provider: Provider, model: str, last_user_text: str, max_tokens: 
     return full[:limit], True
 
 
-def new_request_id(provider: Provider) -> str:
+def new_request_id(provider: Wire) -> str:
     """A fresh provider request id, shaped like the provider's own (``req_...``, or a ``cf-ray``)."""
     if provider == "openai":
         return "req_" + secrets.token_hex(16)
@@ -102,7 +102,7 @@ def new_request_id(provider: Provider) -> str:
     return secrets.token_hex(8) + "-EMU"
 
 
-def request_id_header(provider: Provider) -> str:
+def request_id_header(provider: Wire) -> str:
     """Name of the header carrying the request id: ``x-request-id``, ``request-id`` or ``cf-ray``."""
     return {"openai": "x-request-id", "anthropic": "request-id", "cloudflare": "cf-ray"}[provider]
 
@@ -118,7 +118,7 @@ def _rfc3339(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def success_headers(provider: Provider, request_id: str, *, calls_so_far: int, tokens: int) -> dict[str, str]:
+def success_headers(provider: Wire, request_id: str, *, calls_so_far: int, tokens: int) -> dict[str, str]:
     """Headers of a successful answer: request id and the provider's rate-limit headers.
 
     Args:
@@ -246,7 +246,7 @@ def cloudflare_result(text: str, *, prompt: int, completion: int) -> dict[str, A
     }
 
 
-def default_status(provider: Provider, kind: ErrorKind) -> int:
+def default_status(provider: Wire, kind: ErrorKind) -> int:
     """The HTTP status a provider uses for an error ``kind``."""
     if kind == "overloaded":
         return 529 if provider == "anthropic" else 503
@@ -418,7 +418,7 @@ def _cloudflare_error_fields(kind: ErrorKind, ctx: ErrorContext) -> tuple[int, s
 
 
 def error_body(
-    provider: Provider, kind: ErrorKind, ctx: ErrorContext, *, request_id: str, message: str | None = None
+    provider: Wire, kind: ErrorKind, ctx: ErrorContext, *, request_id: str, message: str | None = None
 ) -> dict[str, Any]:
     """An error body shaped exactly like ``provider``'s, for ``kind``; ``message`` replaces the text."""
     if provider == "openai":

@@ -1,4 +1,4 @@
-"""Provider configuration: the seed's fields, DESIGN A8's names, presets and TOML files.
+"""Configuration: deployments (DESIGN A10), the seed's fields, DESIGN A8's names, presets and TOML files.
 
 A configuration is a frozen ``PipelineConfig``. ``preset("development")`` and
 ``preset("production")`` give the built-in ones; ``load_config_file(path)``
@@ -6,6 +6,14 @@ reads a TOML file (``AIPIPE_CONFIG``) on top of a preset and validates it,
 naming the bad key in the error. The seed's camelCase names
 (``maxTokensPerRequest``, ``costPerToken``, ``rateLimit.requestsPerMinute``,
 ``retryAttempts``, ``retryDelay``, ``timeout``...) are accepted as aliases.
+
+Deployments: every provider is a deployment, one named endpoint of one wire
+format (``type``). The three built-in deployments ``openai``, ``anthropic`` and
+``cloudflare`` are configured under ``[providers.<name>]`` (or
+``[deployments.<name>]``) exactly as before; any number more are added under
+``[deployments.<name>]`` with ``type``, ``base_url``, ``api_key_env`` and every
+setting a provider has. ``PipelineConfig.providers`` holds them all, keyed by
+deployment name; that name is the ``provider`` of every event.
 """
 
 from __future__ import annotations
@@ -20,7 +28,20 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+#: The built-in deployments: each is also the name of its type and has its own environment variables (DESIGN A7).
 PROVIDER_NAMES: tuple[str, ...] = ("openai", "anthropic", "cloudflare")
+BUILTIN_DEPLOYMENTS = PROVIDER_NAMES
+
+#: Wire formats a deployment may speak (DESIGN A10).
+DeploymentType = Literal["openai", "azure_openai", "anthropic", "cloudflare", "openai_compatible"]
+DEPLOYMENT_TYPES: tuple[str, ...] = DeploymentType.__args__  # type: ignore[attr-defined]
+#: Scope names of the budget ledger that no deployment may take (DESIGN A10).
+RESERVED_NAMES = frozenset({"global", "*"})
+#: A deployment name: it becomes a Kafka key, a Redis key part, a metrics label and a URL path segment.
+DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Azure OpenAI data-plane inference API version used when a deployment names none (latest GA,
+#: https://learn.microsoft.com/azure/ai-services/openai/reference, read 2026-12-06).
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
 
 #: The strategy names (DESIGN A5), in the order the README lists them.
 STRATEGY_NAMES: tuple[str, ...] = ("round_robin", "weighted", "least_latency", "cost_optimized", "priority")
@@ -45,15 +66,15 @@ def normalize_strategy_name(name: str) -> str:
     return canonical
 
 
-def validate_weights(weights: Mapping[str, Any], known: Iterable[str] | None = PROVIDER_NAMES) -> dict[str, float]:
+def validate_weights(weights: Mapping[str, Any], known: Iterable[str] | None = None) -> dict[str, float]:
     """Check a ``{provider: weight}`` mapping and return it with float weights.
 
     Weights are relative (they need not sum to 1) and must be finite numbers
     >= 0 with at least one > 0.
 
     Args:
-        weights: provider name -> weight.
-        known: provider names allowed (``None``: any name).
+        weights: deployment name -> weight.
+        known: deployment names allowed (``None``: any name).
 
     Raises:
         ValueError: naming the bad provider or weight.
@@ -64,7 +85,8 @@ def validate_weights(weights: Mapping[str, Any], known: Iterable[str] | None = P
     out: dict[str, float] = {}
     for provider, raw in weights.items():
         if allowed is not None and provider not in allowed:
-            raise ValueError(f"weight for unknown provider {provider!r} (known: {', '.join(sorted(allowed))})")
+            known = ", ".join(sorted(allowed))
+            raise ValueError(f"weight for unknown provider {provider!r} (known deployments: {known})")
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ValueError(f"weight of {provider} must be a number, got {raw!r}")
         value = float(raw)
@@ -112,13 +134,37 @@ class RateLimit(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tokens_per_minute: Pos | None = None
 
 
+class DeploymentPrices(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A deployment's own prices, USD per million tokens; they win over the price table for all its models.
+
+    ``cached_input_per_mtok`` and ``cache_write_per_mtok`` default to ``input_per_mtok``.
+    """
+
+    input_per_mtok: NonNegFloat
+    output_per_mtok: NonNegFloat
+    cached_input_per_mtok: NonNegFloat | None = None
+    cache_write_per_mtok: NonNegFloat | None = None
+
+
 class ProviderConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """One provider's settings (the seed's ``ProviderConfig`` with DESIGN A8's names).
+    """One deployment's settings (the seed's ``ProviderConfig`` with DESIGN A8's and A10's names).
 
     ``priority``: lower is preferred. ``cost_per_token``: USD per token, used
     only for models missing from the price table. ``timeout_ms``: limit of one
-    attempt (one HTTP call, ms). ``models``: concrete models this provider
+    attempt (one HTTP call, ms). ``models``: concrete models this deployment
     serves. ``max_tokens_per_request``: largest ``max_tokens`` it accepts.
+
+    Where and how to call it (DESIGN A10): ``type`` (the wire format; a
+    built-in deployment's type is its name), ``base_url`` (the API root in
+    its SDK's convention; built-ins default to their ``*_BASE_URL`` variable,
+    the other types of the official API's root), ``api_key_env`` (the name of
+    the environment variable holding the key, never the key),
+    ``account_id_env`` (Cloudflare's account id variable), ``api_version`` and
+    ``azure_deployments`` (Azure: the ``api-version`` query parameter, and
+    model -> Azure deployment id, default the model name),
+    ``max_tokens_field`` (the body field that carries ``max_tokens``; default
+    per type). Facts that win over the shared tables: ``context_window``
+    (tokens, every model of the deployment), ``prices``.
     """
 
     enabled: bool = True
@@ -131,6 +177,15 @@ class ProviderConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     breaker: BreakerPolicy = BreakerPolicy()
     models: tuple[str, ...] = ()
     capabilities: tuple[str, ...] = ("text-generation", "chat")
+    type: DeploymentType | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    account_id_env: str | None = None
+    api_version: str | None = None
+    azure_deployments: dict[str, str] = {}
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+    context_window: Pos | None = None
+    prices: DeploymentPrices | None = None
 
 
 class CacheConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -187,11 +242,13 @@ class HealthConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
 
 
 class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """The whole configuration: providers, model groups, routing strategy, cache, budgets.
+    """The whole configuration: deployments, model groups, routing strategy, cache, budgets.
 
-    ``model_groups`` maps a logical model name to one concrete model per
-    provider, e.g. ``{"gpt-3.5-turbo": {"openai": "gpt-3.5-turbo",
-    "anthropic": "claude-3-5-haiku-20241022"}}``.
+    ``providers`` maps each deployment name to its settings (the built-in
+    three and those of ``[deployments.<name>]``). ``model_groups`` maps a
+    logical model name to one concrete model per deployment, e.g.
+    ``{"gpt-3.5-turbo": {"openai": "gpt-3.5-turbo", "anthropic":
+    "claude-3-5-haiku-20241022"}}``.
     """
 
     environment: Literal["development", "production", "custom"] = "custom"
@@ -208,22 +265,39 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         """Check cross-field rules.
 
         Raises:
-            ValueError: for a provider name aipipe has no adapter for, a
-                model group naming an unknown provider, or an unknown
-                strategy or invalid weights.
+            ValueError: naming the key, for a reserved or malformed deployment
+                name, a deployment without a ``type`` (other than the
+                built-ins) or without the ``base_url`` its type needs, a
+                model group naming an unknown deployment, or an unknown
+                strategy or weights for unknown deployments.
         """
-        for name in self.providers:
-            if name not in PROVIDER_NAMES:
-                raise ValueError(f"unknown provider `{name}` (known: {', '.join(PROVIDER_NAMES)})")
+        for name, cfg in self.providers.items():
+            check_deployment(name, cfg)
         for group, members in self.model_groups.items():
             for provider in members:
-                if provider not in PROVIDER_NAMES:
-                    raise ValueError(f"model group `{group}` names unknown provider `{provider}`")
+                if provider not in self.providers:
+                    raise ValueError(
+                        f"model group `{group}` names unknown deployment `{provider}`"
+                        f" (known: {', '.join(sorted(self.providers))})"
+                    )
         try:
             normalize_strategy_name(self.strategy)
-            validate_weights(self.weights)
+            validate_weights(self.weights, self.providers)
         except ValueError as exc:
             raise ValueError(f"`strategy`/`weights`: {exc}") from exc
+
+    @property
+    def deployments(self) -> dict[str, ProviderConfig]:
+        """Every deployment by name (the same mapping as ``providers``)."""
+        return self.providers
+
+    def type_of(self, name: str) -> str:
+        """The wire format of deployment ``name`` (``openai``, ``azure_openai``, ...).
+
+        Raises:
+            KeyError: for a name that is not a deployment.
+        """
+        return deployment_type(name, self.providers[name])
 
     def enabled_providers(self) -> dict[str, ProviderConfig]:
         """The providers with ``enabled = true``."""
@@ -240,6 +314,63 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     def with_providers(self, providers: dict[str, ProviderConfig]) -> PipelineConfig:
         """A copy with ``providers`` replaced."""
         return msgspec.structs.replace(self, providers=providers)
+
+
+def deployment_type(name: str, cfg: ProviderConfig) -> str:
+    """The wire format of deployment ``name``: its ``type``, else its name for a built-in one.
+
+    Raises:
+        ValueError: for a deployment that is not built in and has no ``type``.
+    """
+    if cfg.type is not None:
+        return cfg.type
+    if name in BUILTIN_DEPLOYMENTS:
+        return name
+    raise ValueError(
+        f"unknown provider `{name}`: a deployment other than {', '.join(BUILTIN_DEPLOYMENTS)} "
+        f"needs a `type` (one of {', '.join(DEPLOYMENT_TYPES)})"
+    )
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` when it can name a deployment.
+
+    Raises:
+        ValueError: for ``global``, ``*``, a ``user:`` name (budget scopes, DESIGN A10) or a name
+            outside ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``.
+    """
+    if name in RESERVED_NAMES or name.startswith("user:"):
+        raise ValueError(f"deployment name `{name}` is reserved (`global`, `*` and `user:...` are budget scopes)")
+    if not DEPLOYMENT_NAME.match(name):
+        raise ValueError(
+            f"deployment name `{name}` must be 1-64 letters, digits, `.`, `_` or `-`, starting with a letter or digit"
+        )
+    return name
+
+
+def check_deployment(name: str, cfg: ProviderConfig) -> None:
+    """Check one deployment's own rules (DESIGN A10).
+
+    Raises:
+        ValueError: naming the key, for a bad name, a missing ``type`` or ``base_url``, a
+            ``base_url`` that is not http(s), or a setting its type does not take.
+    """
+    check_name(name)
+    kind = deployment_type(name, cfg)
+    where = f"deployments.{name}"
+    if kind in ("azure_openai", "openai_compatible") and not cfg.base_url:
+        raise ValueError(f"`{where}.base_url` is required for type `{kind}`")
+    if cfg.base_url is not None and not re.match(r"^https?://[^/\s]+", cfg.base_url):
+        raise ValueError(f"`{where}.base_url` must be an http:// or https:// URL, got {cfg.base_url!r}")
+    if kind != "azure_openai" and (cfg.api_version is not None or cfg.azure_deployments):
+        raise ValueError(f"`{where}`: `api_version` and `azure_deployments` apply to type `azure_openai` only")
+    if kind != "cloudflare" and cfg.account_id_env is not None:
+        raise ValueError(f"`{where}.account_id_env` applies to type `cloudflare` only")
+    for field in ("api_key_env", "account_id_env"):
+        var = getattr(cfg, field)
+        if var is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", var):
+            # never echo the value: a key pasted here by mistake must not reach a log
+            raise ValueError(f"`{where}.{field}` must be the name of an environment variable (A-Z, 0-9, _), not a key")
 
 
 _OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-3.5-turbo")
@@ -378,11 +509,17 @@ def _normalize_keys(value: Any, *, provider_level: bool = False) -> Any:
             target[path[-1]] = item
             continue
         snake = _snake(key) if key.isidentifier() else key
-        if isinstance(item, dict) and snake in out and isinstance(out[snake], dict):
-            out[snake].update(_normalize_keys(item))
+        # tables keyed by names (deployments, models, groups) keep their keys as written
+        child = dict(item) if snake in _NAME_KEYED and isinstance(item, dict) else _normalize_keys(item)
+        if isinstance(child, dict) and snake in out and isinstance(out[snake], dict):
+            out[snake].update(child)
         else:
-            out[snake] = _normalize_keys(item)
+            out[snake] = child
     return out
+
+
+#: Tables whose keys are names (of deployments, models or groups), never camelCase field names.
+_NAME_KEYED = frozenset({"model_groups", "weights", "probe_models", "azure_deployments"})
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -404,25 +541,38 @@ def config_from_mapping(data: Mapping[str, Any], *, base: PipelineConfig | None 
     """
     raw = dict(data)
     providers = raw.pop("providers", None)
+    deployments = raw.pop("deployments", None)
     normalized = dict(_normalize_keys(raw))
-    if isinstance(providers, dict):
-        normalized["providers"] = {
-            name: _normalize_keys(dict(cfg), provider_level=True) if isinstance(cfg, dict) else cfg
-            for name, cfg in providers.items()
-        }
-    elif providers is not None:
-        normalized["providers"] = providers
+    section: dict[str, str] = {}  # deployment name -> the table it was given in, for error paths
+    for table, entries in (("providers", providers), ("deployments", deployments)):
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise ValueError(f"invalid configuration: `{table}` must be a table of deployments")
+        merged = normalized.setdefault("providers", {})
+        for name, cfg in entries.items():
+            if name in section:
+                raise ValueError(
+                    f"invalid configuration: deployment `{name}` is defined twice "
+                    f"([{section[name]}.{name}] and [{table}.{name}])"
+                )
+            section[name] = table
+            merged[name] = _normalize_keys(dict(cfg), provider_level=True) if isinstance(cfg, dict) else cfg
     if base is not None:
         normalized = _merge(msgspec.to_builtins(base), normalized)
         normalized["environment"] = "custom" if data else base.environment
     for name, cfg in (normalized.get("providers") or {}).items():
+        table = section.get(name, "providers")
         try:
-            msgspec.convert(cfg, ProviderConfig)
+            checked = msgspec.convert(cfg, ProviderConfig)
+            check_deployment(name, checked)
         except msgspec.ValidationError as exc:
-            where = str(exc).replace("`$", f"`$.providers.{name}")
+            where = str(exc).replace("`$", f"`$.{table}.{name}")
             if "- at" not in where:
-                where = f"{where} - at `$.providers.{name}`"
+                where = f"{where} - at `$.{table}.{name}`"
             raise ValueError(f"invalid configuration: {where}") from exc
+        except ValueError as exc:
+            raise ValueError(f"invalid configuration: {exc}".replace("`deployments.", f"`{table}.")) from exc
     try:
         return msgspec.convert(normalized, PipelineConfig)
     except msgspec.ValidationError as exc:

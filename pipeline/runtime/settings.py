@@ -1,7 +1,8 @@
 """Runtime settings from the environment (DESIGN A7), frozen, with secrets masked.
 
-Secrets (``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, ``CLOUDFLARE_API_TOKEN``)
-are held in ``Secret`` values whose ``repr``/``str`` never show the value.
+Secrets (``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, ``CLOUDFLARE_API_TOKEN``,
+and the variable each deployment names in ``api_key_env``) are held in
+``Secret`` values whose ``repr``/``str`` never show the value.
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ class Secret:
         return hash(self._value)
 
 
+class EnvVars:
+    """The process environment as read at start, for the variables deployments name (``api_key_env``...).
+
+    Values come out only one at a time, a key as a ``Secret``; ``repr`` shows
+    how many variables there are, never a name or value.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = dict(values)
+
+    def secret(self, name: str) -> Secret | None:
+        """The value of variable ``name`` as a ``Secret``, or ``None`` when unset or empty."""
+        value = self._values.get(name)
+        return Secret(value) if value else None
+
+    def text(self, name: str) -> str | None:
+        """The value of a variable that is not a secret (an account id), or ``None`` when unset or empty."""
+        return self._values.get(name) or None
+
+    def __repr__(self) -> str:
+        return f"EnvVars({len(self._values)} variables)"
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -64,6 +90,7 @@ class ProviderEndpoint:
     base_url: str
     api_key: Secret | None = None
     account_id: str | None = None
+    api_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +120,7 @@ class Settings:
     log_level: str = "INFO"
     max_in_flight: int = 512
     response_timeout_slack_ms: int = 5_000
+    env_vars: EnvVars = field(default_factory=lambda: EnvVars({}), repr=False, compare=False)
 
     @property
     def topics(self) -> Topics:
@@ -158,4 +186,5 @@ class Settings:
             api_keys_path=Path(e["AIPIPE_API_KEYS"]).expanduser() if e.get("AIPIPE_API_KEYS") else None,
             log_level=(e.get("LOG_LEVEL") or "INFO").upper(),
             max_in_flight=max_in_flight,
+            env_vars=EnvVars(e),
         )

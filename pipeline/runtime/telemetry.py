@@ -100,6 +100,16 @@ ERROR_TYPE = "error.type"
 AIPIPE_STAGE = "aipipe.stage"
 AIPIPE_REQUEST_ID = "aipipe.request.id"
 AIPIPE_PROVIDER = "aipipe.provider"
+AIPIPE_PROVIDER_TYPE = "aipipe.provider_type"
+#: ``gen_ai.provider.name`` of each deployment type (OpenTelemetry GenAI semantic conventions' well-known
+#: values, https://opentelemetry.io/docs/specs/semconv/registry/attributes/gen-ai/, read 2026-12-06);
+#: an ``openai_compatible`` server is named by its deployment name.
+GEN_AI_SYSTEM_OF: dict[str, str] = {
+    "openai": "openai",
+    "azure_openai": "azure.ai.openai",
+    "anthropic": "anthropic",
+    "cloudflare": "cloudflare",
+}
 AIPIPE_STATUS_CODE = "aipipe.status_code"
 AIPIPE_ERROR_TYPE = "aipipe.error_type"
 AIPIPE_ATTEMPT = "aipipe.attempt.number"
@@ -457,17 +467,25 @@ class Telemetry:
 
     # --- provider attempts (executor) ---------------------------------------------------------
 
-    def start_attempt(self, provider: str, model: str, request: AIRequest, attempt_number: int) -> Span | None:
-        """A child span of the current one for one provider call (``None`` when not tracing)."""
+    def start_attempt(
+        self, provider: str, model: str, request: AIRequest, attempt_number: int, provider_type: str | None = None
+    ) -> Span | None:
+        """A child span of the current one for one provider call (``None`` when not tracing).
+
+        ``provider`` is the deployment name (``aipipe.provider``); ``provider_type`` its wire format
+        (``aipipe.provider_type``), which also gives ``gen_ai.provider.name`` (``GEN_AI_SYSTEM_OF``).
+        """
         if not self.tracing:
             return None
+        system = GEN_AI_SYSTEM_OF.get(provider_type or provider, provider)
         attributes: dict[str, Any] = {
             GEN_AI_OPERATION: "chat",
-            GEN_AI_SYSTEM: provider,
-            GEN_AI_PROVIDER: provider,
+            GEN_AI_SYSTEM: system,
+            GEN_AI_PROVIDER: system,
             GEN_AI_REQUEST_MODEL: model,
             GEN_AI_MAX_TOKENS: request.max_tokens,
             AIPIPE_PROVIDER: provider,
+            AIPIPE_PROVIDER_TYPE: provider_type or provider,
             AIPIPE_REQUEST_ID: request.id,
             AIPIPE_ATTEMPT: attempt_number,
             AIPIPE_RETRY: attempt_number - 1,

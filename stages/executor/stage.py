@@ -36,7 +36,7 @@ from schemas.request import AIRequest
 from schemas.response import Attempt, ErrorInfo, Usage
 from stages.executor.retry import decide
 from stages.providers import ProviderAdapter, ProviderCall
-from stages.rules.catalog import model_info
+from stages.rules.catalog import deployment_model_info
 from stages.rules.circuit_view import CircuitView
 from stages.rules.pricing import PriceTable
 from stages.rules.rate_limits import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
@@ -59,9 +59,12 @@ def provider_call(request: AIRequest, model: str) -> ProviderCall:
     )
 
 
-def fits_context(candidate: Candidate, prompt_tokens: int, max_tokens: int) -> bool:
-    """Whether the estimated prompt plus ``max_tokens`` fits the model's context window (unknown: yes)."""
-    info = model_info(candidate.provider, candidate.model)
+def fits_context(config: PipelineConfig, candidate: Candidate, prompt_tokens: int, max_tokens: int) -> bool:
+    """Whether the estimated prompt plus ``max_tokens`` fits the model's context window (unknown: yes).
+
+    The window is the deployment's ``context_window``, else the catalog's (``deployment_model_info``).
+    """
+    info = deployment_model_info(config, candidate.provider, candidate.model)
     return info is None or prompt_tokens + max_tokens <= info.context_window
 
 
@@ -181,8 +184,12 @@ class ExecutorStage:
                         ),
                     )
                 if error.error_type == "context_length_exceeded":
-                    remaining = [c for c in remaining if fits_context(c, prompt_estimate, request.max_tokens)]
-                    saturated = [s for s in saturated if fits_context(s[0], prompt_estimate, request.max_tokens)]
+                    remaining = [
+                        c for c in remaining if fits_context(self.config, c, prompt_estimate, request.max_tokens)
+                    ]
+                    saturated = [
+                        s for s in saturated if fits_context(self.config, s[0], prompt_estimate, request.max_tokens)
+                    ]
                 break
         if not attempts:
             return Outcome(
@@ -264,7 +271,7 @@ class ExecutorStage:
         assert request is not None
         adapter = self.adapters[candidate.provider]
         tel = telemetry.current()
-        span = tel.start_attempt(candidate.provider, candidate.model, request, attempt_number)
+        span = tel.start_attempt(candidate.provider, candidate.model, request, attempt_number, adapter.type)
         started = time.perf_counter()
         try:
             result = await adapter.complete(self.client, provider_call(request, candidate.model), timeout_s)
@@ -337,6 +344,7 @@ class ExecutorStage:
             provider=candidate.provider,
             model=result.model or candidate.model,
             usage=result.usage,
+            usage_source="estimated" if result.usage_estimated else "provider",
             attempts=attempts,
         )
 

@@ -84,7 +84,9 @@ class _MessageResponse(Struct):
 _DECODER = msgspec.json.Decoder(_MessageResponse)
 
 
-def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dict[str, str]]]:
+def to_anthropic_messages(
+    messages: list[Message], *, provider: str = PROVIDER
+) -> tuple[str | None, list[dict[str, str]]]:
     """Split chat messages into Anthropic's ``system`` string and ``messages`` list.
 
     Applies the rules of the module docstring (system join, empty drop, role
@@ -92,6 +94,7 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dic
 
     Args:
         messages: the pipeline's chat turns.
+        provider: the deployment name an error carries.
 
     Returns:
         ``(system or None, [{"role": "user"|"assistant", "content": str}, ...])``.
@@ -110,7 +113,7 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dic
             turns.append({"role": m.role, "content": m.content})
     if not turns:
         raise InvalidRequestError(
-            f"{PROVIDER}: the request has no non-empty user or assistant message", provider=PROVIDER
+            f"{provider}: the request has no non-empty user or assistant message", provider=provider
         )
     if turns[0]["role"] == "assistant":
         turns.insert(0, {"role": "user", "content": LEADING_USER_TURN})
@@ -119,13 +122,13 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str | None, list[dic
     return ("\n\n".join(system_parts) if system_parts else None), turns
 
 
-def build_payload(call: ProviderCall) -> dict[str, Any]:
-    """The JSON body for ``call`` (see the module docstring for the mapping).
+def build_payload(call: ProviderCall, *, provider: str = PROVIDER) -> dict[str, Any]:
+    """The JSON body for ``call`` (see the module docstring for the mapping); ``provider`` names the deployment.
 
     Raises:
         InvalidRequestError: when no non-empty user or assistant turn is left.
     """
-    system, turns = to_anthropic_messages(call.messages)
+    system, turns = to_anthropic_messages(call.messages, provider=provider)
     payload: dict[str, Any] = {"model": call.model, "max_tokens": call.max_tokens, "messages": turns}
     if system is not None:
         payload["system"] = system
@@ -144,7 +147,7 @@ def build_payload(call: ProviderCall) -> dict[str, Any]:
 
 
 def parse_response(
-    body: bytes, call: ProviderCall, *, request_id: str | None = None, status_code: int = 200
+    body: bytes, call: ProviderCall, *, request_id: str | None = None, status_code: int = 200, provider: str = PROVIDER
 ) -> ProviderResult:
     """Parse a Messages API ``message`` body into a ``ProviderResult``.
 
@@ -153,6 +156,7 @@ def parse_response(
         call: the call it answers (its ``model`` is the fallback model name).
         request_id: the ``request-id`` header, if any.
         status_code: HTTP status the body came with (2xx).
+        provider: the deployment name errors carry.
 
     Returns:
         Text, model and usage (tokens; ``prompt_tokens`` includes cache reads and writes).
@@ -164,18 +168,18 @@ def parse_response(
     try:
         message = _DECODER.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise malformed_response(PROVIDER, str(exc), status_code=status_code) from exc
+        raise malformed_response(provider, str(exc), status_code=status_code) from exc
     if message.type != "message":
-        raise malformed_response(PROVIDER, f"unexpected object type {message.type[:40]!r}", status_code=status_code)
+        raise malformed_response(provider, f"unexpected object type {message.type[:40]!r}", status_code=status_code)
     if message.stop_reason == "refusal":
         raise ContentFilterError(
-            f"{PROVIDER} HTTP {status_code}: refused by content policy (stop_reason refusal)",
-            provider=PROVIDER,
+            f"{provider} HTTP {status_code}: refused by content policy (stop_reason refusal)",
+            provider=provider,
             status_code=status_code,
         )
     text = "".join(b.text or "" for b in message.content if b.type == "text")
     if not text.strip():
-        raise malformed_response(PROVIDER, "no text content", status_code=status_code)
+        raise malformed_response(provider, "no text content", status_code=status_code)
     raw = message.usage
     cache_read = raw.cache_read_input_tokens or 0
     cache_write = raw.cache_creation_input_tokens or 0
@@ -206,18 +210,23 @@ class AnthropicAdapter:
         api_key: ``ANTHROPIC_API_KEY`` sent as ``x-api-key``; ``None`` sends none
             (the server answers 401, an ``AuthenticationError``).
         version: the ``anthropic-version`` header.
+        name: the deployment name, carried by every error.
     """
 
-    name: str = PROVIDER
+    type = "anthropic"
 
-    def __init__(self, base_url: str, api_key: str | None, version: str = DEFAULT_VERSION) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None, version: str = DEFAULT_VERSION, *, name: str = PROVIDER
+    ) -> None:
+        self.name = name
         self.base_url = base_url.rstrip("/")
         self.version = version
         self._api_key = api_key
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
-        return f"AnthropicAdapter(base_url={self.base_url!r}, version={self.version!r}, api_key=<{key}>)"
+        where = f"name={self.name!r}, base_url={self.base_url!r}, version={self.version!r}"
+        return f"AnthropicAdapter({where}, api_key=<{key}>)"
 
     @property
     def url(self) -> str:
@@ -245,26 +254,27 @@ class AnthropicAdapter:
             InvalidRequestError: no non-empty user/assistant turn (no HTTP call is made).
             AIProviderError: a subclass per ``stages.providers.classify`` (HTTP
                 status incl. 529 overloaded, error body, transport failure,
-                malformed 200), with ``provider="anthropic"``; never carries the API key.
+                malformed 200), with ``provider`` the deployment name; never carries the API key.
         """
         secrets = (self._api_key,)
         response = await post_json(
             client,
-            PROVIDER,
+            self.name,
             self.url,
             headers=self._headers(),
-            payload=build_payload(call),
+            payload=build_payload(call, provider=self.name),
             timeout_s=timeout_s,
             secrets=secrets,
         )
         return parse_guarded(
-            PROVIDER,
+            self.name,
             response.status_code,
             lambda: parse_response(
                 response.content,
                 call,
                 request_id=response.headers.get("request-id"),
                 status_code=response.status_code,
+                provider=self.name,
             ),
             secrets=secrets,
         )

@@ -29,7 +29,8 @@ class ProviderCall(Struct, kw_only=True, frozen=True):
 class ProviderResult(Struct, kw_only=True, frozen=True):
     """A successful answer: text ``content``, the ``model`` the provider reports, token ``usage``.
 
-    ``status_code`` is the HTTP status (200); ``request_id`` the provider's own id header, if any.
+    ``status_code`` is the HTTP status (200); ``request_id`` the provider's own id header, if any;
+    ``usage_estimated`` is true when the provider reported no usage and the tokens were counted.
     """
 
     content: str
@@ -38,10 +39,15 @@ class ProviderResult(Struct, kw_only=True, frozen=True):
     status_code: int = 200
     request_id: str | None = None
     finish_reason: str | None = None
+    usage_estimated: bool = False
 
 
 class ProviderAdapter(Protocol):
-    """One provider API. ``complete`` makes exactly one HTTP call.
+    """One deployment of a provider API. ``complete`` makes exactly one HTTP call.
+
+    ``name`` is the deployment's name (the ``provider`` of every event),
+    ``type`` its wire format (``openai``, ``azure_openai``, ``anthropic``,
+    ``cloudflare``, ``openai_compatible``).
 
     Raises (from ``complete``): a subclass of ``pipeline.errors.AIProviderError``
     classified from the status code, error body and message (see each adapter),
@@ -50,6 +56,7 @@ class ProviderAdapter(Protocol):
     """
 
     name: str
+    type: str
 
     async def complete(self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float) -> ProviderResult:
         """Send ``call`` and return the parsed answer; ``timeout_s`` bounds the whole HTTP call (s)."""

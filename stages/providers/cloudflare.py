@@ -88,6 +88,7 @@ def parse_response(
     status_code: int = 200,
     headers: httpx.Headers | None = None,
     secrets: Iterable[str | None] = (),
+    provider: str = PROVIDER,
 ) -> ProviderResult:
     """Parse a Workers AI run envelope into a ``ProviderResult``.
 
@@ -98,6 +99,7 @@ def parse_response(
         status_code: HTTP status the body came with (2xx).
         headers: response headers, used to read ``Retry-After`` of a ``success: false`` answer.
         secrets: credentials to scrub from error messages.
+        provider: the deployment name errors carry.
 
     Returns:
         Text, model and usage (tokens; estimated when ``result.usage`` is absent).
@@ -109,15 +111,15 @@ def parse_response(
     try:
         envelope = _DECODER.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise malformed_response(PROVIDER, str(exc), status_code=status_code) from exc
+        raise malformed_response(provider, str(exc), status_code=status_code) from exc
     if not envelope.success:
-        raise classify_response(PROVIDER, status_code, headers or httpx.Headers(), body, secrets=secrets)
+        raise classify_response(provider, status_code, headers or httpx.Headers(), body, secrets=secrets)
     result = envelope.result
     if result is None or result.response is None:
-        raise malformed_response(PROVIDER, "missing result.response", status_code=status_code)
+        raise malformed_response(provider, "missing result.response", status_code=status_code)
     text = result.response
     if not text.strip():
-        raise malformed_response(PROVIDER, "empty result.response", status_code=status_code)
+        raise malformed_response(provider, "empty result.response", status_code=status_code)
     raw = result.usage
     if raw is not None and raw.prompt_tokens is not None and raw.completion_tokens is not None:
         prompt, completion = raw.prompt_tokens, raw.completion_tokens
@@ -126,6 +128,7 @@ def parse_response(
         prompt = estimate_messages_tokens(call.messages)
         completion = estimate_tokens(text)
         total = prompt + completion
+    estimated = not (raw is not None and raw.prompt_tokens is not None and raw.completion_tokens is not None)
     return ProviderResult(
         content=text,
         model=call.model,
@@ -133,6 +136,7 @@ def parse_response(
         status_code=status_code,
         request_id=request_id,
         finish_reason=None,
+        usage_estimated=estimated,
     )
 
 
@@ -145,18 +149,21 @@ class CloudflareAdapter:
         api_token: ``CLOUDFLARE_API_TOKEN`` sent as a Bearer token; ``None`` sends none.
         account_id: ``CLOUDFLARE_ACCOUNT_ID``, part of the URL; ``None`` makes
             every call fail with ``AuthenticationError`` without an HTTP call.
+        name: the deployment name, carried by every error.
     """
 
-    name: str = PROVIDER
+    type = "cloudflare"
 
-    def __init__(self, base_url: str, api_token: str | None, account_id: str | None) -> None:
+    def __init__(self, base_url: str, api_token: str | None, account_id: str | None, *, name: str = PROVIDER) -> None:
+        self.name = name
         self.base_url = base_url.rstrip("/")
         self.account_id = account_id
         self._api_token = api_token
 
     def __repr__(self) -> str:
         token = "set" if self._api_token else "unset"
-        return f"CloudflareAdapter(base_url={self.base_url!r}, account_id={self.account_id!r}, api_token=<{token}>)"
+        where = f"name={self.name!r}, base_url={self.base_url!r}, account_id={self.account_id!r}"
+        return f"CloudflareAdapter({where}, api_token=<{token}>)"
 
     def url_for(self, model: str) -> str:
         """The endpoint for ``model``: ``{base_url}/accounts/{account_id}/ai/run/{model}``.
@@ -165,7 +172,7 @@ class CloudflareAdapter:
             AuthenticationError: when no account id is configured.
         """
         if not self.account_id:
-            raise AuthenticationError(f"{PROVIDER}: CLOUDFLARE_ACCOUNT_ID is not set", provider=PROVIDER)
+            raise AuthenticationError(f"{self.name}: no Cloudflare account id is set", provider=self.name)
         return f"{self.base_url}/accounts/{quote(self.account_id, safe='')}/ai/run/{quote(model, safe='@/')}"
 
     def _headers(self) -> dict[str, str]:
@@ -186,12 +193,12 @@ class CloudflareAdapter:
             AuthenticationError: no account id (no HTTP call is made), or HTTP 401/403 / code 10000.
             AIProviderError: a subclass per ``stages.providers.classify`` (HTTP
                 status, ``success: false`` codes, transport failure, malformed
-                200), with ``provider="cloudflare"``; never carries the API token.
+                200), with ``provider`` the deployment name; never carries the API token.
         """
         secrets = (self._api_token,)
         response = await post_json(
             client,
-            PROVIDER,
+            self.name,
             self.url_for(call.model),
             headers=self._headers(),
             payload=build_payload(call),
@@ -199,7 +206,7 @@ class CloudflareAdapter:
             secrets=secrets,
         )
         return parse_guarded(
-            PROVIDER,
+            self.name,
             response.status_code,
             lambda: parse_response(
                 response.content,
@@ -208,6 +215,7 @@ class CloudflareAdapter:
                 status_code=response.status_code,
                 headers=response.headers,
                 secrets=secrets,
+                provider=self.name,
             ),
             secrets=secrets,
         )

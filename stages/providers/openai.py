@@ -1,27 +1,58 @@
-"""OpenAI Chat Completions adapter: ``POST {base_url}/chat/completions``.
+"""The OpenAI Chat Completions wire format, for the deployment types openai, azure_openai, openai_compatible.
 
 API reference: https://platform.openai.com/docs/api-reference/chat/create
 (request) and https://platform.openai.com/docs/api-reference/chat/object
-(response). ``base_url`` includes ``/v1`` like the SDK's ``OPENAI_BASE_URL``
-(default ``https://api.openai.com/v1``).
+(response). One adapter class speaks the format; a deployment is an
+instance of it with its own name, URL, key and flavour.
 
-Request mapping from ``ProviderCall``: ``messages`` as is (roles ``system``,
-``user``, ``assistant``); ``max_tokens`` is sent as ``max_completion_tokens``
-(the current name; ``max_tokens`` is deprecated and refused by reasoning
-models); ``temperature``, ``top_p``, ``stop`` (list) and ``user`` when set.
-Auth: ``Authorization: Bearer <key>``.
+``openai``: ``POST {base_url}/chat/completions`` with ``base_url`` including
+``/v1`` like the SDK's ``OPENAI_BASE_URL`` (default
+``https://api.openai.com/v1``); ``Authorization: Bearer <key>``; ``max_tokens``
+is sent as ``max_completion_tokens`` (the current name; ``max_tokens`` is
+deprecated and refused by reasoning models); ``user`` is sent.
 
-Response mapping: ``choices[0].message.content`` is the text; ``usage``
-``prompt_tokens`` (includes cached), ``completion_tokens``, ``total_tokens``
-and ``prompt_tokens_details.cached_tokens`` -> ``Usage.cached_prompt_tokens``
+``azure_openai`` (https://learn.microsoft.com/azure/ai-services/openai/reference,
+read 2026-12-06): ``POST {base_url}/openai/deployments/{deployment-id}/chat/completions?api-version={v}``
+where ``base_url`` is the resource endpoint (``https://RESOURCE.openai.azure.com``),
+the deployment id is the model's entry in ``azure_deployments`` (default: the
+model name) and ``api-version`` the deployment's (default the GA
+``2024-10-21``); the key goes in the ``api-key`` header. ``max_tokens`` is
+sent as ``max_tokens`` (every api-version takes it; set ``max_tokens_field =
+"max_completion_tokens"`` for o-series deployments). Azure's content
+filter: a filtered prompt is HTTP 400 with ``error.code: content_filter``
+(``innererror.code: ResponsibleAIPolicyViolation``), a filtered answer is a
+200 with ``finish_reason: content_filter``; both are ``ContentFilterError``.
+
+``openai_compatible`` (vLLM, Ollama, LM Studio, llama.cpp, Groq, Together,
+Mistral, DeepSeek, OpenRouter...): the OpenAI format with the common
+deviations handled. Only the fields every one of them accepts are sent
+(``model``, ``messages``, ``max_tokens``, ``temperature``, ``top_p``,
+``stop``): Mistral answers 422 ``extra_forbidden`` to
+``max_completion_tokens`` and to fields it does not know, Ollama and
+llama.cpp document ``max_tokens`` only. An answer without ``usage`` is
+priced from counted tokens and flagged ``usage_estimated``; DeepSeek's
+``prompt_cache_hit_tokens`` counts as cached prompt tokens where
+``prompt_tokens_details`` is absent
+(https://api-docs.deepseek.com/api/create-chat-completion). Error bodies
+that are not OpenAI's shape (vLLM ``{"object": "error", "message", "code"}``,
+Ollama ``{"error": "text"}``, Mistral's ``message`` object) are read by
+``classify.extract_error_detail`` and classified from the status code.
+
+Response mapping (all three): ``choices[0].message.content`` is the text;
+``usage`` ``prompt_tokens`` (includes cached), ``completion_tokens``,
+``total_tokens`` and ``prompt_tokens_details.cached_tokens`` ->
+``Usage.cached_prompt_tokens``
 (https://platform.openai.com/docs/guides/prompt-caching). The provider request
-id is the ``x-request-id`` header. ``finish_reason: content_filter`` or a
-``refusal`` without content is a ``ContentFilterError``.
+id is the ``x-request-id`` header (Azure: ``apim-request-id``).
+``finish_reason: content_filter`` or a ``refusal`` without content is a
+``ContentFilterError``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -31,9 +62,19 @@ from pipeline.errors import ContentFilterError
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
 from stages.providers.classify import malformed_response, parse_guarded, post_json
+from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "openai"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: The deployment types this wire format serves.
+Flavor = Literal["openai", "azure_openai", "openai_compatible"]
+#: Where each flavour puts ``max_tokens`` unless the deployment says otherwise (module docstring).
+DEFAULT_MAX_TOKENS_FIELD: dict[str, str] = {
+    "openai": "max_completion_tokens",
+    "azure_openai": "max_tokens",
+    "openai_compatible": "max_tokens",
+}
 
 _Tokens = Annotated[int, Meta(ge=0)]
 
@@ -47,6 +88,7 @@ class _Usage(Struct):
     completion_tokens: _Tokens
     total_tokens: _Tokens | None = None
     prompt_tokens_details: _PromptTokensDetails | None = None
+    prompt_cache_hit_tokens: _Tokens | None = None  # DeepSeek
 
 
 class _Message(Struct):
@@ -68,12 +110,14 @@ class _Completion(Struct):
 _DECODER = msgspec.json.Decoder(_Completion)
 
 
-def build_payload(call: ProviderCall) -> dict[str, Any]:
-    """The JSON body for ``call`` (see the module docstring for the mapping)."""
+def build_payload(
+    call: ProviderCall, *, flavor: Flavor = "openai", max_tokens_field: str | None = None
+) -> dict[str, Any]:
+    """The JSON body for ``call`` in ``flavor``'s dialect (see the module docstring for the mapping)."""
     payload: dict[str, Any] = {
         "model": call.model,
         "messages": [{"role": m.role, "content": m.content} for m in call.messages],
-        "max_completion_tokens": call.max_tokens,
+        max_tokens_field or DEFAULT_MAX_TOKENS_FIELD[flavor]: call.max_tokens,
     }
     if call.temperature is not None:
         payload["temperature"] = call.temperature
@@ -81,21 +125,30 @@ def build_payload(call: ProviderCall) -> dict[str, Any]:
         payload["top_p"] = call.top_p
     if call.stop:
         payload["stop"] = list(call.stop)
-    if call.user is not None:
+    if call.user is not None and flavor != "openai_compatible":
         payload["user"] = call.user
     return payload
 
 
 def parse_response(
-    body: bytes, call: ProviderCall, *, request_id: str | None = None, status_code: int = 200
+    body: bytes,
+    call: ProviderCall,
+    *,
+    request_id: str | None = None,
+    status_code: int = 200,
+    provider: str = PROVIDER,
+    usage_optional: bool = False,
 ) -> ProviderResult:
     """Parse a chat completion body into a ``ProviderResult``.
 
     Args:
         body: raw JSON of a ``chat.completion`` object.
         call: the call it answers (its ``model`` is the fallback model name).
-        request_id: the ``x-request-id`` header, if any.
+        request_id: the provider's request id header, if any.
         status_code: HTTP status the body came with (2xx).
+        provider: the deployment name errors carry.
+        usage_optional: an answer without ``usage`` gets counted tokens, flagged
+            ``usage_estimated`` (``openai_compatible``), instead of being malformed.
 
     Returns:
         Text, model, usage (tokens; ``prompt_tokens`` includes cached ones).
@@ -107,30 +160,41 @@ def parse_response(
     try:
         completion = _DECODER.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise malformed_response(PROVIDER, str(exc), status_code=status_code) from exc
+        raise malformed_response(provider, str(exc), status_code=status_code) from exc
     if not completion.choices:
-        raise malformed_response(PROVIDER, "no choices", status_code=status_code)
+        raise malformed_response(provider, "no choices", status_code=status_code)
     choice = completion.choices[0]
     content = choice.message.content or ""
     if choice.finish_reason == "content_filter" or (not content and choice.message.refusal):
         reason = choice.message.refusal or "finish_reason content_filter"
         raise ContentFilterError(
-            f"{PROVIDER} HTTP {status_code}: refused by content policy: {reason[:200]}",
-            provider=PROVIDER,
+            f"{provider} HTTP {status_code}: refused by content policy: {reason[:200]}",
+            provider=provider,
             status_code=status_code,
         )
     if not content.strip():
-        raise malformed_response(PROVIDER, "empty message content", status_code=status_code)
-    if completion.usage is None:
-        raise malformed_response(PROVIDER, "missing usage", status_code=status_code)
+        raise malformed_response(provider, "empty message content", status_code=status_code)
     raw = completion.usage
-    cached = raw.prompt_tokens_details.cached_tokens if raw.prompt_tokens_details else None
-    usage = Usage(
-        prompt_tokens=raw.prompt_tokens,
-        completion_tokens=raw.completion_tokens,
-        total_tokens=raw.total_tokens if raw.total_tokens is not None else raw.prompt_tokens + raw.completion_tokens,
-        cached_prompt_tokens=min(cached or 0, raw.prompt_tokens),
-    )
+    if raw is None:
+        if not usage_optional:
+            raise malformed_response(provider, "missing usage", status_code=status_code)
+        prompt = estimate_messages_tokens(call.messages)
+        completion_tokens = estimate_tokens(content)
+        usage = Usage(
+            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+        )
+    else:
+        cached = raw.prompt_tokens_details.cached_tokens if raw.prompt_tokens_details else None
+        if cached is None:
+            cached = raw.prompt_cache_hit_tokens
+        usage = Usage(
+            prompt_tokens=raw.prompt_tokens,
+            completion_tokens=raw.completion_tokens,
+            total_tokens=raw.total_tokens
+            if raw.total_tokens is not None
+            else raw.prompt_tokens + raw.completion_tokens,
+            cached_prompt_tokens=min(cached or 0, raw.prompt_tokens),
+        )
     return ProviderResult(
         content=content,
         model=completion.model or call.model,
@@ -138,36 +202,74 @@ def parse_response(
         status_code=status_code,
         request_id=request_id,
         finish_reason=choice.finish_reason,
+        usage_estimated=raw is None,
     )
 
 
 class OpenAIAdapter:
-    """Calls OpenAI Chat Completions (or any server speaking its wire format, such as the emulator).
+    """Calls one deployment that speaks OpenAI Chat Completions: OpenAI, Azure OpenAI or a compatible server.
 
     Args:
-        base_url: API root including ``/v1`` (``OPENAI_BASE_URL``), e.g.
-            ``https://api.openai.com/v1``; a trailing ``/`` is ignored.
-        api_key: ``OPENAI_API_KEY``; ``None`` sends no ``Authorization`` header
-            (the server then answers 401, an ``AuthenticationError``).
+        base_url: API root: including ``/v1`` for ``openai`` and
+            ``openai_compatible`` (``OPENAI_BASE_URL``, e.g.
+            ``https://api.openai.com/v1``), the resource endpoint for
+            ``azure_openai``; a trailing ``/`` is ignored.
+        api_key: the deployment's key; ``None`` sends no key (a local server;
+            a server that needs one answers 401, an ``AuthenticationError``).
+        name: the deployment name, carried by every error.
+        flavor: ``openai``, ``azure_openai`` or ``openai_compatible`` (module docstring).
+        api_version: Azure's ``api-version`` (required for ``azure_openai``).
+        azure_deployments: Azure model -> deployment id (default: the model name).
+        max_tokens_field: body field for ``max_tokens`` (default per flavour).
+
+    Raises:
+        ValueError: for ``azure_openai`` without ``api_version``.
     """
 
-    name: str = PROVIDER
-
-    def __init__(self, base_url: str, api_key: str | None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        name: str = PROVIDER,
+        flavor: Flavor = "openai",
+        api_version: str | None = None,
+        azure_deployments: Mapping[str, str] | None = None,
+        max_tokens_field: str | None = None,
+    ) -> None:
+        if flavor == "azure_openai" and not api_version:
+            raise ValueError(f"{name}: azure_openai needs an api_version")
+        self.name = name
+        self.type: str = flavor
+        self.flavor: Flavor = flavor
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self.api_version = api_version
+        self.azure_deployments = dict(azure_deployments or {})
+        self.max_tokens_field = max_tokens_field
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
-        return f"OpenAIAdapter(base_url={self.base_url!r}, api_key=<{key}>)"
+        return f"OpenAIAdapter(name={self.name!r}, flavor={self.flavor!r}, base_url={self.base_url!r}, api_key=<{key}>)"
 
     @property
     def url(self) -> str:
-        """The endpoint every call is sent to: ``{base_url}/chat/completions``."""
+        """The endpoint of an ``openai``/``openai_compatible`` call: ``{base_url}/chat/completions``."""
         return f"{self.base_url}/chat/completions"
 
+    def url_for(self, model: str) -> str:
+        """The endpoint a call for ``model`` is sent to (Azure: the model's deployment URL with ``api-version``)."""
+        if self.flavor != "azure_openai":
+            return self.url
+        deployment = quote(self.azure_deployments.get(model, model), safe="")
+        return f"{self.base_url}/openai/deployments/{deployment}/chat/completions?api-version={self.api_version}"
+
     def _headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        if not self._api_key:
+            return {}
+        if self.flavor == "azure_openai":
+            return {"api-key": self._api_key}
+        return {"authorization": f"Bearer {self._api_key}"}
 
     async def complete(self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float) -> ProviderResult:
         """Send ``call`` as one chat completion and return the parsed answer.
@@ -183,26 +285,29 @@ class OpenAIAdapter:
         Raises:
             AIProviderError: a subclass per ``stages.providers.classify`` (HTTP
                 status, error body, transport failure, malformed 200), with
-                ``provider="openai"``; never carries the API key.
+                ``provider`` the deployment name; never carries the API key.
         """
         secrets = (self._api_key,)
         response = await post_json(
             client,
-            PROVIDER,
-            self.url,
+            self.name,
+            self.url_for(call.model),
             headers=self._headers(),
-            payload=build_payload(call),
+            payload=build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field),
             timeout_s=timeout_s,
             secrets=secrets,
         )
+        request_id = response.headers.get("x-request-id") or response.headers.get("apim-request-id")
         return parse_guarded(
-            PROVIDER,
+            self.name,
             response.status_code,
             lambda: parse_response(
                 response.content,
                 call,
-                request_id=response.headers.get("x-request-id"),
+                request_id=request_id,
                 status_code=response.status_code,
+                provider=self.name,
+                usage_optional=self.flavor == "openai_compatible",
             ),
             secrets=secrets,
         )

@@ -161,6 +161,7 @@ class RecorderStage:
                     saved_usd=0.0,
                     cached=False,
                     price_source=source,  # type: ignore[arg-type]
+                    usage_source=outcome.usage_source,
                     at=now_utc(),
                 )
                 await self._store(envelope, outcome, priced)

@@ -30,6 +30,8 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
+from pipeline.runtime.config import PipelineConfig
+
 OPENAI_MODELS_URL = "https://platform.openai.com/docs/models"
 ANTHROPIC_MODELS_URL = "https://docs.anthropic.com/en/docs/about-claude/models/overview"
 CLOUDFLARE_MODELS_URL = "https://developers.cloudflare.com/workers-ai/models/"
@@ -126,6 +128,45 @@ def model_info(provider: str, model: str) -> ModelInfo | None:
         A frozen ``ModelInfo`` (tokens), or ``None`` for an unknown provider or model.
     """
     return _CATALOG.get(provider, {}).get(model)
+
+
+#: The catalog section each deployment type's models are looked up in (``None``: every section).
+_SECTION_OF_TYPE: dict[str, str | None] = {
+    "openai": "openai",
+    "azure_openai": "openai",
+    "anthropic": "anthropic",
+    "cloudflare": "cloudflare",
+    "openai_compatible": None,
+}
+
+
+def deployment_model_info(config: PipelineConfig, deployment: str, model: str) -> ModelInfo | None:
+    """Limits of ``model`` at ``deployment`` (DESIGN A10): the deployment's ``context_window`` wins over the catalog.
+
+    The catalog is searched in the deployment type's section (``azure_openai``
+    in OpenAI's), an ``openai_compatible`` deployment's in every section by
+    model name. A deployment's ``context_window`` replaces the window and caps
+    the output limit (an unknown model's output limit is then the window).
+
+    Returns:
+        The limits (tokens), or ``None`` when neither the catalog nor the deployment says.
+    """
+    cfg = config.providers.get(deployment)
+    if cfg is None:
+        return model_info(deployment, model)
+    section = _SECTION_OF_TYPE.get(config.type_of(deployment), deployment)
+    sections = [section] if section is not None else list(_CATALOG)
+    info = next((found for s in sections if (found := model_info(s, model)) is not None), None)
+    if cfg.context_window is None:
+        return info
+    window = cfg.context_window
+    return ModelInfo(
+        provider=deployment,
+        model=model,
+        context_window=window,
+        max_output_tokens=min(info.max_output_tokens, window) if info is not None else window,
+        source=f"the configuration of deployment {deployment}",
+    )
 
 
 def known_models(provider: str) -> list[str]:

@@ -36,6 +36,15 @@ guessed: a model that is not found is priced with the provider's
 ``default_cost_per_token`` (``price_source="default"``) or not at all
 (``price_source="none"``, cost 0), with a warning logged once per
 (provider, model).
+
+Deployments (DESIGN A10, :meth:`PriceTable.with_deployments`): a deployment's
+own ``prices`` win over the table for every model it serves
+(``price_source="deployment"``); otherwise its models are looked up, by the
+model name the provider reports, in its type's section (``openai`` and
+``azure_openai``: ``openai``; ``anthropic``; ``cloudflare``) or, for an
+``openai_compatible`` deployment, in every section in file order (a router
+such as OpenRouter serving ``gpt-4o-mini`` is priced as OpenAI's). A table
+match never overrides a deployment's own prices.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from pipeline.runtime.config import PipelineConfig
 from schemas.response import Usage
 
 __all__ = [
@@ -74,7 +84,7 @@ DEFAULT_PRICES_RESOURCE = "data/prices.toml"
 TOKENS_PER_MTOK = Decimal(1_000_000)
 
 #: How a cost was obtained: the price table, the provider's ``default_cost_per_token``, or nothing.
-PriceSource = Literal["table", "default", "none"]
+PriceSource = Literal["table", "deployment", "default", "none"]
 
 _PUBLISH_QUANTUM = Decimal("1e-10")  # DESIGN A4: cost_usd is published with 10 decimal places
 _DATED_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -215,6 +225,37 @@ class PriceTable:
                 names.setdefault(alias, target)
             self._names[provider] = names
         self._warned: set[tuple[str, str, PriceSource]] = set()
+        # deployment name -> (sections to look its models up in, its own price or None)
+        self._deployments: dict[str, tuple[tuple[str, ...], Price | None]] = {}
+
+    def with_deployments(self, config: PipelineConfig) -> PriceTable:
+        """A view of this table for ``config``'s deployments (module docstring); this table is unchanged.
+
+        Returns:
+            A table sharing these prices that also answers for every deployment name.
+        """
+        table = PriceTable.__new__(PriceTable)
+        table._prices, table._names, table._warned = self._prices, self._names, self._warned
+        table._deployments = {}
+        for name, cfg in config.providers.items():
+            kind = config.type_of(name)
+            family = {"azure_openai": "openai", "openai_compatible": ""}.get(kind, kind)
+            sections = (family,) if family else tuple(self._prices)
+            own = None
+            if cfg.prices is not None:
+                own = Price(
+                    input=_number(cfg.prices.input_per_mtok, f"{name}.prices.input_per_mtok"),
+                    output=_number(cfg.prices.output_per_mtok, f"{name}.prices.output_per_mtok"),
+                    cached_input=None
+                    if cfg.prices.cached_input_per_mtok is None
+                    else _number(cfg.prices.cached_input_per_mtok, f"{name}.prices.cached_input_per_mtok"),
+                    cache_write=None
+                    if cfg.prices.cache_write_per_mtok is None
+                    else _number(cfg.prices.cache_write_per_mtok, f"{name}.prices.cache_write_per_mtok"),
+                    source=f"the configuration of deployment {name}",
+                )
+            table._deployments[name] = (sections, own)
+        return table
 
     # -- construction -------------------------------------------------------------------------
 
@@ -280,19 +321,32 @@ class PriceTable:
     # -- queries --------------------------------------------------------------------------------
 
     def resolve(self, provider: str, model: str) -> str | None:
-        """Return the table's name for ``model`` (exact id or alias, then undated), or ``None``."""
-        names = self._names.get(provider)
-        if names is None:
-            return None
-        found = names.get(model)
-        if found is None:
-            found = names.get(normalize_model(model))
-        return found
+        """Return the table's name for ``model`` (exact id or alias, then undated), or ``None``.
+
+        ``provider`` is a section of the table, or a deployment known through
+        :meth:`with_deployments` (its sections are searched in order).
+        """
+        found = self._find(provider, model)
+        return None if found is None else found[1]
+
+    def _find(self, provider: str, model: str) -> tuple[str, str] | None:
+        sections = self._deployments[provider][0] if provider in self._deployments else (provider,)
+        for section in sections:
+            names = self._names.get(section)
+            if names is None:
+                continue
+            found = names.get(model) or names.get(normalize_model(model))
+            if found is not None:
+                return section, found
+        return None
 
     def lookup(self, provider: str, model: str) -> Price | None:
-        """Return the price of ``model`` at ``provider`` (see :meth:`resolve`), or ``None`` if unlisted."""
-        name = self.resolve(provider, model)
-        return None if name is None else self._prices[provider][name]
+        """Return the price of ``model`` at ``provider`` (a deployment's own price first), or ``None`` if unlisted."""
+        own = self._deployments.get(provider, ((), None))[1]
+        if own is not None:
+            return own
+        found = self._find(provider, model)
+        return None if found is None else self._prices[found[0]][found[1]]
 
     def cost(
         self,
@@ -304,12 +358,16 @@ class PriceTable:
     ) -> Costing:
         """Return what ``usage`` of ``model`` at ``provider`` costs, in USD, and where the price came from.
 
+        A deployment with its own prices: those, ``price_source`` ``"deployment"``.
         Listed model: the formula of the module docstring, ``price_source``
         ``"table"``. Unlisted model with ``default_cost_per_token`` (USD per
         token): that rate times every prompt and completion token,
         ``"default"``. Neither: cost 0 and ``"none"``; the caller decides what
         that means. The last two log a warning once per (provider, model).
         """
+        own = self._deployments.get(provider, ((), None))[1]
+        if own is not None:
+            return Costing(own.cost(usage), "deployment")
         price = self.lookup(provider, model)
         if price is not None:
             return Costing(price.cost(usage), "table")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.runtime.config import PROVIDER_NAMES, PipelineConfig, ProviderConfig
+from pipeline.runtime.config import PipelineConfig, ProviderConfig
 from schemas.envelope import Candidate
 from schemas.request import AIRequest
-from stages.rules.catalog import model_info
+from stages.rules.catalog import deployment_model_info
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +52,13 @@ def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
     """
     serving = serving_providers(config, request.model)
     if request.providers is not None:
-        unknown = [p for p in request.providers if p not in PROVIDER_NAMES]
+        unknown = [p for p in request.providers if p not in config.providers]
         if unknown:
             return Resolution(
                 [],
                 "invalid_request",
-                f"unknown provider(s) in `providers`: {', '.join(unknown)} (known: {', '.join(PROVIDER_NAMES)})",
+                f"unknown provider(s) in `providers`: {', '.join(unknown)} "
+                f"(known deployments: {', '.join(config.providers)})",
             )
         allowed = set(request.providers)
         allowed_serving = [c for c in serving if c.provider in allowed]
@@ -85,10 +86,10 @@ def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
             "invalid_request",
             f"max_tokens {request.max_tokens} exceeds every provider's max_tokens_per_request (largest: {limit})",
         )
-    within_output = [c for c in fitting if request.max_tokens <= _max_output(c)]
+    within_output = [c for c in fitting if request.max_tokens <= _max_output(config, c)]
     if not within_output:
-        largest = max(_max_output(c) for c in fitting)
-        models = ", ".join(f"{c.provider}/{c.model} ({_max_output(c)})" for c in fitting)
+        largest = max(_max_output(config, c) for c in fitting)
+        models = ", ".join(f"{c.provider}/{c.model} ({_max_output(config, c)})" for c in fitting)
         return Resolution(
             [],
             "invalid_request",
@@ -98,9 +99,9 @@ def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
     return Resolution(within_output)
 
 
-def _max_output(candidate: Candidate) -> int:
-    """The model's documented maximum output (tokens, from the catalog); unknown models are not limited here."""
-    info = model_info(candidate.provider, candidate.model)
+def _max_output(config: PipelineConfig, candidate: Candidate) -> int:
+    """The model's maximum output (tokens: the deployment's or the catalog's); unknown models are not limited here."""
+    info = deployment_model_info(config, candidate.provider, candidate.model)
     return info.max_output_tokens if info is not None else 2**31
 
 

@@ -224,8 +224,9 @@ async def test_race_for_the_last_dime_in_process() -> None:
 @pytest.mark.kafka
 @pytest.mark.redis
 async def test_race_with_two_gate_replicas_sharing_redis(
-    kafka_bootstrap: str, redis_url: str, unique_prefix: str
+    kafka_bootstrap: str, unflushed_redis_url: str, unique_prefix: str
 ) -> None:
+    redis_url = unflushed_redis_url  # keys live under the unique prefix; other sessions flush database 15
     topics = Topics(unique_prefix)
     async with AsyncExitStack() as stack:
         emu = await stack.enter_async_context(EmulatorServer())

@@ -209,9 +209,9 @@ async def test_manager_cache_stats_and_clear() -> None:
 
 
 @pytest.mark.redis
-async def test_redis_an_answer_through_one_replica_is_a_hit_through_another(redis_url: str) -> None:
+async def test_redis_an_answer_through_one_replica_is_a_hit_through_another(unflushed_redis_url: str) -> None:
     prefix = f"rc-{uuid.uuid4().hex[:6]}."
-    env = {"AIPIPE_REDIS_URL": redis_url}
+    env = {"AIPIPE_REDIS_URL": unflushed_redis_url}
     async with harness("memory", prefix, extra_env=env) as a, harness("memory", prefix, extra_env=env) as b:
         prompt = unique("shared")
         ra = await a.client.request(request("x1", prompt=prompt))

@@ -230,7 +230,7 @@ def log_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_replicas_split_partitions_and_survive_a_killed_executor(
-    kafka_bootstrap: str, redis_url: str, unique_prefix: str, tmp_path: Path, log_dir: Path
+    kafka_bootstrap: str, unflushed_redis_url: str, unique_prefix: str, tmp_path: Path, log_dir: Path
 ) -> None:
     topics = Topics(unique_prefix)
     config_path = tmp_path / "aipipe.toml"
@@ -248,7 +248,7 @@ async def test_replicas_split_partitions_and_survive_a_killed_executor(
             AIPIPE_CONFIG=str(config_path),
             AIPIPE_EMULATE="1",
             AIPIPE_EMULATOR_URL=emu.url,
-            AIPIPE_REDIS_URL=redis_url,
+            AIPIPE_REDIS_URL=unflushed_redis_url,
             AIPIPE_KAFKA_SESSION_TIMEOUT_MS="2000",
             AIPIPE_KAFKA_PARTITIONS=str(PARTITIONS),
             LOG_LEVEL="INFO",

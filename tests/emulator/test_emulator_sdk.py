@@ -371,8 +371,11 @@ def test_profile_validation_errors_name_the_path() -> None:
         parse_profile({"providers": {"openai": {"probabilities": {"often": 0.5}}}})
     with pytest.raises(msgspec.ValidationError, match="sum to"):
         parse_profile({"providers": {"openai": {"probabilities": {"500": 0.7, "429": 0.6}}}})
-    with pytest.raises(msgspec.ValidationError, match="unknown field `gemini`"):
-        parse_profile({"providers": {"gemini": {}}})
+    # any deployment may be a target (DESIGN A10), but not a name no deployment can have, nor an unknown rule
+    with pytest.raises(msgspec.ValidationError, match=r"at `key` in `\$\.providers`"):
+        parse_profile({"providers": {"bad name!": {}}})
+    with pytest.raises(msgspec.ValidationError, match=r"unknown field `bogus` - at `\$\.providers\.gemini`"):
+        parse_profile({"providers": {"gemini": {"bogus": 1}}})
     with pytest.raises(msgspec.ValidationError, match="max_ms"):
         parse_profile({"providers": {"openai": {"latency": {"dist": "uniform", "min_ms": 5, "max_ms": 1}}}})
 
@@ -400,14 +403,14 @@ default = { action = "hang", hang_s = 1.5 }
     profile = load_profile(path)
     assert isinstance(profile, FaultProfile)
     assert profile.seed == 3
-    openai_faults = profile.providers.openai
+    openai_faults = profile.providers["openai"]
     assert openai_faults is not None
     assert openai_faults.schedule == [FaultStep(status=429, retry_after_s=2)]
     assert openai_faults.probabilities == {"500": 0.25}
-    anthropic_faults = profile.providers.anthropic
+    anthropic_faults = profile.providers["anthropic"]
     assert anthropic_faults is not None
     assert anthropic_faults.models["claude-3-5-haiku-20241022"].default == FaultStep(action="hang", hang_s=1.5)
-    assert profile.extra_models.openai == ["my-finetune"]
+    assert profile.extra_models["openai"] == ["my-finetune"]
 
 
 async def test_profile_at_start_and_reset_returns_to_it() -> None:
@@ -459,7 +462,7 @@ async def test_admin_rejects_bad_bodies(http: httpx.AsyncClient) -> None:
     assert bad.status_code == 400
     assert "$.providers.openai.schedule[0].status" in bad.json()["error"]
     assert (await http.post("/_emulator/hold", json={"n": 0})).status_code == 400
-    assert (await http.get("/_emulator/calls", params={"provider": "gemini"})).status_code == 400
+    assert (await http.get("/_emulator/calls", params={"provider": "bad name!"})).status_code == 400
 
 
 async def test_admin_hold_and_release(

@@ -46,6 +46,7 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "budgets": ("budgets", ()),
     "health_monitoring": ("health_monitoring", ()),
     "caching": ("caching", ()),
+    "deployments": ("deployments", ()),
 }
 
 
@@ -163,3 +164,11 @@ def test_caching(runs: dict[str, Run]) -> None:
     assert "second call: cached=True cost=$0.00000000" in out
     assert "Cache hit rate: 50.0%" in out
     assert "after clear_cache: cached=False" in out
+
+
+def test_deployments(runs: dict[str, Run]) -> None:
+    out, _ = output_of(runs, "deployments")
+    assert re.search(r"^support-bot answered by openai \(gpt-4o-mini\) for \$0\.\d{8}$", out, re.M)
+    assert re.search(r"^openai-eu: answered by openai-eu \(gpt-4o-mini\) for \$0\.\d{8}$", out, re.M)
+    assert "local-llama: answered by local-llama (llama3.1:8b) for $0.00000000" in out
+    assert "local-llama: 1 request(s), $0.00000000" in out and "openai-eu: 1 request(s)" in out

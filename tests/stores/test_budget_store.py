@@ -22,10 +22,10 @@ SCOPES = ("global", "user:alice")
 
 
 @pytest.fixture
-async def namespace(redis_url: str) -> AsyncIterator[str]:
+async def namespace(unflushed_redis_url: str) -> AsyncIterator[str]:
     ns = f"test-{secrets.token_hex(4)}."
     yield ns
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(unflushed_redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=f"aipipe:{{{ns}}}*")]
         if keys:
@@ -46,7 +46,10 @@ def test_units_round_trip() -> None:
     assert to_units(D("1e-11"), "ROUND_CEILING") == 1  # reservations round up, never to 0
 
 
-async def test_two_replicas_racing_for_the_last_ten_cents_admit_exactly_two(redis_url: str, namespace: str) -> None:
+async def test_two_replicas_racing_for_the_last_ten_cents_admit_exactly_two(
+    unflushed_redis_url: str, namespace: str
+) -> None:
+    redis_url = unflushed_redis_url
     a = _store(redis_url, namespace, daily="1.00")
     b = _store(redis_url, namespace, daily="1.00")
     now = datetime.now(UTC)
@@ -83,7 +86,8 @@ async def test_two_replicas_racing_for_the_last_ten_cents_admit_exactly_two(redi
         await b.aclose()
 
 
-async def test_release_expiry_and_alert_claims(redis_url: str, namespace: str) -> None:
+async def test_release_expiry_and_alert_claims(unflushed_redis_url: str, namespace: str) -> None:
+    redis_url = unflushed_redis_url
     store = _store(redis_url, namespace, daily="0.10")
     other = _store(redis_url, namespace, daily="0.10")
     now = datetime.now(UTC)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import socket
 import subprocess
@@ -463,8 +464,9 @@ async def redis_store(url: str, namespace: str, **kw: Any) -> Any:
 
 
 @pytest_redis
-async def test_redis_store_round_trip_lru_bound_and_evictions(redis_url: str) -> None:
-    async with redis_store(redis_url, "aipipe:{t-lru}", max_size=100) as store:
+async def test_redis_store_round_trip_lru_bound_and_evictions(unflushed_redis_url: str) -> None:
+    ns = f"aipipe:{{t-lru-{secrets.token_hex(4)}}}"
+    async with redis_store(unflushed_redis_url, ns, max_size=100) as store:
         for i in range(1000):
             assert await store.set(f"k{i}", answer(f"answer {i}"), 3600)
             if i == 50:
@@ -479,15 +481,15 @@ async def test_redis_store_round_trip_lru_bound_and_evictions(redis_url: str) ->
         big = answer("word " * 2000)
         await store.set("big", big, 60)
         assert await store.get("big") == big
-        raw = await store._client.get("aipipe:{t-lru}:v:big")
+        raw = await store._client.get(f"{ns}:v:big")
         assert raw[:1] == b"Z" and len(raw) < 2000
         assert await store.clear() == 100
         assert (await store.size()).entries == 0 and await store.get("big") is None
 
 
 @pytest_redis
-async def test_redis_store_ttl_expiry(redis_url: str) -> None:
-    async with redis_store(redis_url, "aipipe:{t-ttl}") as store:
+async def test_redis_store_ttl_expiry(unflushed_redis_url: str) -> None:
+    async with redis_store(unflushed_redis_url, f"aipipe:{{t-ttl-{secrets.token_hex(4)}}}") as store:
         await store.set("short", answer(), 0.15)
         await store.set("long", answer(), 60)
         assert await store.get("short") is not None
@@ -500,9 +502,9 @@ async def test_redis_store_ttl_expiry(redis_url: str) -> None:
 
 
 @pytest_redis
-async def test_redis_replicas_share_answers_and_claims(redis_url: str) -> None:
-    ns = "aipipe:{t-share}"
-    async with redis_store(redis_url, ns) as a, redis_store(redis_url, ns, poll_s=30) as b:
+async def test_redis_replicas_share_answers_and_claims(unflushed_redis_url: str) -> None:
+    ns = f"aipipe:{{t-share-{secrets.token_hex(4)}}}"
+    async with redis_store(unflushed_redis_url, ns) as a, redis_store(unflushed_redis_url, ns, poll_s=30) as b:
         await a.set("q", answer("shared"), 60)
         assert (await b.get("q")) == answer("shared")
         async with anyio.create_task_group() as tg:

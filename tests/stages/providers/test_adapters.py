@@ -39,12 +39,6 @@ MODELS = {
 TIMEOUT_S = 5.0
 
 
-@pytest_asyncio.fixture(scope="module")
-async def emulator() -> AsyncIterator[EmulatorServer]:
-    async with EmulatorServer() as emu:
-        yield emu
-
-
 @pytest.fixture(autouse=True)
 def _fresh_emulator(emulator: EmulatorServer) -> Iterator[None]:
     emulator.reset()
@@ -57,13 +51,6 @@ async def any_client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.Asyn
     client = httpx_aiohttp.HttpxAiohttpClient() if request.param == "aiohttp" else httpx.AsyncClient()
     async with client:
         yield client
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    """The client the pipeline uses: the httpx API on the aiohttp transport (PERFORMANCE-NOTES)."""
-    async with httpx_aiohttp.HttpxAiohttpClient() as c:
-        yield c
 
 
 def adapter_for(emu: EmulatorServer, provider: str, *, key: str | None = KEY, account: str | None = ACCOUNT) -> Any:
