@@ -32,6 +32,8 @@ class AIProviderError(Exception):
         retry_after_s: wait the provider asked for (s), if any.
         attempts: every provider call made for the request, in order.
         request_id: the request's id, when known.
+        sent: ``False`` when the error arose before any byte was sent to the provider
+            (an adapter refusing to build the call), so no quota was used.
     """
 
     error_type: ClassVar[ErrorType] = "server_error"
@@ -46,8 +48,10 @@ class AIProviderError(Exception):
         retry_after_s: float | None = None,
         attempts: list[Attempt] | None = None,
         request_id: str | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
+        self.sent = sent
         self.message = message
         self.provider = provider
         self.status_code = status_code

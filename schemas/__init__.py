@@ -22,11 +22,12 @@ from schemas.events import (
 from schemas.request import AIRequest, CacheOptions, Message, request_from_dict
 from schemas.response import ERROR_TYPES, AIResponse, Attempt, ErrorInfo, ErrorType, Usage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Integer version of every value schema, sent in the ``aipipe-schema`` header.
 
 2: deployments (DESIGN A10): ``CostEvent.price_source`` may be ``deployment``;
 ``CostEvent.usage_source`` and ``Outcome.usage_source`` are new.
+3: skips (DESIGN A8): ``Attempt.outcome`` may be ``skipped``, with the new ``Attempt.reason``.
 """
 
 __all__ = [

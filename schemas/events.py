@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from msgspec import Struct
+from msgspec import UNSET, Struct, UnsetType
 
 from schemas.response import Usage
 
@@ -115,12 +115,17 @@ class SetStrategy(Struct, tag="set_strategy", tag_field="type", kw_only=True):
 
 
 class SetBudget(Struct, tag="set_budget", tag_field="type", kw_only=True):
-    """Command: set a budget scope's limits (USD); ``None`` leaves a window unlimited."""
+    """Command: change a budget scope's limits (USD) (DESIGN A6).
+
+    A window left out of the event (``UNSET``, absent in JSON) keeps its
+    current limit; ``null`` (``None``) removes its limit; a number sets it.
+    Readers fold the commands per scope and window, the latest ``at`` winning.
+    """
 
     scope: str
-    daily_usd: float | None = None
-    weekly_usd: float | None = None
-    monthly_usd: float | None = None
+    daily_usd: float | UnsetType | None = UNSET
+    weekly_usd: float | UnsetType | None = UNSET
+    monthly_usd: float | UnsetType | None = UNSET
     at: datetime | None = None
 
 
@@ -181,7 +186,13 @@ class CostEvent(Struct, kw_only=True):
 
 
 class DeadLetter(Struct, kw_only=True):
-    """A value no stage could decode or validate, kept with its origin; ``raw`` is base64 in JSON."""
+    """A value no stage could decode or validate (or an output no broker took), kept with its origin.
+
+    ``raw`` is base64 in JSON; when the whole value would not fit one message
+    it is cut (``truncated``), and ``raw_size`` (bytes) and ``raw_sha256``
+    (hex) describe the whole original. ``partition`` and ``offset`` are -1 for
+    an output that was never published.
+    """
 
     source_topic: str
     partition: int
@@ -190,4 +201,7 @@ class DeadLetter(Struct, kw_only=True):
     reason: str
     stage: str
     raw: bytes
+    raw_size: int | None = None
+    raw_sha256: str | None = None
+    truncated: bool = False
     at: datetime

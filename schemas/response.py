@@ -36,14 +36,20 @@ class Usage(Struct, kw_only=True, frozen=True):
 
 
 class Attempt(Struct, kw_only=True):
-    """One HTTP call to one provider: outcome ``ok``/``error``, its error type and latency (ms)."""
+    """One candidate's turn: an HTTP call (``ok``/``error``) or a skip without one (``skipped``).
+
+    ``error_type`` is the call's error, or for a skip the error it stands for
+    (``context_length_exceeded``, ``budget_exceeded``, ...); ``reason`` says why a
+    candidate was skipped (DESIGN A8); ``latency_ms`` is the call's (0 for a skip).
+    """
 
     provider: str
     model: str
-    outcome: Literal["ok", "error"]
+    outcome: Literal["ok", "error", "skipped"]
     error_type: str | None = None
     status_code: int | None = None
     latency_ms: float = 0.0
+    reason: str | None = None
 
 
 class ErrorInfo(Struct, kw_only=True):

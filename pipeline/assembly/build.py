@@ -9,9 +9,10 @@ group until stopped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
+from typing import Any
 
 import anyio
 import httpx
@@ -23,14 +24,15 @@ from pipeline.runtime.endpoints import Resolved
 from pipeline.runtime.feeds import BroadcastFeed
 from pipeline.runtime.http_client import ProviderHttpClient
 from pipeline.runtime.messages import CONTROL_DECODER, COST_DECODER
-from pipeline.runtime.runner import Stage, StageRunner
+from pipeline.runtime.runner import Emit, Stage, StageRunner
 from pipeline.runtime.settings import Settings
-from pipeline.stores.budget_store import open_budget_store
+from pipeline.stores.budget_store import BudgetStore, open_budget_store
 from pipeline.stores.cache_store import build_cache_store
 from pipeline.stores.rate_limit_store import open_rate_limiter
 from stages.breaker.stage import BreakerStage
 from stages.budget.stage import BudgetGateStage
 from stages.cache.stage import CacheLookupStage
+from stages.executor.budgets import ProviderBudgets
 from stages.executor.stage import ExecutorStage
 from stages.health.stage import HealthStage
 from stages.providers import ProviderAdapter, build_adapter
@@ -113,11 +115,14 @@ class Pipeline:
         )
         self._cache_shared = self.cache_store.kind == "redis" or {"cache", "recorder"} <= set(self.stage_names)
         self.ledger = BudgetLedger()
+        self._budgets: BudgetStore | None = None
+        self._run_beside: list[Callable[[Callable[[Emit], Awaitable[None]]], Coroutine[Any, Any, None]]] = []
         self.circuits = CircuitView()
         self.provider_budgets = ProviderBudgetView()
         self.strategy = StrategyState.from_config(self.config, prices=self.prices)
         self.rate_limiter: RateLimiter = rate_limiter or open_rate_limiter(settings)
         self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
+        self.control_feed.subscribe(self.provider_budgets.apply)  # budget_status, for readers of the pipeline
         self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
         self.budget_gauges = telemetry.BudgetGauges()
         self.runners: list[StageRunner] = []
@@ -129,6 +134,13 @@ class Pipeline:
         self._background = anyio.CancelScope()
         self.drain_grace_s = 30.0
 
+    def _budget_store(self) -> BudgetStore:
+        """The process's one budget store, shared by the gate and the executor (Redis when configured)."""
+        if self._budgets is None:
+            self._budgets = open_budget_store(self.settings.redis_url, self.topics.prefix, self.ledger)
+            self._exit.push_async_callback(self._budgets.aclose)
+        return self._budgets
+
     def _build(self, client: httpx.AsyncClient) -> None:
         t = self.topics
         for name in self.stage_names:
@@ -139,28 +151,31 @@ class Pipeline:
                 )
                 self.control_feed.subscribe(stage.on_control)
             elif name == "budget":
-                store = open_budget_store(self.settings.redis_url, self.topics.prefix, self.ledger)
-                gate = BudgetGateStage(t, self.config, self.prices, self.ledger, store=store)
-                self._exit.push_async_callback(gate.aclose)
+                gate = BudgetGateStage(t, self.config, self.prices, self.ledger, store=self._budget_store())
                 self.cost_feed.subscribe(gate.on_cost)
                 self.control_feed.subscribe(gate.on_control)
                 gate.follow(self.cost_feed.caught_up, self.control_feed.caught_up)  # no admission before replay
                 self.control_feed.subscribe(self.budget_gauges.apply)  # aipipe.budget.* metrics
                 stage = gate
             elif name == "router":
-                stage = RouterStage(
-                    t,
-                    self.config,
-                    self.circuits,
-                    strategy=self.strategy,
-                    rate_limiter=self.rate_limiter,
-                    budgets=self.provider_budgets,
-                )
+                stage = RouterStage(t, self.config, strategy=self.strategy, rate_limiter=self.rate_limiter)
                 self.control_feed.subscribe(self.strategy.apply)
-                self.control_feed.subscribe(self.provider_budgets.apply)
-                if self.circuits.apply not in self.control_feed.listeners:
-                    self.control_feed.subscribe(self.circuits.apply)
             elif name == "executor":
+                budgets = ProviderBudgets(
+                    self._budget_store(),
+                    self.prices,
+                    self.config,
+                    ready=(self.control_feed.caught_up, self.cost_feed.caught_up),
+                )
+                if "budget" not in self.stage_names:  # no gate here: the executor folds what it needs itself
+                    self.control_feed.subscribe(budgets.on_control)
+                    self.cost_feed.subscribe(budgets.on_cost)
+                    self._run_beside.append(budgets.background)
+                    if self.settings.redis_url is None:
+                        log.warning(
+                            "executor without the budget gate in its process and without AIPIPE_REDIS_URL: "
+                            "provider budgets are this process's alone (set AIPIPE_REDIS_URL to share them)"
+                        )
                 stage = ExecutorStage(
                     t,
                     self.config,
@@ -169,6 +184,10 @@ class Pipeline:
                     circuits=self.circuits,
                     rate_limiter=self.rate_limiter,
                     prices=self.prices,
+                    budgets=budgets,
+                    secrets=self.settings.secret_values(
+                        tuple(c.api_key_env for c in self.config.providers.values() if c.api_key_env)
+                    ),
                 )
                 if self.circuits.apply not in self.control_feed.listeners:
                     self.control_feed.subscribe(self.circuits.apply)
@@ -241,6 +260,9 @@ class Pipeline:
                     background = getattr(runner.stage, "background", None)
                     if background is not None:
                         bg.start_soon(background, runner.publish)
+                    if runner.stage.name == "executor":
+                        for beside in self._run_beside:
+                            bg.start_soon(beside, runner.publish)
                 await anyio.sleep_forever()
 
     async def __aexit__(

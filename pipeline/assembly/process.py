@@ -92,9 +92,9 @@ async def open_providers(settings: Settings, config: PipelineConfig) -> AsyncIte
     Yields the resolved configuration and endpoints; the emulator (if started
     here) stops on exit.
     """
-    resolved = resolve_endpoints(settings, config, None)
+    resolved = resolve_endpoints(settings, config, None, quiet=True)
     if not resolved.needs_emulator or settings.emulator_url:
-        yield resolved
+        yield resolve_endpoints(settings, config, settings.emulator_url)  # the same, with its log lines once
         return
     async with EmulatorServer() as emulator:
         log.info("provider emulator listening on %s", emulator.url)

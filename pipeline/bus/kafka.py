@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
+from aiokafka import errors as Errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError, for_code
@@ -46,7 +47,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.protocol.metadata import MetadataRequest
 
-from pipeline.bus.protocol import BusError, Outgoing, Record, TopicPartition
+from pipeline.bus.protocol import BusError, MessageTooLargeError, Outgoing, PermanentBusError, Record, TopicPartition
 
 __all__ = [
     "AssignmentHook",
@@ -342,6 +343,35 @@ def _hosts(bootstrap: str) -> list[tuple[str, int]]:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: aiokafka errors after which the same message can never be published (retrying is useless).
+PERMANENT_PUBLISH_ERRORS: tuple[type[KafkaError], ...] = (
+    Errors.MessageSizeTooLargeError,
+    Errors.RecordListTooLargeError,
+    Errors.InvalidTopicError,
+    Errors.TopicAuthorizationFailedError,
+    Errors.ClusterAuthorizationFailedError,
+    Errors.UnsupportedVersionError,
+    Errors.UnsupportedForMessageFormatError,
+    Errors.InvalidRequiredAcksError,
+    Errors.CorruptRecordException,
+    Errors.RecordTooLargeError,
+)
+
+
+def publish_error(topic: str, exc: BaseException) -> BusError:
+    """The bus error for a failed publish: permanent for ``PERMANENT_PUBLISH_ERRORS``, else retryable.
+
+    ``MessageSizeTooLargeError`` (raised by the producer itself when a message
+    exceeds ``max_request_size``, or by the broker) is a ``MessageTooLargeError``.
+    """
+    text = f"publish to {topic} failed: {_describe(exc)}"
+    if isinstance(exc, Errors.MessageSizeTooLargeError | Errors.RecordListTooLargeError | Errors.RecordTooLargeError):
+        return MessageTooLargeError(text)
+    if isinstance(exc, PERMANENT_PUBLISH_ERRORS):
+        return PermanentBusError(text)
+    return BusError(text)
 
 
 def _tp_text(partitions: Iterable[TopicPartition]) -> str:
@@ -927,6 +957,11 @@ class KafkaBus:
             if unseen:
                 await self.ensure_topics(unseen)
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message this bus publishes (bytes): the producer's ``max_request_size``."""
+        return self.settings.max_request_size_bytes
+
     async def publish(self, message: Outgoing) -> None:
         """Publish one message and wait for the broker's acknowledgement (``settings.acks``).
 
@@ -951,7 +986,7 @@ class KafkaBus:
         except KafkaError as exc:
             # The topic may be gone (a broker restart): check it again next time.
             self._ready_topics.discard(message.topic)
-            raise BusError(f"publish to {message.topic} failed: {_describe(exc)}") from exc
+            raise publish_error(message.topic, exc) from exc
 
     async def partition_for(self, topic: str, key: bytes) -> int:
         """The partition ``publish`` puts a message keyed ``key`` on.

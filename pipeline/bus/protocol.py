@@ -127,4 +127,16 @@ class Bus(Protocol):
 
 
 class BusError(Exception):
-    """The bus could not publish, consume or commit (wraps the client library's error)."""
+    """The bus could not publish, consume or commit (wraps the client library's error); retrying may help."""
+
+
+class PermanentBusError(BusError):
+    """A publish that can never succeed as it is: too large, an invalid topic, not authorized.
+
+    Retrying the same message is useless: the caller shrinks it (a dead
+    letter), dead-letters it, or gives up, and commits past the input.
+    """
+
+
+class MessageTooLargeError(PermanentBusError):
+    """The message is larger than the bus takes (``max_message_bytes``)."""

@@ -19,13 +19,14 @@ from typing import Any
 
 import anyio
 import msgspec
+from msgspec import UNSET
 
 from pipeline.assembly.process import load_config, open_bus
 from pipeline.client.cost_book import BudgetReport, CostBook
 from pipeline.client.report_reader import ReportReader, limits_applied, publish_control, set_budget_event
 from pipeline.runtime.runner import now_utc
 from pipeline.runtime.settings import Settings
-from stages.rules.ledger import WINDOWS, zone
+from stages.rules.ledger import WINDOWS, validate_scope, zone
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -167,10 +168,16 @@ async def _budget_set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aipipe budget set: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    if args.clear:
+        if any(w is not UNSET for w in (args.daily, args.weekly, args.monthly)):
+            print("aipipe budget set: error: --clear removes every limit; give no window with it", file=sys.stderr)
+            return EXIT_USAGE
+        args.daily = args.weekly = args.monthly = None
     try:
         event = set_budget_event(args.scope, args.daily, args.weekly, args.monthly, deployments=deployments)
     except ValueError as exc:
-        print(f"aipipe budget set: error: {exc}", file=sys.stderr)
+        hint = _config_hint(settings) if "unknown budget scope" in str(exc) else ""
+        print(f"aipipe budget set: error: {exc}{hint}", file=sys.stderr)
         return EXIT_USAGE
     confirmed = False
     async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
@@ -185,7 +192,8 @@ async def _budget_set(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"command": msgspec.to_builtins(event), "confirmed": confirmed}))
         return EXIT_OK
-    limits = ", ".join(f"{w} {_money(getattr(event, f'{w}_usd'))}" for w in WINDOWS)
+    named = [(w, getattr(event, f"{w}_usd")) for w in WINDOWS if getattr(event, f"{w}_usd") is not UNSET]
+    limits = ", ".join(f"{w} {_money(v) if v is not None else 'unlimited'}" for w, v in named)
     note = "applied by a budget gate" if confirmed else "published; a budget gate applies it when it reads ai.control"
     print(f"budget {event.scope}: {limits} ({note})")
     return EXIT_OK
@@ -196,6 +204,12 @@ async def _budget_status(args: argparse.Namespace) -> int:
 
     env = dict(os.environ)
     settings = Settings.from_env(env)
+    if args.scope:
+        try:
+            validate_scope(args.scope, tuple(load_config(settings).providers))
+        except ValueError as exc:
+            print(f"aipipe budget status: error: {exc}{_config_hint(settings)}", file=sys.stderr)
+            return EXIT_USAGE
     book = await _read_book(env, settings)
     now = now_utc()
     scopes = [args.scope] if args.scope else book.budget_scopes()
@@ -208,6 +222,19 @@ async def _budget_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     Console().print(_budget_table(reports))
     return EXIT_OK
+
+
+def _config_hint(settings: Settings) -> str:
+    """Where the deployment names came from, for an error about an unknown one."""
+    where = f"AIPIPE_CONFIG={settings.config_path}" if settings.config_path else "AIPIPE_CONFIG is unset"
+    return f" [deployments from the configuration of this shell: {where}; use the one `aipipe run` uses]"
+
+
+def _usd_or_none(text: str) -> float | None:
+    """A window's limit: an amount in USD, or ``none``/``unlimited`` to remove the limit."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    return _usd(text)
 
 
 def _usd(text: str) -> float:
@@ -231,11 +258,19 @@ def add_cost_parsers(sub: Any) -> None:
 
     p = sub.add_parser("budget", help="budgets: budget set SCOPE --daily --weekly --monthly | budget status [SCOPE]")
     budget = p.add_subparsers(dest="budget_command", required=True, parser_class=type(p))
-    q = budget.add_parser("set", help="set a scope's limits (USD): global, user:NAME or a provider")
-    q.add_argument("scope", help="global | user:NAME | openai | anthropic | cloudflare")
-    q.add_argument("--daily", type=_usd, help="USD per calendar day (unset: unlimited)")
-    q.add_argument("--weekly", type=_usd, help="USD per calendar week, from Monday (unset: unlimited)")
-    q.add_argument("--monthly", type=_usd, help="USD per calendar month (unset: unlimited)")
+    q = budget.add_parser(
+        "set",
+        help="change a scope's limits (USD): only the windows given change",
+        description="Change a budget scope's limits. Only the windows given change; `none` removes a "
+        "window's limit; --clear removes every limit. At least one window or --clear is required.",
+    )
+    q.add_argument(
+        "scope", help="global | user:NAME | a deployment (openai, anthropic, cloudflare, or a configured one)"
+    )
+    q.add_argument("--daily", type=_usd_or_none, default=UNSET, help="USD per calendar day, or none")
+    q.add_argument("--weekly", type=_usd_or_none, default=UNSET, help="USD per calendar week from Monday, or none")
+    q.add_argument("--monthly", type=_usd_or_none, default=UNSET, help="USD per calendar month, or none")
+    q.add_argument("--clear", action="store_true", help="remove every limit of the scope")
     q.add_argument("--wait-s", type=float, default=5.0, help="wait this long for a gate to confirm (default 5)")
     q.add_argument("--json", action="store_true", help="print the command as JSON")
     q.set_defaults(func=_budget_set, is_async=True)

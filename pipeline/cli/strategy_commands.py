@@ -77,7 +77,9 @@ async def _set(args: argparse.Namespace) -> int:
     try:
         spec: StrategySpec = parse_strategy(args.name, args.weights, known_providers=deployments)
     except ValueError as exc:
-        print(f"aipipe strategy set: error: {exc}", file=sys.stderr)
+        where = f"AIPIPE_CONFIG={settings.config_path}" if settings.config_path else "AIPIPE_CONFIG is unset"
+        hint = f" [deployments from this shell's configuration: {where}]" if "unknown provider" in str(exc) else ""
+        print(f"aipipe strategy set: error: {exc}{hint}", file=sys.stderr)
         return EXIT_USAGE
     async with open_bus("kafka", env, start_broker=False) as opened:
         await opened.bus.ensure_topics([settings.topics.control])

@@ -28,7 +28,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from cachetools import LRUCache
-from msgspec import Struct
+from msgspec import Struct, UnsetType
 
 from schemas.events import BudgetStatus, ControlEvent, CostEvent, SetBudget
 from stages.rules.ledger import WINDOWS, scopes_for, window_end, window_start
@@ -174,6 +174,7 @@ class CostBook:
         self.days: dict[date, _Totals] = defaultdict(_Totals)
         self.scope_days: dict[str, dict[date, Decimal]] = defaultdict(lambda: defaultdict(lambda: ZERO))
         self.limits: dict[str, tuple[datetime, dict[str, float | None]]] = {}
+        self._limit_at: dict[tuple[str, str], datetime] = {}
         self.statuses: dict[str, BudgetStatus] = {}
         self.duplicates = 0
         self.events = 0
@@ -204,8 +205,8 @@ class CostBook:
         """Fold one control event: ``set_budget`` and ``budget_status`` set limits and reservations."""
         if isinstance(event, SetBudget):
             at = event.at or _EPOCH
-            limits = {"daily": event.daily_usd, "weekly": event.weekly_usd, "monthly": event.monthly_usd}
-            self._set_limits(event.scope, at, limits)
+            named = {"daily": event.daily_usd, "weekly": event.weekly_usd, "monthly": event.monthly_usd}
+            self._set_limits(event.scope, at, {w: v for w, v in named.items() if not isinstance(v, UnsetType)})
         elif isinstance(event, BudgetStatus):
             known = self.statuses.get(event.scope)
             if known is None or event.at >= known.at:
@@ -213,9 +214,15 @@ class CostBook:
             self._set_limits(event.scope, event.at, {w: win.limit_usd for w, win in event.windows.items()})
 
     def _set_limits(self, scope: str, at: datetime, limits: dict[str, float | None]) -> None:
-        known = self.limits.get(scope)
-        if known is None or at >= known[0]:
-            self.limits[scope] = (at, limits)
+        """Merge ``limits`` into ``scope``'s, per window the latest ``at`` winning (DESIGN A6)."""
+        known_at, known = self.limits.get(scope, (at, {}))
+        merged = dict(known)
+        for window, value in limits.items():
+            seen = self._limit_at.get((scope, window))
+            if seen is None or at >= seen:
+                self._limit_at[(scope, window)] = at
+                merged[window] = value
+        self.limits[scope] = (max(at, known_at), merged)
 
     # --- reports ---------------------------------------------------------------------------
 

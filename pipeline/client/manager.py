@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from pipeline.assembly.build import ALL_STAGES, Pipeline
 from pipeline.assembly.process import BusKind, OpenBus, load_config, open_bus, open_providers
@@ -320,28 +321,31 @@ class AIProviderManager:
         scope: str,
         limits: Mapping[str, float | None] | None = None,
         *,
-        daily: float | None = None,
-        weekly: float | None = None,
-        monthly: float | None = None,
+        daily: float | UnsetType | None = UNSET,
+        weekly: float | UnsetType | None = UNSET,
+        monthly: float | UnsetType | None = UNSET,
         wait_s: float = 5.0,
     ) -> None:
-        """Set a budget scope's limits (USD per window; ``None`` = unlimited): ``set_budget`` on ``ai.control``.
+        """Change a budget scope's limits (USD per window): ``set_budget`` on ``ai.control`` (DESIGN A6).
 
-        ``scope`` is ``global``, ``user:NAME`` or a provider name. The seed's
-        shape works too: ``set_budget("openai", {"daily": 10, "weekly": 50,
-        "monthly": 200})``. User and global budgets refuse requests with
-        ``budget_exceeded``; a spent provider budget takes that provider out
-        of the router's candidates. Returns once a budget gate has published
-        the new limits (or after ``wait_s`` s, with a warning: gates apply the
+        Only the windows given change: a number sets the window's limit,
+        ``None`` removes it, a window not given keeps its limit. ``scope`` is
+        ``global``, ``user:NAME`` or a deployment name. The seed's shape works
+        too: ``set_budget("openai", {"daily": 10, "weekly": 50, "monthly":
+        200})``. User and global budgets refuse requests with
+        ``budget_exceeded``; a provider (deployment) with no room left is
+        skipped by the executor. Returns once a budget gate has published the
+        new limits (or after ``wait_s`` s, with a warning: gates apply the
         command whenever they read it).
 
         Raises:
-            ValueError: for an unknown scope form or a negative amount (nothing is published).
+            ValueError: for an unknown scope form, a negative amount, or no window given
+                (nothing is published).
         """
         if limits is not None:
-            daily = limits.get("daily", daily)
-            weekly = limits.get("weekly", weekly)
-            monthly = limits.get("monthly", monthly)
+            daily = limits.get("daily", daily) if "daily" in limits else daily
+            weekly = limits.get("weekly", weekly) if "weekly" in limits else weekly
+            monthly = limits.get("monthly", monthly) if "monthly" in limits else monthly
         event = set_budget_event(scope, daily, weekly, monthly, deployments=self.config.providers)
         reader = await self._report_reader()
         await publish_control(reader.bus, self.settings.topics, event)

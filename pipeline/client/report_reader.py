@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from pipeline.bus.protocol import Bus, BusError, Outgoing
 from pipeline.bus.topics import Topics
@@ -168,23 +169,33 @@ class ReportReader:
 
 def set_budget_event(
     scope: str,
-    daily: float | None = None,
-    weekly: float | None = None,
-    monthly: float | None = None,
+    daily: float | UnsetType | None = UNSET,
+    weekly: float | UnsetType | None = UNSET,
+    monthly: float | UnsetType | None = UNSET,
     *,
     at: datetime | None = None,
     deployments: Iterable[str] = PROVIDER_NAMES,
 ) -> SetBudget:
-    """A validated ``set_budget`` command (USD per window; ``None`` = unlimited).
+    """A validated ``set_budget`` command (USD per window): only the windows it names change (DESIGN A6).
 
-    ``deployments`` are the deployment names a provider scope may name (the configuration's).
+    A window left ``UNSET`` keeps its limit; ``None`` removes it; a number sets
+    it. ``deployments`` are the deployment names a provider scope may name
+    (the configuration's).
 
     Raises:
-        ValueError: for an unknown scope form or a negative or non-finite amount.
+        ValueError: for an unknown scope form, a negative or non-finite amount,
+            or a command that names no window.
     """
     validate_scope(scope, tuple(deployments))
-    for name, value in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
-        if value is not None and not (value >= 0 and value != float("inf")):
+    named = {
+        name: value
+        for name, value in (("daily", daily), ("weekly", weekly), ("monthly", monthly))
+        if value is not UNSET
+    }
+    if not named:
+        raise ValueError("name at least one window to change (daily, weekly, monthly), or clear the scope's limits")
+    for name, value in named.items():
+        if value is not None and not (isinstance(value, int | float) and 0 <= value < float("inf")):
             raise ValueError(f"{name} budget must be a finite number >= 0 (USD), got {value!r}")
     return SetBudget(scope=scope, daily_usd=daily, weekly_usd=weekly, monthly_usd=monthly, at=at or now_utc())
 
@@ -204,7 +215,8 @@ async def publish_control(bus: Bus, topics: Topics, event: Any, key: str = "*") 
 
 def limits_applied(command: SetBudget) -> Callable[[CostBook], bool]:
     """A ``wait_for`` predicate: some gate published a ``budget_status`` with ``command``'s limits since it."""
-    wanted = {"daily": command.daily_usd, "weekly": command.weekly_usd, "monthly": command.monthly_usd}
+    named = {"daily": command.daily_usd, "weekly": command.weekly_usd, "monthly": command.monthly_usd}
+    wanted = {w: v for w, v in named.items() if v is not UNSET}
 
     def applied(book: CostBook) -> bool:
         status = book.statuses.get(command.scope)

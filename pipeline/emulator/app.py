@@ -144,6 +144,13 @@ AZURE_FILTERED_MESSAGE = (
 )
 
 
+#: Azure OpenAI's 401 for a missing or wrong ``api-key`` (its documented error text).
+AZURE_ACCESS_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for "
+    "an active subscription and use a correct regional API endpoint for your resource."
+)
+
+
 def _azure_filter_body() -> dict[str, Any]:
     filtered = {"filtered": True, "severity": "high"}
     safe = {"filtered": False, "severity": "safe"}
@@ -393,6 +400,8 @@ class _Handlers:
         body: dict[str, Any] | str = wire.error_body(provider, kind, ctx, request_id=request_id, message=message)
         if azure and kind == "content_filter":
             body = _azure_filter_body()
+        elif azure and kind == "authentication":
+            body = {"error": {"code": "401", "message": AZURE_ACCESS_DENIED}}
         elif target is not None and provider == "openai":
             body = _dialect_body(self.state.faults.dialect(target).error_body, body, status)  # type: ignore[arg-type]
         return _json(body, status, headers)
@@ -428,6 +437,8 @@ class _Handlers:
         """One completion call in ``provider``'s wire format to ``target`` (default: the built-in of that name)."""
         name = target or provider
         deployment = target is not None
+        if deployment and not TARGET_NAME.match(name):
+            return _json({"error": f"invalid deployment name {name!r} in the path"}, 400)
         request_id = wire.new_request_id(provider)
         raw = await request.body()
         try:

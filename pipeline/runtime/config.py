@@ -106,6 +106,8 @@ class RetryPolicy(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True)
     """Retries on one provider (DESIGN A8); delays in ms, full jitter.
 
     ``max_attempts`` counts every call to one provider for one request, the first included.
+    ``fallback_reserve_ms``: time kept from each attempt for one attempt of the next untried
+    candidate (``None``: that candidate's observed p95 latency, at least 2 s).
     """
 
     max_attempts: Pos = 3
@@ -113,6 +115,7 @@ class RetryPolicy(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True)
     max_delay_ms: Annotated[int, Meta(ge=0)] = 30_000
     backoff_multiplier: Annotated[float, Meta(ge=1)] = 2.0
     retryable_errors: tuple[str, ...] = ("rate_limit", "server_error", "timeout")
+    fallback_reserve_ms: Annotated[int, Meta(ge=0)] | None = None
 
 
 class BreakerPolicy(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -271,14 +274,24 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
                 model group naming an unknown deployment, or an unknown
                 strategy or weights for unknown deployments.
         """
+        folded: dict[str, str] = {}
         for name, cfg in self.providers.items():
             check_deployment(name, cfg)
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise ValueError(f"deployments `{other}` and `{name}` differ only in case: give one another name")
         for group, members in self.model_groups.items():
-            for provider in members:
+            for provider, model in members.items():
                 if provider not in self.providers:
                     raise ValueError(
                         f"model group `{group}` names unknown deployment `{provider}`"
                         f" (known: {', '.join(sorted(self.providers))})"
+                    )
+                served = self.providers[provider].models
+                if served and model not in served:
+                    raise ValueError(
+                        f"`model_groups.{group}.{provider}` is `{model}`, which deployment `{provider}` "
+                        f"does not list in its models ({', '.join(served)})"
                     )
         try:
             normalize_strategy_name(self.strategy)
@@ -358,6 +371,11 @@ def check_deployment(name: str, cfg: ProviderConfig) -> None:
     check_name(name)
     kind = deployment_type(name, cfg)
     where = f"deployments.{name}"
+    if name in BUILTIN_DEPLOYMENTS and kind != name:
+        raise ValueError(
+            f"`{where}.type` must be `{name}`: the built-in deployment `{name}` speaks its own wire format "
+            f"(name another deployment to use type `{kind}`)"
+        )
     if kind in ("azure_openai", "openai_compatible") and not cfg.base_url:
         raise ValueError(f"`{where}.base_url` is required for type `{kind}`")
     if cfg.base_url is not None and not re.match(r"^https?://[^/\s]+", cfg.base_url):
@@ -570,6 +588,8 @@ def config_from_mapping(data: Mapping[str, Any], *, base: PipelineConfig | None 
             where = str(exc).replace("`$", f"`$.{table}.{name}")
             if "- at" not in where:
                 where = f"{where} - at `$.{table}.{name}`"
+            if where.endswith(".type`"):
+                where = f"{where} (one of {', '.join(DEPLOYMENT_TYPES)})"
             raise ValueError(f"invalid configuration: {where}") from exc
         except ValueError as exc:
             raise ValueError(f"invalid configuration: {exc}".replace("`deployments.", f"`{table}.")) from exc

@@ -141,11 +141,14 @@ def _configured(settings: Settings, name: str, kind: str, cfg: ProviderConfig) -
     return endpoint, missing
 
 
-def resolve_endpoints(settings: Settings, config: PipelineConfig, emulator_url: str | None) -> Resolved:
+def resolve_endpoints(
+    settings: Settings, config: PipelineConfig, emulator_url: str | None, *, quiet: bool = False
+) -> Resolved:
     """Apply the emulator rule and find each enabled deployment's endpoint (module docstring).
 
     ``emulator_url`` may be ``None`` until the emulator is started: deployments
-    pointed at an emulator get a placeholder URL (call again once it is known).
+    pointed at an emulator get a placeholder URL (call again once it is known;
+    ``quiet`` leaves the log lines to that second call).
 
     Raises:
         MissingCredentials: in ``production``, for a deployment other than the
@@ -167,11 +170,15 @@ def resolve_endpoints(settings: Settings, config: PipelineConfig, emulator_url: 
         if missing is None:
             endpoints[name] = endpoint
         elif name in BUILTIN_DEPLOYMENTS and kind == name and settings.env_name == "development":
-            log.info("provider %s has no API key (%s): pointing it at the emulator (development)", name, missing)
+            if not quiet:
+                log.info("provider %s has no API key (%s): pointing it at the emulator (development)", name, missing)
             endpoints[name] = emulator_endpoint(emulator, name, kind, cfg)
             emulated.add(name)
         elif name in BUILTIN_DEPLOYMENTS and kind == name and cfg.api_key_env is None:
-            log.warning("provider %s has no API key: disabled (production never uses the emulator implicitly)", name)
+            if not quiet:
+                log.warning(
+                    "provider %s has no API key: disabled (production never uses the emulator implicitly)", name
+                )
             providers[name] = msgspec.structs.replace(cfg, enabled=False)
         elif settings.env_name == "production":
             raise MissingCredentials(
@@ -179,6 +186,7 @@ def resolve_endpoints(settings: Settings, config: PipelineConfig, emulator_url: 
                 "(set it, or disable the deployment with enabled = false)"
             )
         else:
-            log.warning("deployment %s: environment variable %s is not set: disabled (development)", name, missing)
+            if not quiet:
+                log.warning("deployment %s: environment variable %s is not set: disabled (development)", name, missing)
             providers[name] = msgspec.structs.replace(cfg, enabled=False)
     return Resolved(config.with_providers(providers), endpoints, frozenset(emulated))

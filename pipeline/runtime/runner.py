@@ -21,6 +21,7 @@ A stage holds only its decision (``Stage.handle``); the runner does the rest
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
-from pipeline.bus.protocol import Bus, BusError, Consumer, Outgoing, Record, TopicPartition
+from pipeline.bus.protocol import Bus, BusError, Consumer, Headers, Outgoing, PermanentBusError, Record, TopicPartition
 from pipeline.runtime import telemetry
 from schemas import SCHEMA_VERSION, DeadLetter
 from schemas.response import ErrorInfo
@@ -474,15 +475,15 @@ class StageRunner:
             exc.reason,
         )
         telemetry.Telemetry.mark_error("dead_letter")
-        letter = DeadLetter(
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=key,
-            reason=exc.reason,
-            stage=self.stage.name,
-            raw=record.value,
-            at=now_utc(),
+        letter = dead_letter(
+            record.topic,
+            record.partition,
+            record.offset,
+            key,
+            exc.reason,
+            self.stage.name,
+            record.value,
+            max_message_bytes(self.bus),
         )
         outputs = [Emit(self.deadletter_topic, key, letter)]
         request_id = (key or exc.request_id) if self.keyed_by_request_id else None
@@ -512,17 +513,106 @@ class StageRunner:
             for o in outputs
         ]
         if len(messages) == 1:
-            await publish_with_retry(self.bus, messages[0])
+            results: list[BaseException | None] = [await _attempt_publish(self.bus, messages[0])]
+        else:  # concurrently, so a Kafka producer batches them; plain asyncio tasks (see ``run``)
+            results = list(await asyncio.gather(*(_attempt_publish(self.bus, m) for m in messages)))
+        for message, failure in zip(messages, results, strict=True):
+            if failure is not None:
+                await self._unpublishable(message, failure, headers)
+
+    async def _unpublishable(self, message: Outgoing, failure: BaseException, headers: Headers) -> None:
+        """An output that can never be published: dead-letter it (payload truncated), so its input is committed past.
+
+        Nothing here is retried forever: a dead letter of a dead letter is
+        only logged. (An output on the dead-letter topic itself was already
+        truncated to fit when it was built.)
+        """
+        key = message.key.decode("utf-8", "replace") if message.key is not None else None
+        log.error("stage %s: %s; dead-lettering it", self.stage.name, failure)
+        telemetry.Telemetry.mark_error("unpublishable")
+        if message.topic == self.deadletter_topic:
             return
-        # Concurrently, so a Kafka producer batches them; plain asyncio tasks (see ``run``).
-        await asyncio.gather(*(publish_with_retry(self.bus, message) for message in messages))
+        letter = dead_letter(
+            message.topic,
+            -1,
+            -1,
+            key,
+            f"output not publishable: {failure}",
+            self.stage.name,
+            message.value,
+            max_message_bytes(self.bus),
+        )
+        out = Outgoing(topic=self.deadletter_topic, value=_ENCODER.encode(letter), key=message.key, headers=headers)
+        failed = await _attempt_publish(self.bus, out)
+        if failed is not None:
+            log.error("stage %s: dead letter of an unpublishable output also failed: %s", self.stage.name, failed)
+
+
+async def _attempt_publish(bus: Bus, message: Outgoing) -> PermanentBusError | None:
+    """``publish_with_retry``, returning a permanent failure instead of raising it."""
+    try:
+        await publish_with_retry(bus, message)
+    except PermanentBusError as exc:
+        return exc
+    return None
+
+
+#: Room kept for a dead letter's other fields when its raw payload is truncated to fit (bytes).
+DEAD_LETTER_OVERHEAD_BYTES = 4096
+
+
+def max_message_bytes(bus: Bus) -> int | None:
+    """The largest message ``bus`` publishes (bytes), ``None`` when it has no limit (the in-process bus)."""
+    limit = getattr(bus, "max_message_bytes", None)
+    return limit if isinstance(limit, int) else None
+
+
+def dead_letter(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: str | None,
+    reason: str,
+    stage: str,
+    raw: bytes,
+    limit_bytes: int | None,
+) -> DeadLetter:
+    """A ``DeadLetter`` for ``raw``, its payload truncated when the whole would not fit ``limit_bytes``.
+
+    ``raw`` is base64 in JSON (4 bytes per 3), so a payload over about three
+    quarters of the limit is cut; ``raw_size`` and ``raw_sha256`` always
+    describe the whole original value, so it can still be identified.
+    """
+    size = len(raw)
+    kept = raw
+    if limit_bytes is not None:
+        room = max(0, (limit_bytes - DEAD_LETTER_OVERHEAD_BYTES - 4 * len(reason)) * 3 // 4)
+        if size > room:
+            kept = raw[:room]
+    return DeadLetter(
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key,
+        reason=reason,
+        stage=stage,
+        raw=kept,
+        raw_size=size,
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        truncated=len(kept) < size,
+        at=now_utc(),
+    )
 
 
 async def publish_with_retry(bus: Bus, message: Outgoing, *, max_delay_s: float = 5.0) -> None:
     """Publish ``message``, retrying with capped exponential backoff until it is acknowledged.
 
     A broker outage thus delays the message instead of losing it; cancel the
-    calling scope to give up.
+    calling scope to give up. A permanent failure (too large, invalid topic,
+    not authorized) is not retried.
+
+    Raises:
+        PermanentBusError: when the message can never be published as it is.
     """
     delay = 0.1
     started = time.monotonic()
@@ -530,6 +620,8 @@ async def publish_with_retry(bus: Bus, message: Outgoing, *, max_delay_s: float 
         try:
             await bus.publish(message)
             return
+        except PermanentBusError:
+            raise
         except BusError as exc:
             log.warning(
                 "publish to %s failed (%s); retrying in %.1fs (%.0fs so far)",

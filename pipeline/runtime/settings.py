@@ -136,6 +136,18 @@ class Settings:
         endpoints = {"openai": self.openai, "anthropic": self.anthropic, "cloudflare": self.cloudflare}
         return endpoints[provider]
 
+    def secret_values(self, extra_vars: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Every credential this process knows: the built-in keys, Cloudflare's account id, and ``extra_vars``.
+
+        For scrubbing texts that go into events (a provider may echo any credential in an error).
+        """
+        values = [
+            ep.api_key.reveal() for ep in (self.openai, self.anthropic, self.cloudflare) if ep.api_key is not None
+        ]
+        values += [v for v in (self.cloudflare.account_id,) if v]
+        values += [s.reveal() for var in extra_vars if (s := self.env_vars.secret(var)) is not None]
+        return tuple(dict.fromkeys(v for v in values if v))
+
     def has_key(self, provider: str) -> bool:
         """Whether credentials for ``provider`` are set (Cloudflare needs token and account id)."""
         ep = self.endpoint(provider)

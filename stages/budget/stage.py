@@ -4,9 +4,10 @@ Input ``ai.stage.budget`` (envelope). Admitted requests go to
 ``ai.stage.route`` with ``reserved_usd`` (the worst-case cost, USD: estimated
 prompt tokens and ``max_tokens`` at the most expensive provider serving the
 model) held on their ``global`` and ``user:NAME`` scopes; refused ones go to
-the recorder with ``budget_exceeded``. Provider budgets are not enforced
-here: the gate publishes their ``budget_status`` and the router drops a
-provider whose budget is spent (``stages.rules.budget_view``).
+the recorder with ``budget_exceeded``. Provider budgets are enforced by the
+executor, which holds each attempt's worst case on the provider's scope
+(``stages.executor.budgets``); the gate folds their limits and spend into the
+same store and publishes their ``budget_status``.
 
 The gate learns spend from ``ai.costs`` (``on_cost``: settles the
 reservation with the real cost, once per request id) and limits and
@@ -64,8 +65,10 @@ from stages.rules.ledger import (
     BudgetLedger,
     Limits,
     WindowState,
+    apply_set_budget,
     crossed_thresholds,
     is_provider_scope,
+    provider_hold_id,
     scopes_for,
     window_start,
     zone,
@@ -140,7 +143,6 @@ class BudgetGateStage:
         self.clock = clock
         if config.budget.global_daily_usd is not None:
             self.ledger.set_limits("global", Limits(daily=_dec(config.budget.global_daily_usd)))
-        self._limit_at: dict[str, datetime] = {}
         self._pending: deque[CostEvent | ControlEvent] = deque()
         self._wake = anyio.Event()
         self._dirty: set[str] = {"global", *self.ledger.limits}
@@ -277,27 +279,16 @@ class BudgetGateStage:
             self._alerted.add(AlertKey(event.scope, event.window, start, event.threshold_pct))
 
     def _apply_limits(self, event: SetBudget) -> None:
-        values = (event.daily_usd, event.weekly_usd, event.monthly_usd)
-        if any(v is not None and not 0 <= v < float("inf") for v in values):
-            log.warning("ignoring set_budget for %s: limits must be finite and >= 0 USD, got %s", event.scope, values)
-            return
-        at = event.at or self.clock()
-        known = self._limit_at.get(event.scope)
-        if known is not None and at < known:
-            return  # an older command arriving late
-        self._limit_at[event.scope] = at
-        self.ledger.set_limits(
-            event.scope,
-            Limits(daily=_dec(event.daily_usd), weekly=_dec(event.weekly_usd), monthly=_dec(event.monthly_usd)),
-        )
-        self._touch((event.scope,))
-        log.info(
-            "budget for %s set: daily=%s weekly=%s monthly=%s",
-            event.scope,
-            event.daily_usd,
-            event.weekly_usd,
-            event.monthly_usd,
-        )
+        if apply_set_budget(self.ledger, event, self.clock()):
+            self._touch((event.scope,))
+            limits = self.ledger.limits[event.scope]
+            log.info(
+                "budget for %s set: daily=%s weekly=%s monthly=%s",
+                event.scope,
+                limits.daily,
+                limits.weekly,
+                limits.monthly,
+            )
 
     def _touch(self, scopes: Sequence[str]) -> None:
         self._dirty.update(scopes)
@@ -330,9 +321,13 @@ class BudgetGateStage:
                 await self.store.release(event.id)
                 self._touch(scopes_for(event.user))
             else:
-                scopes = scopes_for(event.user, event.provider)
-                await self.store.settle(event.id, scopes, Decimal(str(event.cost_usd)), event.at, self.clock())
-                self._touch(scopes)
+                cost = Decimal(str(event.cost_usd))
+                scopes = scopes_for(event.user)
+                await self.store.settle(event.id, scopes, cost, event.at, self.clock())
+                # the provider's scope under the key the executor settles it with: counted once
+                hold_id = provider_hold_id(event.id, event.provider)
+                await self.store.settle(hold_id, (event.provider,), cost, event.at, self.clock())
+                self._touch((*scopes, event.provider))
         elif isinstance(event, ReservationRelease):
             await self.store.release(event.request_id)
             self._touch(tuple(s for s in event.scope.split(",") if s))

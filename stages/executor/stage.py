@@ -1,15 +1,24 @@
-"""executor: call the providers in the router's order, with retries and fallback (DESIGN A8).
+"""executor: call the providers in the router's order, with skips, retries and fallback (DESIGN A8).
 
-Input ``ai.stage.execute`` (envelope with candidates). For each candidate in
-turn, up to ``retry.max_attempts`` calls (the first included), each bounded by
-the provider's ``timeout_ms`` and by the request's deadline; the decision
-after a failure is ``stages.executor.retry.decide``. Every call publishes one
-``health`` event on ``ai.control`` at once and is listed in the outcome's
-``attempts``. Every HTTP call is first charged to the provider's RPM/TPM
-limits (``stages.rules.rate_limits.admit``); a provider with no room is skipped for
-now and tried again after the others, and when every candidate left is at
-its limit the request waits for the first room within its deadline (else a
-``rate_limit`` error). Output: the outcome to ``ai.stage.record``.
+Input ``ai.stage.execute`` (envelope with candidates). Each candidate in turn
+is first checked without a call: a circuit that is not ``CLOSED``, a context
+window that cannot hold the prompt's real token count plus ``max_tokens``
+(``stages.rules.tokens``), or a provider budget with no room for the call's
+worst case (held per attempt, ``stages.executor.budgets``) skip it; a skip is
+listed in ``attempts`` (``outcome: "skipped"``, ``reason``) and publishes no
+health event. Otherwise up to ``retry.max_attempts`` calls (the first
+included), each bounded by the provider's ``timeout_ms``, by the request's
+deadline and by a reserve for the next untried candidate
+(``stages.executor.chain``); the decision after a failure is
+``stages.executor.retry.decide``, and an attempt that hung is retried only
+when no other candidate is left. Every call publishes one ``health`` event on
+``ai.control`` at once and is listed in ``attempts``. Every HTTP call is first
+charged to the provider's RPM/TPM limits (``stages.rules.rate_limits.admit``;
+a call refused before sending gives its charge back); a provider with no
+room is tried again after the others, and when every candidate left is at its
+limit the request waits for the first room within its deadline (else a
+``rate_limit`` error). The chain's error follows ``stages.executor.chain``.
+Output: the outcome to ``ai.stage.record``.
 """
 
 from __future__ import annotations
@@ -27,22 +36,29 @@ import httpx
 from pipeline.bus.topics import Topics
 from pipeline.errors import AIProviderError
 from pipeline.runtime import telemetry
-from pipeline.runtime.config import PipelineConfig
+from pipeline.runtime.config import PipelineConfig, ProviderConfig
 from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, now_ms, to_record
 from pipeline.runtime.runner import Emit, MessageContext, decode_or_invalid, now_utc
 from schemas.envelope import Candidate, Envelope, Outcome
 from schemas.events import Health
 from schemas.request import AIRequest
 from schemas.response import Attempt, ErrorInfo, Usage
-from stages.executor.retry import decide
+from stages.executor.budgets import Hold, ProviderBudgets
+from stages.executor.chain import LatencyWindow, attempt_timeout_s, final_error, reserve_s
+from stages.executor.retry import Decision, decide
 from stages.providers import ProviderAdapter, ProviderCall
+from stages.providers.classify import redact
 from stages.rules.catalog import deployment_model_info
 from stages.rules.circuit_view import CircuitView
 from stages.rules.pricing import PriceTable
 from stages.rules.rate_limits import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
-from stages.rules.tokens import estimate_messages_tokens
+from stages.rules.tokens import PromptTokens, estimate_messages_tokens
 
 log = logging.getLogger("aipipe.executor")
+
+#: A ``timeout`` attempt that used at least this share of its time limit hung (is not retried while
+#: another candidate is left); a faster one (connection refused) is a fast failure, retried as usual.
+HUNG_FRACTION = 0.5
 
 
 def provider_call(request: AIRequest, model: str) -> ProviderCall:
@@ -68,6 +84,13 @@ def fits_context(config: PipelineConfig, candidate: Candidate, prompt_tokens: in
     return info is None or prompt_tokens + max_tokens <= info.context_window
 
 
+def _skipped(candidate: Candidate, error_type: str, reason: str) -> Attempt:
+    """The attempt that records a skip: no call, no health event, no breaker or latency sample."""
+    return Attempt(
+        provider=candidate.provider, model=candidate.model, outcome="skipped", error_type=error_type, reason=reason
+    )
+
+
 class ExecutorStage:
     """Calls providers through ``adapters`` on one shared HTTP ``client``."""
 
@@ -84,8 +107,15 @@ class ExecutorStage:
         circuits: CircuitView | None = None,
         rate_limiter: RateLimiter | None = None,
         prices: PriceTable | None = None,
+        budgets: ProviderBudgets | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> None:
         self.topics = topics
+        self.budgets = budgets  # provider budgets, held per attempt (``stages.executor.budgets``)
+        self.latencies = LatencyWindow()
+        self._last_errors: dict[str, str] = {}  # request id -> its last failure's message, while it runs
+        # every credential of every deployment: a provider may echo any of them in an error text
+        self._secrets = (*secrets, *(s for a in adapters.values() for s in getattr(a, "secret_values", tuple)()))
         self.prices = prices  # for the cost (USD) on an attempt's trace span only; the recorder prices the answer
         self.circuits = circuits or CircuitView()
         self.rate_limiter: RateLimiter = rate_limiter or MemoryRateLimiter()
@@ -118,13 +148,19 @@ class ExecutorStage:
         return [to_record(self.topics.stage_record, envelope)]
 
     async def execute(self, envelope: Envelope, ctx: MessageContext) -> Outcome:
-        """Run the retry/fallback loop for one request and return its outcome."""
+        """Run the skip/retry/fallback chain for one request and return its outcome (module docstring)."""
+        try:
+            return await self._chain(envelope, ctx)
+        finally:
+            self._last_errors.pop(envelope.id, None)
+
+    async def _chain(self, envelope: Envelope, ctx: MessageContext) -> Outcome:
         request = envelope.request
         assert request is not None  # checked by handle
         attempts: list[Attempt] = []
-        prompt_estimate = estimate_messages_tokens(request.chat_messages())
+        prompt = PromptTokens(request.chat_messages())
+        prompt_estimate = estimate_messages_tokens(request.chat_messages())  # RPM/TPM charges, corrected after
         remaining = list(envelope.candidates)
-        last_error: AIProviderError | None = None
         calls: dict[str, int] = {}  # calls made per provider, kept across rate-limit waits
         saturated: list[tuple[Candidate, float]] = []  # no room yet: (candidate, wait s)
         while remaining or saturated:
@@ -135,77 +171,144 @@ class ExecutorStage:
             candidate = remaining.pop(0)
             adapter = self.adapters.get(candidate.provider)
             provider_cfg = self.config.providers.get(candidate.provider)
-            if adapter is None or provider_cfg is None or not self.circuits.allows_traffic(candidate.provider):
+            if adapter is None or provider_cfg is None:
                 continue
-            attempt_number = calls.get(candidate.provider, 0)
-            while True:
-                attempt_number += 1
-                left_s = (envelope.deadline_at_ms - now_ms()) / 1000
-                if left_s <= 0:
-                    return self._deadline_outcome(attempts, request, last_error)
-                timeout_s = min(provider_cfg.timeout_ms / 1000, left_s)
-                charge = await admit(
-                    self.rate_limiter, candidate.provider, provider_cfg.rate_limit, prompt_estimate, request.max_tokens
+            skip = self._skip_reason(candidate, request, prompt)
+            if skip is not None:
+                attempts.append(_skipped(candidate, *skip))
+                continue
+            hold = await self._hold(envelope, candidate, prompt)
+            if hold is not None and hold.refused:
+                kind = "service_unavailable" if hold.unavailable else "budget_exceeded"
+                attempts.append(_skipped(candidate, kind, hold.reason or ""))
+                continue
+            try:
+                turn = await self._candidate_turn(
+                    envelope, candidate, provider_cfg, hold, prompt_estimate, attempts, calls, remaining, saturated, ctx
                 )
-                if not charge.admitted:  # no room now: the next candidate first, this one later
-                    if charge.wait_s != float("inf"):
-                        saturated.append((candidate, charge.wait_s))
-                    break
-                calls[candidate.provider] = attempt_number
-                result = await self._attempt(
-                    envelope, candidate, timeout_s, attempts, ctx, charge, attempt_number=attempt_number
-                )
-                if isinstance(result, Outcome):
-                    return result
-                error = last_error = result
-                left_s = (envelope.deadline_at_ms - now_ms()) / 1000
-                decision = decide(
-                    error_type=error.error_type,
-                    attempt_number=attempt_number,
-                    policy=provider_cfg.retry,
-                    remaining_s=left_s,
-                    retry_after_s=error.retry_after_s,
-                    allow_content_filter_fallback=self.config.allow_content_filter_fallback,
-                    rng=self.rng,
-                )
-                if decision.action == "retry":
-                    await anyio.sleep(decision.delay_s)
-                    if not self.circuits.allows_traffic(candidate.provider):
-                        break  # its circuit opened meanwhile: leave it alone, fall back
-                    continue
-                if decision.action == "fail":
-                    return Outcome(
-                        status="error",
-                        attempts=attempts,
-                        error=ErrorInfo(
-                            type=error.error_type,
-                            message=error.message,  # type: ignore[arg-type]
-                            provider=candidate.provider,
-                        ),
-                    )
-                if error.error_type == "context_length_exceeded":
-                    remaining = [
-                        c for c in remaining if fits_context(self.config, c, prompt_estimate, request.max_tokens)
-                    ]
-                    saturated = [
-                        s for s in saturated if fits_context(self.config, s[0], prompt_estimate, request.max_tokens)
-                    ]
-                break
-        if not attempts:
-            return Outcome(
-                status="error",
-                error=ErrorInfo(type="all_providers_failed", message="no candidate provider could be called"),
-            )
-        summary = "; ".join(f"{a.provider}: {a.error_type} ({a.status_code or '-'})" for a in attempts)
+            except BaseException:
+                if hold is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.budgets_release(hold)
+                raise
+            if turn is not None:
+                return turn
         return Outcome(
-            status="error",
-            attempts=attempts,
-            error=ErrorInfo(
-                type="all_providers_failed",
-                message=f"all providers failed after {len(attempts)} attempts: {summary}",
-                provider=attempts[-1].provider,
-            ),
+            status="error", attempts=attempts, error=final_error(attempts, self._last_errors.pop(envelope.id, None))
         )
+
+    async def _candidate_turn(
+        self,
+        envelope: Envelope,
+        candidate: Candidate,
+        provider_cfg: ProviderConfig,
+        hold: Hold | None,
+        prompt_estimate: int,
+        attempts: list[Attempt],
+        calls: dict[str, int],
+        remaining: list[Candidate],
+        saturated: list[tuple[Candidate, float]],
+        ctx: MessageContext,
+    ) -> Outcome | None:
+        """Calls to one candidate, retried per DESIGN A8; the request's outcome, or ``None`` to fall back.
+
+        A held provider budget is settled with the answer's usage, or released
+        when the turn ends without an answer.
+        """
+        request = envelope.request
+        assert request is not None
+        attempt_number = calls.get(candidate.provider, 0)
+        while True:
+            attempt_number += 1
+            left_s = (envelope.deadline_at_ms - now_ms()) / 1000
+            if left_s <= 0:
+                await self.budgets_release(hold)
+                return self._deadline_outcome(attempts, request)
+            following = remaining[0].provider if remaining else saturated[0][0].provider if saturated else None
+            reserve = reserve_s(following, self.latencies, provider_cfg.retry.fallback_reserve_ms)
+            timeout_s = attempt_timeout_s(provider_cfg.timeout_ms / 1000, left_s, reserve)
+            charge = await admit(
+                self.rate_limiter, candidate.provider, provider_cfg.rate_limit, prompt_estimate, request.max_tokens
+            )
+            if not charge.admitted:  # no room now: the next candidate first, this one later
+                if charge.wait_s != float("inf"):
+                    saturated.append((candidate, charge.wait_s))
+                await self.budgets_release(hold)
+                return None
+            calls[candidate.provider] = attempt_number
+            result = await self._attempt(
+                envelope, candidate, timeout_s, attempts, ctx, charge, attempt_number=attempt_number
+            )
+            if isinstance(result, Outcome):
+                if hold is not None and self.budgets is not None:
+                    await self.budgets.settle(hold, result.model or candidate.model, result.usage)
+                return result
+            error = result
+            left_s = (envelope.deadline_at_ms - now_ms()) / 1000
+            if left_s <= 0:
+                await self.budgets_release(hold)
+                return self._deadline_outcome(attempts, request)
+            decision = decide(
+                error_type=error.error_type,
+                attempt_number=attempt_number,
+                policy=provider_cfg.retry,
+                remaining_s=left_s,
+                retry_after_s=error.retry_after_s,
+                allow_content_filter_fallback=self.config.allow_content_filter_fallback,
+                rng=self.rng,
+            )
+            hung = error.error_type == "timeout" and attempts[-1].latency_ms >= HUNG_FRACTION * timeout_s * 1000
+            if decision.action == "retry" and hung and (remaining or saturated):
+                decision = Decision("fallback")  # a hanging provider is retried only when no other is left
+            if decision.action == "retry":
+                await anyio.sleep(decision.delay_s)
+                if not self.circuits.allows_traffic(candidate.provider):
+                    await self.budgets_release(hold)
+                    return None  # its circuit opened meanwhile: leave it alone, fall back
+                continue
+            await self.budgets_release(hold)
+            if decision.action == "fail":
+                return Outcome(
+                    status="error",
+                    attempts=attempts,
+                    error=ErrorInfo(
+                        type=error.error_type,
+                        message=redact(error.message, self._secrets),  # type: ignore[arg-type]
+                        provider=candidate.provider,
+                    ),
+                )
+            return None
+
+    def _skip_reason(self, candidate: Candidate, request: AIRequest, prompt: PromptTokens) -> tuple[str, str] | None:
+        """Why ``candidate`` cannot serve ``request`` without a call (``(error type, reason)``), or ``None``.
+
+        Its circuit is not ``CLOSED``, or its context window cannot hold the
+        prompt's token count plus ``max_tokens`` (DESIGN A8).
+        """
+        if not self.circuits.allows_traffic(candidate.provider):
+            return "all_providers_failed", f"circuit {self.circuits.state(candidate.provider)}"
+        info = deployment_model_info(self.config, candidate.provider, candidate.model)
+        if info is not None and not prompt.fits(info.context_window, request.max_tokens):
+            return (
+                "context_length_exceeded",
+                f"prompt of {prompt.count} tokens + max_tokens {request.max_tokens} > context window "
+                f"{info.context_window} of {candidate.model}",
+            )
+        return None
+
+    async def _hold(self, envelope: Envelope, candidate: Candidate, prompt: PromptTokens) -> Hold | None:
+        """Hold the call's worst case on the provider's budget, when it has one (``None``: no budgets here)."""
+        request = envelope.request
+        if self.budgets is None or request is None or not self.budgets.limited(candidate.provider):
+            return None
+        return await self.budgets.hold(
+            envelope.id, candidate.provider, candidate.model, prompt.count, request.max_tokens, envelope.deadline_at_ms
+        )
+
+    async def budgets_release(self, hold: Hold | None) -> None:
+        """Release a held provider budget (nothing when none is held)."""
+        if hold is not None and self.budgets is not None:
+            await self.budgets.release(hold)
 
     async def _wait_for_room(self, envelope: Envelope, saturated: list[tuple[Candidate, float]]) -> bool:
         """Sleep until the first saturated candidate has room; False (no sleep) when that is past the deadline."""
@@ -236,17 +339,17 @@ class ExecutorStage:
             ),
         )
 
-    def _deadline_outcome(
-        self, attempts: list[Attempt], request: AIRequest, last_error: AIProviderError | None
-    ) -> Outcome:
-        detail = f"; last error: {last_error.error_type}" if last_error else ""
+    def _deadline_outcome(self, attempts: list[Attempt], request: AIRequest) -> Outcome:
+        """A passed deadline is always ``timeout`` (DESIGN A8), naming the last real failure."""
+        failures = [a for a in attempts if a.outcome == "error"]
+        detail = f"; last error: {failures[-1].error_type}" if failures else ""
         return Outcome(
             status="error",
             attempts=attempts,
             error=ErrorInfo(
                 type="timeout",
-                message=f"request deadline of {request.timeout_ms} ms passed after {len(attempts)} attempts{detail}",
-                provider=attempts[-1].provider if attempts else None,
+                message=f"request deadline of {request.timeout_ms} ms passed after {len(failures)} attempts{detail}",
+                provider=failures[-1].provider if failures else None,
             ),
         )
 
@@ -271,7 +374,9 @@ class ExecutorStage:
         assert request is not None
         adapter = self.adapters[candidate.provider]
         tel = telemetry.current()
-        span = tel.start_attempt(candidate.provider, candidate.model, request, attempt_number, adapter.type)
+        span = tel.start_attempt(
+            candidate.provider, candidate.model, request, attempt_number, getattr(adapter, "type", None)
+        )
         started = time.perf_counter()
         try:
             result = await adapter.complete(self.client, provider_call(request, candidate.model), timeout_s)
@@ -290,6 +395,7 @@ class ExecutorStage:
                 await charge.settle_failure(exc)
             if not isinstance(exc, AIProviderError):
                 raise
+            self._last_errors[envelope.id] = redact(exc.message, self._secrets)
             attempts.append(
                 Attempt(
                     provider=candidate.provider,
@@ -313,6 +419,7 @@ class ExecutorStage:
             )
             return exc
         latency_ms = (time.perf_counter() - started) * 1000
+        self.latencies.add(candidate.provider, latency_ms)
         answered_model = result.model or candidate.model
         tel.finish_attempt(
             span,

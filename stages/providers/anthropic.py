@@ -47,7 +47,7 @@ from pipeline.errors import ContentFilterError, InvalidRequestError
 from schemas.request import Message
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
-from stages.providers.classify import malformed_response, parse_guarded, post_json
+from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
 
 PROVIDER = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -233,6 +233,10 @@ class AnthropicAdapter:
         """The endpoint every call is sent to: ``{base_url}/v1/messages``."""
         return f"{self.base_url}/v1/messages"
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The credentials this adapter sends, so messages bound for events can be scrubbed of them."""
+        return (self._api_key,) if self._api_key else ()
+
     def _headers(self) -> dict[str, str]:
         headers = {"anthropic-version": self.version}
         if self._api_key:
@@ -257,12 +261,13 @@ class AnthropicAdapter:
                 malformed 200), with ``provider`` the deployment name; never carries the API key.
         """
         secrets = (self._api_key,)
+        payload = before_sending(lambda: build_payload(call, provider=self.name))
         response = await post_json(
             client,
             self.name,
             self.url,
             headers=self._headers(),
-            payload=build_payload(call, provider=self.name),
+            payload=payload,
             timeout_s=timeout_s,
             secrets=secrets,
         )

@@ -440,6 +440,23 @@ def classify_transport_error(
 T = TypeVar("T")
 
 
+def before_sending(prepare: Callable[[], T]) -> T:
+    """Run an adapter's preparation of a call (URL, body); an error from it is marked not sent.
+
+    A call that is refused before any byte leaves uses no quota: the
+    executor gives its whole RPM/TPM charge and budget hold back
+    (``AIProviderError.sent``).
+
+    Raises:
+        AIProviderError: what ``prepare`` raised, with ``sent = False``.
+    """
+    try:
+        return prepare()
+    except AIProviderError as exc:
+        exc.sent = False
+        raise
+
+
 def parse_guarded(
     provider: str, status_code: int, parse: Callable[[], T], *, secrets: tuple[str | None, ...] = ()
 ) -> T:

@@ -39,7 +39,7 @@ from msgspec import Meta, Struct
 from pipeline.errors import AuthenticationError
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
-from stages.providers.classify import classify_response, malformed_response, parse_guarded, post_json
+from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "cloudflare"
@@ -175,6 +175,10 @@ class CloudflareAdapter:
             raise AuthenticationError(f"{self.name}: no Cloudflare account id is set", provider=self.name)
         return f"{self.base_url}/accounts/{quote(self.account_id, safe='')}/ai/run/{quote(model, safe='@/')}"
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The token and account id this adapter sends, so messages bound for events can be scrubbed of them."""
+        return tuple(v for v in (self._api_token, self.account_id) if v)
+
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._api_token}"} if self._api_token else {}
 
@@ -196,12 +200,13 @@ class CloudflareAdapter:
                 200), with ``provider`` the deployment name; never carries the API token.
         """
         secrets = (self._api_token,)
+        url, payload = before_sending(lambda: (self.url_for(call.model), build_payload(call)))
         response = await post_json(
             client,
             self.name,
-            self.url_for(call.model),
+            url,
             headers=self._headers(),
-            payload=build_payload(call),
+            payload=payload,
             timeout_s=timeout_s,
             secrets=secrets,
         )

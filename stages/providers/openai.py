@@ -61,7 +61,7 @@ from msgspec import Meta, Struct
 from pipeline.errors import ContentFilterError
 from schemas.response import Usage
 from stages.providers.base import ProviderCall, ProviderResult
-from stages.providers.classify import malformed_response, parse_guarded, post_json
+from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "openai"
@@ -264,6 +264,10 @@ class OpenAIAdapter:
         deployment = quote(self.azure_deployments.get(model, model), safe="")
         return f"{self.base_url}/openai/deployments/{deployment}/chat/completions?api-version={self.api_version}"
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The credentials this adapter sends, so messages bound for events can be scrubbed of them."""
+        return (self._api_key,) if self._api_key else ()
+
     def _headers(self) -> dict[str, str]:
         if not self._api_key:
             return {}
@@ -288,12 +292,18 @@ class OpenAIAdapter:
                 ``provider`` the deployment name; never carries the API key.
         """
         secrets = (self._api_key,)
+        url, payload = before_sending(
+            lambda: (
+                self.url_for(call.model),
+                build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field),
+            )
+        )
         response = await post_json(
             client,
             self.name,
-            self.url_for(call.model),
+            url,
             headers=self._headers(),
-            payload=build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field),
+            payload=payload,
             timeout_s=timeout_s,
             secrets=secrets,
         )

@@ -2,15 +2,16 @@
 
 Input ``ai.stage.route`` (envelope). Candidates are the enabled providers that
 serve the model (model groups map a logical model to each provider's model),
-within the request's allow-list and ``max_tokens_per_request``, whose circuit
-is ``CLOSED`` (``stages.rules.circuit_view.CircuitView``, folded from ``ai.control``); they are
+within the request's allow-list and ``max_tokens_per_request``; they are
 ordered by the request's allow-list when it gives one, else by the current
 load-balancing strategy (``stages.rules.strategies.StrategyState``, switched by
 ``set_strategy`` on ``ai.control``). Providers with no room under their
 RPM/TPM limits right now (``stages.rules.rate_limits``) are left out, unless every
 candidate is saturated: then all of them go on and the executor waits for
-room within the request's deadline. Filters live in ``eligible`` (no I/O)
-and ``with_room`` (rate limits).
+room within the request's deadline (``with_room``). A candidate whose circuit
+is not ``CLOSED``, whose budget has no room or whose context window is too
+small stays in the chain: the executor skips it without a call and lists it
+in ``attempts`` with the reason (DESIGN A8).
 Output: the envelope with its ``candidates`` to ``ai.stage.execute``, or a
 ``model_not_found``/``invalid_request`` outcome to the recorder.
 """
@@ -27,8 +28,6 @@ from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, to_recor
 from pipeline.runtime.runner import Emit, MessageContext, decode_or_invalid
 from schemas.envelope import Candidate, Envelope
 from schemas.response import ErrorInfo
-from stages.rules.budget_view import ProviderBudgetView
-from stages.rules.circuit_view import CircuitView
 from stages.rules.rate_limits import MemoryRateLimiter, RateLimiter, describe_limit, has_limits
 from stages.rules.routing import resolve
 from stages.rules.strategies import RouteInfo, StrategyState
@@ -44,23 +43,15 @@ class RouterStage:
         self,
         topics: Topics,
         config: PipelineConfig,
-        circuits: CircuitView | None = None,
         *,
         strategy: StrategyState | None = None,
         rate_limiter: RateLimiter | None = None,
-        budgets: ProviderBudgetView | None = None,
     ) -> None:
         self.topics = topics
-        self.budgets = budgets or ProviderBudgetView()  # provider budgets, from budget_status on ai.control
         self.config = config
-        self.circuits = circuits or CircuitView()
         self.strategy = strategy or StrategyState.from_config(config)
         self.rate_limiter: RateLimiter = rate_limiter or MemoryRateLimiter()
         self.input_topic = topics.stage_route
-
-    def eligible(self, candidates: list[Candidate]) -> list[Candidate]:
-        """The candidates that may take traffic now, by the no-I/O filters: circuit ``CLOSED``, provider budget left."""
-        return [c for c in candidates if self.circuits.allows_traffic(c.provider) and self.budgets.allows(c.provider)]
 
     async def with_room(self, candidates: list[Candidate], info: RouteInfo) -> tuple[list[Candidate], list[Candidate]]:
         """Split ``candidates`` (order kept) by room under their RPM/TPM limits now.
@@ -107,18 +98,7 @@ class RouterStage:
         if resolution.error_type is not None:
             error = ErrorInfo(type=resolution.error_type, message=resolution.message)  # type: ignore[arg-type]
             return [to_record(self.topics.stage_record, error_envelope(envelope.id, error, template=envelope))]
-        candidates = self.eligible(resolution.candidates)
-        if not candidates:
-            spent = [c.provider for c in resolution.candidates if not self.budgets.allows(c.provider)]
-            if spent:
-                error = ErrorInfo(type="budget_exceeded", message=f"provider budget spent: {', '.join(spent)}")
-                return [to_record(self.topics.stage_record, error_envelope(envelope.id, error, template=envelope))]
-            blocked = ", ".join(f"{c.provider} ({self.circuits.state(c.provider)})" for c in resolution.candidates)
-            error = ErrorInfo(
-                type="all_providers_failed",
-                message=f"every provider serving {envelope.request.model!r} has an open circuit: {blocked}",
-            )
-            return [to_record(self.topics.stage_record, error_envelope(envelope.id, error, template=envelope))]
+        candidates = resolution.candidates
         request = envelope.request
         info = RouteInfo(estimate_messages_tokens(request.chat_messages()), request.max_tokens)
         if request.providers is None:  # an allow-list keeps its own order

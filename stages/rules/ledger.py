@@ -13,16 +13,24 @@ window of the event's own time (``at``), never in the window of the replay.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from msgspec import UNSET
+
+from schemas.events import SetBudget
 
 WINDOWS: tuple[str, ...] = ("daily", "weekly", "monthly")
 #: Percentages of a window's limit whose first crossing raises a ``budget_alert`` (percent).
 ALERT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
 #: How long a settled request id is remembered (so a replayed or redelivered cost counts once).
 #: Longer than the longest window (a month), so a replay of ``ai.costs`` never double-counts.
+log = logging.getLogger("aipipe.budget")
+
 SETTLED_RETENTION = timedelta(days=40)
 ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
@@ -214,6 +222,7 @@ class BudgetLedger:
 
     tz: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     limits: dict[str, Limits] = field(default_factory=dict)
+    limit_at: dict[tuple[str, str], datetime] = field(default_factory=dict)
     spend: dict[tuple[str, str, datetime], Decimal] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
     settled: dict[str, datetime] = field(default_factory=dict)
@@ -221,6 +230,31 @@ class BudgetLedger:
     def set_limits(self, scope: str, limits: Limits) -> None:
         """Set ``scope``'s limits (replacing the previous ones)."""
         self.limits[scope] = limits
+
+    def apply_command(self, scope: str, windows: Mapping[str, Decimal | None], at: datetime) -> bool:
+        """Fold one ``set_budget`` command (DESIGN A6): each named window gets its limit (``None``: unlimited).
+
+        Windows the command does not name keep their limits. Per (scope,
+        window) the command with the latest ``at`` wins, so commands read out
+        of order (a replay, two writers) fold to the same limits.
+
+        Returns:
+            Whether any limit changed.
+        """
+        current = self.limits.get(scope, Limits())
+        values = {w: current.get(w) for w in WINDOWS}
+        changed = False
+        for window, limit in windows.items():
+            known = self.limit_at.get((scope, window))
+            if known is not None and at < known:
+                continue  # an older command arriving late
+            self.limit_at[(scope, window)] = at
+            if values[window] != limit:
+                values[window] = limit
+                changed = True
+        if changed or scope not in self.limits:
+            self.limits[scope] = Limits(**values)
+        return changed
 
     def spent(self, scope: str, window: str, at: datetime) -> Decimal:
         """USD spent by ``scope`` in the ``window`` containing ``at``."""
@@ -340,3 +374,33 @@ def scopes_for(user: str | None, provider: str | None = None) -> tuple[str, ...]
     if provider:
         scopes.append(provider)
     return tuple(scopes)
+
+
+def apply_set_budget(ledger: BudgetLedger, event: SetBudget, now: datetime) -> bool:
+    """Fold a ``set_budget`` command into ``ledger`` (DESIGN A6: absent window unchanged, ``null`` unlimited).
+
+    A command with a negative or non-finite limit is ignored with a warning.
+
+    Returns:
+        Whether a limit changed.
+    """
+    named = {
+        window: value
+        for window, value in (("daily", event.daily_usd), ("weekly", event.weekly_usd), ("monthly", event.monthly_usd))
+        if value is not UNSET
+    }
+    if any(v is not None and not 0 <= v < float("inf") for v in named.values()):  # type: ignore[operator]
+        log.warning("ignoring set_budget for %s: limits must be finite and >= 0 USD, got %s", event.scope, named)
+        return False
+    windows = {w: Decimal(str(v)) if v is not None else None for w, v in named.items()}  # type: ignore[arg-type]
+    return ledger.apply_command(event.scope, windows, event.at or now)
+
+
+def provider_hold_id(request_id: str, provider: str) -> str:
+    """The key under which a request's spend on ``provider``'s budget scope is held and settled.
+
+    The executor holds and settles each attempt under it; the budget gate
+    settles the request's cost event under it too, so the provider's spend is
+    counted once whoever sees it first.
+    """
+    return f"{request_id}@{provider}"

@@ -61,7 +61,15 @@ WINDOW_S = 60.0
 
 #: Innermost causes that prove a call never reached the provider (no connection was made).
 _NOT_SENT_NAMES = frozenset(
-    {"ConnectionRefusedError", "ClientConnectorError", "ClientConnectorDNSError", "ConnectError", "gaierror"}
+    {
+        "ConnectionRefusedError",
+        "ClientConnectorError",
+        "ClientConnectorDNSError",
+        "ConnectError",
+        "gaierror",
+        "UnsupportedProtocol",
+        "InvalidURL",
+    }
 )
 
 
@@ -257,13 +265,16 @@ class MemoryRateLimiter:
 def call_not_sent(exc: BaseException) -> bool:
     """Whether a failed call provably never reached the provider (so its quota goes back).
 
-    True when the innermost cause is a refused or unresolvable connection
-    (``ConnectionRefusedError``, aiohttp ``ClientConnectorError``, httpx
-    ``ConnectError``, DNS ``gaierror``), or when the failure is not a provider
-    error at all (the adapter failed before sending). A connect *timeout* is
+    True when the adapter refused to build the call (``AIProviderError.sent``
+    false, e.g. Anthropic with no non-empty user turn, Cloudflare without an
+    account id), when the innermost cause is a refused or unresolvable
+    connection or a URL no request can be made to (``ConnectionRefusedError``,
+    aiohttp ``ClientConnectorError``, httpx ``ConnectError``,
+    ``UnsupportedProtocol``, ``InvalidURL``, DNS ``gaierror``), or when the
+    failure is not a provider error at all (the adapter failed before sending). A connect *timeout* is
     ambiguous behind the httpx-aiohttp transport, so it counts as sent.
     """
-    if not isinstance(exc, AIProviderError):
+    if not isinstance(exc, AIProviderError) or not exc.sent:
         return True
     seen: list[BaseException] = []
     current: BaseException | None = exc

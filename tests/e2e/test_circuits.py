@@ -119,7 +119,12 @@ async def test_failing_provider_opens_is_skipped_half_opens_and_closes_after_pro
 
     # while OPEN, requests skip cloudflare without calling it
     skipped = await h.client.request(request(f"skip-{h.kind}"))
-    assert skipped.status == "ok" and [a.provider for a in skipped.attempts] == ["openai"]
+    # DESIGN A8: the open circuit is listed as a skip, with no call and no health event
+    assert skipped.status == "ok" and [(a.provider, a.outcome) for a in skipped.attempts] == [
+        ("cloudflare", "skipped"),
+        ("openai", "ok"),
+    ]
+    assert skipped.attempts[0].reason == "circuit OPEN" and skipped.attempts[0].latency_ms == 0
     assert emu.counts()["cloudflare"] == 5
 
     # after the 1 s cool-off: HALF_OPEN, one probe, still failing -> OPEN again for 2 s

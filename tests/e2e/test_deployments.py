@@ -173,7 +173,11 @@ async def test_each_deployment_has_its_own_circuit(dep: Harness) -> None:
         while dep.pipeline.circuits.state("circ-a") != "OPEN":
             await anyio.sleep(0.01)
     skipped = await ask(dep, "circuit")
-    assert skipped.provider == "circ-b" and [a.provider for a in skipped.attempts] == ["circ-b"]
+    assert skipped.provider == "circ-b"
+    assert [(a.provider, a.outcome, a.reason) for a in skipped.attempts] == [
+        ("circ-a", "skipped", "circuit OPEN"),
+        ("circ-b", "ok", None),
+    ]
     assert dep.emulator.counts()["circ-a"] == 2
     assert dep.pipeline.circuits.state("circ-b") == "CLOSED" and dep.pipeline.circuits.state("openai") == "CLOSED"
 
@@ -197,7 +201,9 @@ async def test_each_deployment_has_its_own_budget(dep: Harness) -> None:
     refused = await ask(dep, "budgeted", providers=["bud-a"])
     assert refused.status == "error" and refused.error is not None
     assert refused.error.type == "budget_exceeded" and "bud-a" in refused.error.message
-    await publish_control(dep.bus, dep.topics, set_budget_event("bud-a", deployments=dep.pipeline.config.providers))
+    await publish_control(
+        dep.bus, dep.topics, set_budget_event("bud-a", daily=None, deployments=dep.pipeline.config.providers)
+    )
 
 
 def test_the_endpoint_lists_deployments_models() -> None:

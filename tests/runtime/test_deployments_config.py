@@ -107,6 +107,16 @@ def test_weights_and_camel_case_deployment_names_are_kept_as_written() -> None:
             {"providers": {"dup": {"type": "openai"}}, "deployments": {"dup": {"type": "openai"}}},
             "deployment `dup` is defined twice ([providers.dup] and [deployments.dup])",
         ),
+        ({"deployments": {"openai": {"type": "anthropic"}}}, "`deployments.openai.type` must be `openai`"),
+        ({"deployments": {"EU": {"type": "openai"}, "eu": {"type": "openai"}}}, "differ only in case"),
+        ({"deployments": {"x": {"type": "gemini"}}}, "(one of openai, azure_openai, anthropic"),
+        (
+            {
+                "deployments": {"eu": {"type": "openai", "models": ["gpt-4o-mini"]}},
+                "model_groups": {"g": {"eu": "gpt-4o"}},
+            },
+            "`model_groups.g.eu` is `gpt-4o`, which deployment `eu` does not list in its models",
+        ),
     ],
 )
 def test_each_invalid_deployment_is_a_clear_error_naming_the_key(data: dict[str, Any], message: str) -> None:
@@ -150,7 +160,9 @@ def test_endpoints_come_from_each_deployments_own_variables() -> None:
     assert eps["openai-a"].base_url == "https://api.openai.com/v1"
     assert eps["openai-a"].api_key is not None and eps["openai-a"].api_key.reveal() == KEYS["OPENAI_A_KEY"]
     assert eps["openai-eu"].base_url == "https://eu.api.openai.com/v1"
-    assert eps["azure-eu"].api_version == "2024-10-21" and eps["azure-eu"].base_url == "https://contoso.openai.azure.com"
+    assert (
+        eps["azure-eu"].api_version == "2024-10-21" and eps["azure-eu"].base_url == "https://contoso.openai.azure.com"
+    )
     # a local server without api_key_env is called as configured, never the emulator, even in production
     assert eps["local-llama"].base_url == "http://127.0.0.1:11434/v1" and eps["local-llama"].api_key is None
     assert "local-llama" not in resolved.emulated

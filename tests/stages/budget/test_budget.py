@@ -329,8 +329,15 @@ def test_set_budget_latest_command_wins() -> None:
     assert gate.ledger.limits["user:alice"].daily == D("2.0")
     gate.on_control(SetBudget(scope="user:alice", daily_usd=-1.0, at=at + timedelta(seconds=1)))  # invalid: ignored
     assert gate.ledger.limits["user:alice"].daily == D("2.0")
-    gate.on_control(SetBudget(scope="user:alice", at=at + timedelta(seconds=2)))  # every window unlimited
-    assert not gate.ledger.limits["user:alice"].any()
+    # DESIGN A6: a window the command leaves out keeps its limit; null removes it
+    gate.on_control(SetBudget(scope="user:alice", weekly_usd=9.0, at=at + timedelta(seconds=2)))
+    assert (gate.ledger.limits["user:alice"].daily, gate.ledger.limits["user:alice"].weekly) == (D("2.0"), D("9.0"))
+    gate.on_control(SetBudget(scope="user:alice", daily_usd=None, weekly_usd=None, at=at + timedelta(seconds=3)))
+    assert not gate.ledger.limits["user:alice"].any()  # every window unlimited
+    # per window, the latest command wins even when commands arrive out of order
+    gate.on_control(SetBudget(scope="user:alice", daily_usd=5.0, at=at + timedelta(seconds=5)))
+    gate.on_control(SetBudget(scope="user:alice", daily_usd=4.0, weekly_usd=8.0, at=at + timedelta(seconds=4)))
+    assert (gate.ledger.limits["user:alice"].daily, gate.ledger.limits["user:alice"].weekly) == (D("5.0"), D("8.0"))
 
 
 def test_provider_budget_view_blocks_a_spent_provider_until_its_window_resets() -> None:
