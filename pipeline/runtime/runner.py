@@ -88,6 +88,10 @@ class MessageContext:
         return self.record.header(TRACE_HEADER)
 
 
+#: The context given to ``Stage.reject`` for an answer the runner sends on its own (no input record at hand).
+_NO_CONTEXT = MessageContext(record=Record(topic="", partition=-1, offset=-1, key=None, value=b""), stage="")
+
+
 class InvalidInput(Exception):
     """Raised by ``Stage.decode`` (or ``handle``) for a value that cannot be accepted.
 
@@ -521,9 +525,10 @@ class StageRunner:
                 await self._unpublishable(message, failure, headers)
 
     async def _unpublishable(self, message: Outgoing, failure: BaseException, headers: Headers) -> None:
-        """An output that can never be published: dead-letter it (payload truncated), so its input is committed past.
+        """An output that can never be published: dead-letter it (payload truncated) and answer its request.
 
-        Nothing here is retried forever: a dead letter of a dead letter is
+        The input is then committed past like any other. Nothing here is
+        retried forever: when the dead letter or the answer fails too, that is
         only logged. (An output on the dead-letter topic itself was already
         truncated to fit when it was built.)
         """
@@ -542,10 +547,22 @@ class StageRunner:
             message.value,
             max_message_bytes(self.bus),
         )
-        out = Outgoing(topic=self.deadletter_topic, value=_ENCODER.encode(letter), key=message.key, headers=headers)
-        failed = await _attempt_publish(self.bus, out)
-        if failed is not None:
-            log.error("stage %s: dead letter of an unpublishable output also failed: %s", self.stage.name, failed)
+        outs = [Outgoing(topic=self.deadletter_topic, value=_ENCODER.encode(letter), key=message.key, headers=headers)]
+        if self.keyed_by_request_id and key is not None:
+            error = ErrorInfo(
+                type="invalid_request",
+                message=f"the request grew past the largest message the bus takes ({len(message.value)} bytes "
+                f"to {message.topic}); send a smaller request",
+            )
+            outs += [
+                Outgoing(topic=o.topic, value=_ENCODER.encode(o.value), key=message.key, headers=headers)
+                for o in self.stage.reject(key, error, _NO_CONTEXT)
+                if o.topic != message.topic
+            ]
+        for out in outs:
+            failed = await _attempt_publish(self.bus, out)
+            if failed is not None:
+                log.error("stage %s: could not publish to %s either: %s", self.stage.name, out.topic, failed)
 
 
 async def _attempt_publish(bus: Bus, message: Outgoing) -> PermanentBusError | None:

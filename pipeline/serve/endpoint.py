@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pipeline.errors import ProviderTimeoutError
+from pipeline.errors import AIProviderError, ProviderTimeoutError
 from pipeline.runtime.config import PipelineConfig
 from pipeline.serve.keys import ApiKeys
 from pipeline.serve.openai_format import (
@@ -33,13 +33,14 @@ from pipeline.serve.openai_format import (
     new_completion_id,
     to_ai_request,
 )
-from schemas.request import AIRequest
+from schemas.request import MAX_REQUEST_BYTES, AIRequest
 from schemas.response import AIResponse
 
 log = logging.getLogger("aipipe.serve")
 
-#: Largest request body accepted (bytes); larger ones get 413.
-MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Largest request body accepted (bytes): the pipeline's request limit; larger ones get 413 before anything
+#: is published (``schemas.request.MAX_REQUEST_BYTES``).
+MAX_BODY_BYTES = MAX_REQUEST_BYTES
 #: Response headers the endpoint adds.
 HEADER_REQUEST_ID = "x-aipipe-request-id"
 HEADER_PROVIDER = "x-aipipe-provider"
@@ -75,20 +76,26 @@ def _pipeline_headers(response: AIResponse) -> dict[str, str]:
     return headers
 
 
+def _too_large() -> OpenAIHTTPError:
+    return OpenAIHTTPError(
+        413,
+        f"request body over {MAX_BODY_BYTES} bytes (the largest request aipipe takes)",
+        type_="invalid_request_error",
+        code="request_too_large",
+    )
+
+
 async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes ``MAX_BODY_BYTES`` (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise OpenAIHTTPError(
-            413, f"request body over {MAX_BODY_BYTES} bytes", type_="invalid_request_error", code=None
-        )
+        raise _too_large()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise OpenAIHTTPError(
-                413, f"request body over {MAX_BODY_BYTES} bytes", type_="invalid_request_error", code=None
-            )
+            raise _too_large()
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -135,6 +142,19 @@ def create_app(state: ServeState) -> Starlette:
         request_id = new_completion_id()
         id_header = {HEADER_REQUEST_ID: request_id}
         try:
+            return await completion(request, request_id, id_header)
+        except Exception:  # the client gets the request id, the log the traceback
+            log.exception("request %s: internal error", request_id)
+            error = OpenAIHTTPError(
+                500,
+                f"internal error while handling request {request_id}; the server log has the details",
+                type_="server_error",
+                code="internal_error",
+            )
+            return _error_response(error, id_header)
+
+    async def completion(request: Request, request_id: str, id_header: Mapping[str, str]) -> Response:
+        try:
             user = authenticate(request)
             raw = await _read_body(request)
             try:
@@ -142,6 +162,14 @@ def create_app(state: ServeState) -> Starlette:
             except msgspec.DecodeError:
                 raise OpenAIHTTPError.invalid("We could not parse the JSON body of your request.") from None
             ai_request = to_ai_request(body, request_id=request_id, key_user=user)
+            size = len(_ENCODER.encode(ai_request))
+            if size > MAX_REQUEST_BYTES:
+                raise OpenAIHTTPError(
+                    413,
+                    f"the request is {size} bytes; the largest aipipe takes is {MAX_REQUEST_BYTES} bytes",
+                    type_="invalid_request_error",
+                    code="request_too_large",
+                )
         except OpenAIHTTPError as exc:
             return _error_response(exc, id_header)
         try:
@@ -149,6 +177,9 @@ def create_app(state: ServeState) -> Starlette:
         except ProviderTimeoutError as exc:
             log.warning("request %s: %s", request_id, exc)
             return _error_response(OpenAIHTTPError.for_type("timeout", str(exc)), id_header)
+        except AIProviderError as exc:  # e.g. service_unavailable: the broker does not take requests
+            log.warning("request %s: %s: %s", request_id, exc.error_type, exc)
+            return _error_response(OpenAIHTTPError.for_type(exc.error_type, str(exc)), id_header)
         headers = _pipeline_headers(response)
         if response.status == "error" or response.error is not None:
             err = response.error

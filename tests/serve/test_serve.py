@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,13 +20,21 @@ import pytest
 from pipeline import AIProviderManager
 from pipeline.bus.protocol import Bus
 from pipeline.emulator import EmulatorServer
+from pipeline.errors import ServiceUnavailableError
 from pipeline.runtime.config import config_from_mapping, preset
 from pipeline.runtime.settings import Settings
-from pipeline.serve.endpoint import HEADER_CACHED, HEADER_COST, HEADER_PROVIDER, HEADER_REQUEST_ID
+from pipeline.serve.endpoint import (
+    HEADER_CACHED,
+    HEADER_COST,
+    HEADER_PROVIDER,
+    HEADER_REQUEST_ID,
+    ServeState,
+    create_app,
+)
 from pipeline.serve.keys import ApiKeys, ServeConfigError, api_keys_for
 from pipeline.serve.openai_format import ERROR_STATUS, OpenAIHTTPError, model_list, to_ai_request
 from pipeline.serve.openai_server import OpenAIServer
-from schemas import AIResponse, CostEvent
+from schemas import AIRequest, AIResponse, CostEvent
 from schemas.response import ERROR_TYPES
 from tests.harness import Harness
 
@@ -374,3 +384,60 @@ def test_model_list_names_groups_then_enabled_providers_models() -> None:
     assert owners["gpt-4o"] == "openai" and owners["@cf/meta/llama-3.2-3b-instruct"] == "cloudflare"
     assert not any(owner == "anthropic" for owner in owners.values())
     assert len(owners) == len(entries)
+
+
+# --- refusing at once what the pipeline cannot take (hardening) -------------------------------------
+
+
+async def test_bodies_over_the_request_limit_are_413_at_once_and_nothing_is_published(
+    emulator: EmulatorServer,
+) -> None:
+    async with serving(emulator, "serve-413.") as (manager, server):
+        filler = "word " * (5 * 1024 * 1024 // 5)  # a 5 MiB body (4-8 MiB bodies were 500s after 10 s before)
+        body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": filler}]}
+        async with httpx.AsyncClient(timeout=30) as http:
+            started = time.monotonic()
+            big = await http.post(f"{server.base_url}/chat/completions", json=body)
+            took = time.monotonic() - started
+            just_over = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "x" * 1_048_600}]}
+            over = await http.post(f"{server.base_url}/chat/completions", json=just_over)
+        assert big.status_code == over.status_code == 413 and took < 5
+        assert big.json()["error"]["code"] == "request_too_large" and HEADER_REQUEST_ID in big.headers
+        consumer = await bus_of(manager).consumer([manager.settings.topics.requests], group=None)
+        try:
+            assert await consumer.getmany(200, max_records=10) == []
+        finally:
+            await consumer.stop()
+
+
+async def _app_answers(ask: Any) -> httpx.Response:
+    app = create_app(ServeState(ask=ask, config=preset("development"), api_keys=None))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://aipipe") as http:
+        return await http.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]},
+        )
+
+
+async def test_service_unavailable_is_503() -> None:
+    async def ask(request: AIRequest) -> AIResponse:
+        raise ServiceUnavailableError("the broker did not take the request within 10 s")
+
+    response = await _app_answers(ask)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_an_unexpected_error_is_a_500_with_the_request_id_and_a_logged_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def ask(request: AIRequest) -> AIResponse:
+        raise KeyError("a bug")
+
+    with caplog.at_level(logging.ERROR, logger="aipipe.serve"):
+        response = await _app_answers(ask)
+    rid = response.headers[HEADER_REQUEST_ID]
+    assert response.status_code == 500 and rid in response.json()["error"]["message"]
+    assert "Traceback" not in response.text
+    [record] = [r for r in caplog.records if rid in r.getMessage()]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], KeyError)
