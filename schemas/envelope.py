@@ -40,9 +40,12 @@ class Outcome(Struct, kw_only=True):
 class Envelope(Struct, kw_only=True):
     """A request on its way through the stages (``ai.stage.*`` topics).
 
-    ``received_at_ms`` and ``deadline_at_ms`` are Unix epoch ms; ``request`` is
-    ``None`` only for an input that could not be decoded, whose ``outcome`` is
-    then an ``invalid_request`` error.
+    ``received_at_ms``, ``deadline_at_ms`` and ``finished_at_ms`` (when the
+    outcome was handed to the cost-recorder; ``None`` before) are Unix epoch
+    ms; the response's ``latency_ms`` is ``finished_at_ms - received_at_ms``,
+    so a redelivered record gets the same response. ``request`` is ``None``
+    only for an input that could not be decoded, whose ``outcome`` is then an
+    ``invalid_request`` error.
     """
 
     id: str
@@ -54,3 +57,4 @@ class Envelope(Struct, kw_only=True):
     reservation_scopes: list[str] = []
     candidates: list[Candidate] = []
     outcome: Outcome | None = None
+    finished_at_ms: int | None = None

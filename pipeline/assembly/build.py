@@ -43,6 +43,7 @@ from stages.rules.circuit_view import CircuitView
 from stages.rules.ledger import BudgetLedger
 from stages.rules.pricing import PriceTable
 from stages.rules.rate_limits import RateLimiter
+from stages.rules.recent_ids import RecentIds
 from stages.rules.strategies import StrategyState
 
 log = logging.getLogger("aipipe.app")
@@ -114,7 +115,7 @@ class Pipeline:
             settings.redis_url, self.config.cache, namespace=f"aipipe:{{{self.topics.prefix}cache}}"
         )
         self._cache_shared = self.cache_store.kind == "redis" or {"cache", "recorder"} <= set(self.stage_names)
-        self.ledger = BudgetLedger()
+        self.ledger = BudgetLedger(settled=RecentIds(settings.dedup_window_s, settings.dedup_max_ids))
         self._budgets: BudgetStore | None = None
         self._run_beside: list[Callable[[Callable[[Emit], Awaitable[None]]], Coroutine[Any, Any, None]]] = []
         self.circuits = CircuitView()
@@ -132,7 +133,7 @@ class Pipeline:
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopped = anyio.Event()
         self._background = anyio.CancelScope()
-        self.drain_grace_s = 30.0
+        self.drain_grace_s = settings.drain_grace_s
 
     def _budget_store(self) -> BudgetStore:
         """The process's one budget store, shared by the gate and the executor (Redis when configured)."""
@@ -192,7 +193,14 @@ class Pipeline:
                 if self.circuits.apply not in self.control_feed.listeners:
                     self.control_feed.subscribe(self.circuits.apply)
             elif name == "recorder":
-                stage = RecorderStage(t, self.config, self.prices, self.cache_store if self._cache_shared else None)
+                stage = RecorderStage(
+                    t,
+                    self.config,
+                    self.prices,
+                    self.cache_store if self._cache_shared else None,
+                    costed=RecentIds(self.settings.dedup_window_s, self.settings.dedup_max_ids),
+                    answered=RecentIds(self.settings.dedup_window_s, self.settings.dedup_max_ids),
+                )
                 self.cost_feed.subscribe(stage.on_cost)  # ids already costed, also before a restart
                 stage.follow(self.cost_feed.caught_up)
             elif name == "breaker":
@@ -214,7 +222,9 @@ class Pipeline:
                     group=f"{self.topics.prefix}{name}",
                     deadletter_topic=t.deadletter,
                     keyed_by_request_id=t.keyed_by_request_id(stage.input_topic),
+                    carries_request_key=t.carries_request_key,
                     max_in_flight=self.settings.max_in_flight,
+                    grace_s=min(10.0, self.settings.drain_grace_s),
                 )
             )
             bind_runner = getattr(stage, "bind_runner", None)

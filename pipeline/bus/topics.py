@@ -81,6 +81,16 @@ class Topics:
         """Whether a record's key on ``topic`` is a request id (DESIGN A4)."""
         return topic == self.requests or topic.startswith(f"{self.prefix}stage.")
 
+    def carries_request_key(self, topic: str) -> bool:
+        """Whether a record on ``topic`` is about one request and so keeps that request's key bytes.
+
+        True for the request path, ``responses``, ``costs`` and ``deadletter``;
+        false for ``control`` (keyed by provider or ``*``).
+        """
+        return topic != self.control and (
+            self.keyed_by_request_id(topic) or topic in (self.responses, self.costs, self.deadletter)
+        )
+
     def short(self, name: str) -> str:
         """Full topic name for a short name such as ``responses`` or ``deadletter`` (or the full name).
 

@@ -168,6 +168,13 @@ async def _budget_set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aipipe budget set: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    if not args.clear and all(w is UNSET for w in (args.daily, args.weekly, args.monthly)):
+        print(
+            "aipipe budget set: error: give the windows to change (--daily, --weekly, --monthly: USD, or none "
+            "to remove one), or --clear to remove every limit of the scope",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.clear:
         if any(w is not UNSET for w in (args.daily, args.weekly, args.monthly)):
             print("aipipe budget set: error: --clear removes every limit; give no window with it", file=sys.stderr)
@@ -254,7 +261,7 @@ def add_cost_parsers(sub: Any) -> None:
     p.add_argument("--top", type=int, default=10, help="rows of the top models and users tables (default 10)")
     p.add_argument("--scope", default="global", help="scope of the projection (default global)")
     p.add_argument("--json", action="store_true", help="print every report as one JSON object")
-    p.set_defaults(func=_costs, is_async=True)
+    p.set_defaults(func=_costs, is_async=True, quiet=True)
 
     p = sub.add_parser("budget", help="budgets: budget set SCOPE --daily --weekly --monthly | budget status [SCOPE]")
     budget = p.add_subparsers(dest="budget_command", required=True, parser_class=type(p))
@@ -273,11 +280,11 @@ def add_cost_parsers(sub: Any) -> None:
     q.add_argument("--clear", action="store_true", help="remove every limit of the scope")
     q.add_argument("--wait-s", type=float, default=5.0, help="wait this long for a gate to confirm (default 5)")
     q.add_argument("--json", action="store_true", help="print the command as JSON")
-    q.set_defaults(func=_budget_set, is_async=True)
+    q.set_defaults(func=_budget_set, is_async=True, quiet=True)
     q = budget.add_parser("status", help="a scope's windows: limit, spent, reserved, percent, reset time")
     q.add_argument("scope", nargs="?", help="scope (default: every scope with a budget)")
     q.add_argument("--json", action="store_true", help="print the windows as JSON")
-    q.set_defaults(func=_budget_status, is_async=True)
+    q.set_defaults(func=_budget_status, is_async=True, quiet=True)
 
 
 __all__ = ["add_cost_parsers"]

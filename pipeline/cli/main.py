@@ -10,8 +10,8 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
+import tomllib
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -27,20 +27,20 @@ from pipeline.bus.protocol import BusError
 from pipeline.cli.cache_commands import add_cache_parser
 from pipeline.cli.cost_commands import add_cost_parsers
 from pipeline.cli.demo.tour import run_demo
+from pipeline.cli.lines import formatter
 from pipeline.cli.status_command import add_status_parser
 from pipeline.cli.strategy_commands import add_strategy_parser
-from pipeline.client.health_reader import describe_control_event
 from pipeline.client.pipeline_client import PipelineClient, new_request_id
 from pipeline.client.replay import audit, decode_all, parse_time, read_range, reprice
-from pipeline.emulator import serve_forever
+from pipeline.emulator import load_profile, serve_forever
 from pipeline.errors import AIProviderError
 from pipeline.runtime import telemetry
 from pipeline.runtime.logs import setup_logging
-from pipeline.runtime.messages import CONTROL_DECODER
 from pipeline.runtime.settings import Settings
+from pipeline.runtime.signals import drain_on_signal
 from pipeline.serve.openai_server import run_server
 from schemas.events import CostEvent
-from schemas.request import AIRequest
+from schemas.request import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TIMEOUT_MS, AIRequest
 from schemas.response import AIResponse
 from stages.rules.pricing import PriceTable
 
@@ -89,14 +89,7 @@ async def _run(args: argparse.Namespace) -> int:
         async with open_providers(settings, config) as resolved, anyio.create_task_group() as tg:
             pipeline = Pipeline(settings, resolved, opened.bus, stages=stages)
 
-            async def on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for sig in signals:
-                        log.info("received %s: finishing in-flight work", signal.Signals(sig).name)
-                        pipeline.stop()
-                        return
-
-            tg.start_soon(on_signal)
+            tg.start_soon(drain_on_signal, pipeline.stop)
             async with pipeline:
                 print(
                     f"aipipe running on {opened.bootstrap}: {', '.join(pipeline.stages)} (Ctrl-C to stop)",
@@ -118,9 +111,13 @@ async def _send(args: argparse.Namespace) -> int:
         "id": args.id or new_request_id(),
         "model": args.model,
         "prompt": args.prompt,
-        "max_tokens": args.max_tokens,
-        "timeout_ms": args.timeout_ms,
     }
+    # Only what the user gave: everything else takes AIRequest's defaults (README "Request"),
+    # so `send` and the Python API never disagree.
+    if args.max_tokens is not None:
+        data["max_tokens"] = args.max_tokens
+    if args.timeout_ms is not None:
+        data["timeout_ms"] = args.timeout_ms
     if args.temperature is not None:
         data["temperature"] = args.temperature
     if args.user:
@@ -159,14 +156,6 @@ async def _send(args: argparse.Namespace) -> int:
 # --- tail ------------------------------------------------------------------------------------
 
 
-def _control_line(raw: bytes, text: str) -> str:
-    """A readable line for one ``ai.control`` value (circuit transitions, health...), else its raw text."""
-    try:
-        return describe_control_event(CONTROL_DECODER.decode(raw))
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return text
-
-
 async def _tail(args: argparse.Namespace) -> int:
     env = _env()
     settings = Settings.from_env(env)
@@ -175,19 +164,16 @@ async def _tail(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     shown = 0
+    line = formatter(settings.topics, topic)
     async with open_bus("kafka", env, start_broker=False) as opened:
         consumer = await opened.bus.consumer([topic], group=None, from_beginning=args.from_beginning)
         try:
             while args.limit is None or shown < args.limit:
                 for record in await consumer.getmany(500, max_records=500):
-                    text = record.value.decode("utf-8", "replace")
                     if args.json:
-                        print(text, flush=True)
-                    elif topic == settings.topics.control:
-                        print(_control_line(record.value, text), flush=True)
+                        print(record.value.decode("utf-8", "replace"), flush=True)
                     else:
-                        key = record.key.decode("utf-8", "replace") if record.key else "-"
-                        print(f"{record.partition}:{record.offset} {key} {text}", flush=True)
+                        print(line(record), flush=True)
                     shown += 1
                     if args.limit is not None and shown >= args.limit:
                         break
@@ -197,6 +183,9 @@ async def _tail(args: argparse.Namespace) -> int:
 
 
 # --- replay, audit ---------------------------------------------------------------------------
+
+#: Without a terminal, ``replay`` prints a progress line every this many records read.
+REPLAY_PROGRESS_EVERY = 10_000
 
 
 async def _replay(args: argparse.Namespace) -> int:
@@ -218,7 +207,11 @@ async def _replay(args: argparse.Namespace) -> int:
         raise UsageError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     try:
         prices = PriceTable.load(Path(args.reprice)) if args.reprice else None
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        raise CliError(f"cannot read the price table {args.reprice}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"the price table {args.reprice} is not UTF-8 text: {exc}") from exc
+    except ValueError as exc:
         raise CliError(str(exc)) from exc
     if prices is not None and topic != settings.topics.costs:
         raise CliError("--reprice applies to the costs topic only")
@@ -227,15 +220,22 @@ async def _replay(args: argparse.Namespace) -> int:
         seen = 0
 
         def progress(_record: object) -> None:
+            # A live count on a terminal; a plain line every REPLAY_PROGRESS_EVERY records otherwise.
             nonlocal seen
             seen += 1
-            if seen % 500 == 0:
+            if seen % 100 == 0:
                 status.update(f"reading {topic}: {seen} records")
+            if not console.is_terminal and seen % REPLAY_PROGRESS_EVERY == 0:
+                print(f"read {seen} records of {topic} ...", file=sys.stderr, flush=True)
 
         async with open_bus("kafka", env, start_broker=False) as opened:
             records = await read_range(opened.bus, topic, since, until, idle_s=args.idle_s, on_record=progress)
+    print(f"read {seen} records of {topic}", file=sys.stderr, flush=True)
     if args.out:
-        await anyio.Path(args.out).write_bytes(b"".join(r.value.rstrip(b"\n") + b"\n" for r in records))
+        try:
+            await anyio.Path(args.out).write_bytes(b"".join(r.value.rstrip(b"\n") + b"\n" for r in records))
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from exc
     summary: dict[str, Any] = {
         "topic": topic,
         "records": len(records),
@@ -338,8 +338,17 @@ async def _audit(args: argparse.Namespace) -> int:
 
 
 def _emulator(args: argparse.Namespace) -> int:
-
-    serve_forever(args.host, args.port, args.profile)
+    if args.profile is not None:
+        try:
+            load_profile(args.profile)
+        except OSError as exc:
+            raise CliError(f"cannot read the emulator profile {args.profile}: {exc.strerror or exc}") from exc
+        except (tomllib.TOMLDecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            raise CliError(f"invalid emulator profile {args.profile}: {exc}") from exc
+    try:
+        serve_forever(args.host, args.port, args.profile)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     return EXIT_OK
 
 
@@ -401,18 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run, is_async=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on real prompts and print a results table")
-    p.add_argument("--count", type=int, default=12, help="distinct prompts to send (default 12)")
+    p.add_argument("--count", type=_positive_int, default=12, help="distinct prompts to send (default 12)")
     p.add_argument("--json", action="store_true", help="print the responses as JSON lines")
     p.set_defaults(func=_demo, is_async=True)
 
     p = sub.add_parser("send", help="publish one request and print its answer")
     p.add_argument("prompt")
     p.add_argument("--model", required=True)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=int, help=f"most output tokens (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--temperature", type=float, help=f"0..2 (default {DEFAULT_TEMPERATURE})")
     p.add_argument("--user")
     p.add_argument("--provider", action="append", help="allow-list, in order of preference (repeatable)")
-    p.add_argument("--timeout-ms", type=int, default=60_000)
+    p.add_argument("--timeout-ms", type=int, help=f"deadline of the whole request, ms (default {DEFAULT_TIMEOUT_MS})")
     p.add_argument("--id", help="request id (default: generated)")
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
     p.add_argument("--json", action="store_true", help="print the whole AIResponse as JSON")
@@ -423,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-beginning", action="store_true", help="start at the oldest message")
     p.add_argument("--limit", type=_positive_int, help="stop after N messages")
     p.add_argument("--json", action="store_true", help="print only the JSON values")
-    p.set_defaults(func=_tail, is_async=True)
+    p.set_defaults(func=_tail, is_async=True, quiet=True)
 
     p = sub.add_parser("replay", help="read a topic by time range (record timestamps); optionally re-price costs")
     p.add_argument("topic", help="responses | costs | control | requests | deadletter | ...")
@@ -433,14 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.jsonl", help="write the values, one JSON per line")
     p.add_argument("--idle-s", type=float, default=1.5, help="stop after this long without a new record (s)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_replay, is_async=True)
+    p.set_defaults(func=_replay, is_async=True, quiet=True)
 
     p = sub.add_parser("audit", help="reconcile requests, responses and cost events since a time")
     p.add_argument("--since", required=True, help="ISO 8601 start (e.g. 2026-11-29)")
     p.add_argument("--until", help="ISO 8601 end, excluded (default: now)")
     p.add_argument("--idle-s", type=float, default=1.5, help="stop reading after this long without a record (s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_audit, is_async=True)
+    p.set_defaults(func=_audit, is_async=True, quiet=True)
 
     p = sub.add_parser("emulator", help="serve the provider emulator (OpenAI, Anthropic, Cloudflare)")
     p.add_argument("--host", default="127.0.0.1")
@@ -476,7 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"aipipe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings.log_level)
+    # commands that only read and print: their output, not the log history of what they read
+    quiet = getattr(args, "quiet", False) and "LOG_LEVEL" not in os.environ
+    setup_logging("WARNING" if quiet else settings.log_level)
     try:
         if args.is_async:
             code: int = anyio.run(args.func, args)

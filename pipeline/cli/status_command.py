@@ -101,4 +101,4 @@ def add_status_parser(sub: Any) -> None:
     p.add_argument(
         "--timeout-s", type=float, default=10.0, help="longest time to read ai.control up to now (s, default 10)"
     )
-    p.set_defaults(func=_status, is_async=True)
+    p.set_defaults(func=_status, is_async=True, quiet=True)

@@ -126,4 +126,4 @@ def add_strategy_parser(sub: Any) -> None:
     show = verbs.add_parser("show", help="the strategy the routers run now (from ai.control)")
     show.add_argument("--json", action="store_true", help='print {"name": ..., "weights": ...}')
     show.add_argument("--timeout-s", type=float, default=10.0, help="longest time to read ai.control (s)")
-    show.set_defaults(func=_show, is_async=True)
+    show.set_defaults(func=_show, is_async=True, quiet=True)

@@ -7,9 +7,6 @@ read everything written before the call: the reader is current when two
 polls in a row that started after that moment come back empty or bring only
 records written after it (no end offsets needed; the embedded broker's are
 unreliable, EMBEDDED-BROKER.md).
-
-``describe_control_event`` renders one control event as a line of text for
-``aipipe tail control``.
 """
 
 from __future__ import annotations
@@ -25,12 +22,10 @@ from pipeline.bus.protocol import Bus, BusError
 from pipeline.bus.topics import Topics
 from pipeline.client.health_board import HealthBoard, HealthStatus
 from pipeline.runtime.config import PipelineConfig
+from pipeline.runtime.logs import OUTAGE
 from pipeline.runtime.messages import CONTROL_DECODER
 from schemas.events import (
-    CircuitSnapshot,
-    CircuitTransition,
     ControlEvent,
-    Health,
 )
 
 log = logging.getLogger("aipipe.health_reader")
@@ -79,7 +74,7 @@ class HealthReader:
                 try:
                     records = await consumer.getmany(POLL_MS, max_records=_MAX_RECORDS)
                 except BusError as exc:
-                    log.warning("health reader: fetch failed (%s); retrying", exc)
+                    log.warning("health reader: fetch failed (%s); retrying", exc, extra=OUTAGE)
                     self._streak = 0
                     with anyio.move_on_after(1.0):
                         await self._stop.wait()
@@ -117,29 +112,3 @@ class HealthReader:
     def status(self) -> list[HealthStatus]:
         """``HealthStatus`` of every enabled provider of the configuration, then of any other provider seen."""
         return self.board.status(list(self.config.enabled_providers()))
-
-
-def describe_control_event(event: ControlEvent) -> str:
-    """One line of text for a control event (``aipipe tail control``); JSON for the event types it does not know."""
-    at = event.at.isoformat(timespec="milliseconds").replace("+00:00", "Z") if event.at is not None else "-"
-    match event:
-        case CircuitTransition():
-            cool = f", cool-off {event.cool_off_s:g}s" if event.cool_off_s is not None else ""
-            return f"{at}  circuit  {event.provider}: {event.from_state} -> {event.to_state} ({event.reason}{cool})"
-        case CircuitSnapshot():
-            states = ", ".join(f"{p}={s}" for p, s in sorted(event.states.items())) or "(none)"
-            return f"{at}  circuits {states}"
-        case Health():
-            if event.ok:
-                outcome = "ok"
-            else:
-                code = f" {event.status_code}" if event.status_code is not None else ""
-                outcome = f"{event.error_type}{code}"
-            wait = f" retry-after {event.retry_after_s:g}s" if event.retry_after_s is not None else ""
-            origin = f" {event.request_id}" if event.request_id else ""
-            return (
-                f"{at}  health   {event.provider}/{event.model} {outcome}{wait} "
-                f"{event.latency_ms:.0f}ms ({event.source}{origin})"
-            )
-        case _:
-            return f"{at}  {msgspec.json.encode(event).decode()}"

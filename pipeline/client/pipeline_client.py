@@ -21,6 +21,7 @@ from pipeline.bus.protocol import Bus, BusError, Outgoing
 from pipeline.bus.topics import Topics
 from pipeline.errors import ProviderTimeoutError, ServiceUnavailableError
 from pipeline.runtime import telemetry
+from pipeline.runtime.logs import OUTAGE
 from pipeline.runtime.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
 from schemas import SCHEMA_VERSION
 from schemas.request import AIRequest
@@ -92,7 +93,7 @@ class PipelineClient:
                 try:
                     records = await consumer.getmany(100, max_records=1000)
                 except BusError as exc:
-                    log.warning("response reader: fetch failed (%s); retrying", exc)
+                    log.warning("response reader: fetch failed (%s); retrying", exc, extra=OUTAGE)
                     with anyio.move_on_after(1.0):
                         await self._stop.wait()
                     continue

@@ -242,12 +242,13 @@ def audit(
     bodies: dict[str, bytes] = {}
     reused: set[str] = set()
     for record in request_records:
-        rid = record.key.decode("utf-8", "replace") if record.key else None
-        if rid is None:
-            try:
-                rid = msgspec.json.decode(record.value, type=dict[str, Any]).get("id")
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                rid = None
+        # the value's own id (a record's key may be anything, e.g. a tenant); the key when the value has none
+        try:
+            rid = msgspec.json.decode(record.value, type=dict[str, Any]).get("id")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            rid = None
+        if not isinstance(rid, str) or not rid:
+            rid = record.key.decode("utf-8", "replace") if record.key else None
         if isinstance(rid, str) and rid:
             request_ids.add(rid)
             first_body = bodies.setdefault(rid, record.value)

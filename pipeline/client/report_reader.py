@@ -34,6 +34,7 @@ from pipeline.bus.protocol import Bus, BusError, Outgoing
 from pipeline.bus.topics import Topics
 from pipeline.client.cost_book import CostBook
 from pipeline.runtime.config import PROVIDER_NAMES
+from pipeline.runtime.logs import OUTAGE
 from pipeline.runtime.messages import CONTROL_DECODER, COST_DECODER
 from pipeline.runtime.runner import SCHEMA_HEADER, encode, now_utc, publish_with_retry
 from schemas import SCHEMA_VERSION
@@ -134,7 +135,7 @@ class ReportReader:
             try:
                 records = await consumer.getmany(POLL_MS, max_records=_MAX_RECORDS)
             except BusError as exc:
-                log.warning("report reader %s: fetch failed (%s); retrying", topic, exc)
+                log.warning("report reader %s: fetch failed (%s); retrying", topic, exc, extra=OUTAGE)
                 cursor.polls.clear()
                 await anyio.sleep(1.0)
                 continue

@@ -603,12 +603,16 @@ def load_config_file(path: Path, *, base: PipelineConfig | None = None) -> Pipel
     """Read and validate a TOML configuration file (``AIPIPE_CONFIG``).
 
     Raises:
-        ValueError: when the file is missing, not TOML, or a key is unknown or invalid.
+        ValueError: when the file is missing or unreadable, not TOML, or a key is unknown
+            or invalid; the message names the file.
     """
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ValueError(f"configuration file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot read the configuration file {path}: {reason}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from exc
     try:

@@ -17,6 +17,7 @@ import anyio
 import msgspec
 
 from pipeline.bus.protocol import Bus, BusError
+from pipeline.runtime.logs import OUTAGE
 
 log = logging.getLogger("aipipe.feed")
 
@@ -59,7 +60,7 @@ class BroadcastFeed:
                 try:
                     records = await consumer.getmany(200, max_records=1000)
                 except BusError as exc:
-                    log.warning("feed %s: fetch failed (%s); retrying", self.topic, exc)
+                    log.warning("feed %s: fetch failed (%s); retrying", self.topic, exc, extra=OUTAGE)
                     with anyio.move_on_after(1.0):
                         await self._stop.wait()
                     continue

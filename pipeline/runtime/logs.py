@@ -38,13 +38,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+#: ``extra=OUTAGE`` marks aipipe's own lines that repeat while a dependency is down (a broker, Redis):
+#: ``RepeatFilter`` lets one of each kind through per window.
+OUTAGE = {"outage": True}
+
+
 class RepeatFilter(logging.Filter):
-    """Let one line of a kind through per ``window_s`` (s) for the client libraries' loggers.
+    """Let one line of a kind through per ``window_s`` (s): the client libraries' and aipipe's outage lines.
 
     While a broker is down, aiokafka logs the same connection error many times
-    a second; this keeps the first line of each kind (logger and message
-    template) per window and counts the rest, reported on the next line let
-    through as ``(N similar lines suppressed)``.
+    a second and every reader and publisher of aipipe retries; this keeps the
+    first line of each kind (logger and message template) per window and
+    counts the rest, reported on the next line let through as ``(N similar
+    lines suppressed)``. aipipe's own lines take part when logged with
+    ``extra=OUTAGE``.
     """
 
     def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "kafka"), window_s: float = 30.0) -> None:
@@ -56,7 +63,7 @@ class RepeatFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is shown (the first of its kind in the window)."""
-        if not record.name.startswith(self.prefixes):
+        if not record.name.startswith(self.prefixes) and not getattr(record, "outage", False):
             return True
         kind = (record.name, str(record.msg))
         last = self._last.get(kind)

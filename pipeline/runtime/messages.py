@@ -37,5 +37,7 @@ def error_envelope(
 
 
 def to_record(record_topic: str, envelope: Envelope) -> Emit:
-    """The output sending ``envelope`` to the cost-recorder."""
+    """The output sending ``envelope`` to the cost-recorder, stamped with ``finished_at_ms`` (now, ms)."""
+    if envelope.finished_at_ms is None:
+        envelope.finished_at_ms = now_ms()
     return Emit(record_topic, envelope.id, envelope)

@@ -34,6 +34,7 @@ import msgspec
 
 from pipeline.bus.protocol import Bus, BusError, Consumer, Headers, Outgoing, PermanentBusError, Record, TopicPartition
 from pipeline.runtime import telemetry
+from pipeline.runtime.logs import OUTAGE
 from schemas import SCHEMA_VERSION, DeadLetter
 from schemas.response import ErrorInfo
 
@@ -87,6 +88,9 @@ class MessageContext:
         """The W3C ``traceparent`` header of the input, if any."""
         return self.record.header(TRACE_HEADER)
 
+
+#: How many abandoned request ids the shutdown line names.
+ABANDONED_IDS_SHOWN = 50
 
 #: The context given to ``Stage.reject`` for an answer the runner sends on its own (no input record at hand).
 _NO_CONTEXT = MessageContext(record=Record(topic="", partition=-1, offset=-1, key=None, value=b""), stage="")
@@ -188,6 +192,10 @@ class StageRunner:
         group: consumer group id (one per stage, e.g. ``aipipe.executor``).
         deadletter_topic: where undecodable values go.
         keyed_by_request_id: whether the input's key is a request id.
+        carries_request_key: which output topics take the input record's key bytes
+            verbatim (so a response is keyed exactly as its request was, whatever
+            the bytes); ``None``: none. Applies only when ``keyed_by_request_id``
+            and the input has a key; other outputs keep the stage's own key.
         max_in_flight: messages handled at once.
         commit_interval_s: how often offsets are committed (s).
         grace_s: time given to in-flight work on stop (s).
@@ -201,6 +209,7 @@ class StageRunner:
         group: str,
         deadletter_topic: str,
         keyed_by_request_id: bool = True,
+        carries_request_key: Callable[[str], bool] | None = None,
         max_in_flight: int = 256,
         commit_interval_s: float = 0.2,
         grace_s: float = 10.0,
@@ -211,11 +220,13 @@ class StageRunner:
         self.group = group
         self.deadletter_topic = deadletter_topic
         self.keyed_by_request_id = keyed_by_request_id
+        self.carries_request_key = carries_request_key
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
         self.grace_s = grace_s
         self.fetch_timeout_ms = fetch_timeout_ms
         self._trackers: dict[TopicPartition, _PartitionTracker] = {}
+        self._keys: dict[tuple[str, int, int], str | None] = {}  # in-flight messages -> their keys
         self._stopping = anyio.Event()
         self._idle = anyio.Event()
         self._in_flight = 0
@@ -307,7 +318,7 @@ class StageRunner:
                     try:
                         records = await consumer.getmany(self.fetch_timeout_ms, max_records=500)
                     except BusError as exc:
-                        log.warning("stage %s: fetch failed (%s); retrying", self.stage.name, exc)
+                        log.warning("stage %s: fetch failed (%s); retrying", self.stage.name, exc, extra=OUTAGE)
                         await self._sleep_or_stop(1.0)
                         continue
                     if records:
@@ -324,6 +335,8 @@ class StageRunner:
                 with anyio.move_on_after(self.grace_s):
                     while self._in_flight:
                         await self._idle.wait()
+                if self._in_flight:
+                    self._log_abandoned()
                 work.cancel_scope.cancel()
         finally:
             for task in tasks:
@@ -350,16 +363,36 @@ class StageRunner:
         with anyio.move_on_after(seconds):
             await self._stopping.wait()
 
+    def _log_abandoned(self) -> None:
+        """One line: the messages the drain window did not finish (left uncommitted for the next owner)."""
+        keys = [k or "-" for k in self._keys.values()]
+        shown = ", ".join(keys[:ABANDONED_IDS_SHOWN]) + (
+            f" (and {len(keys) - ABANDONED_IDS_SHOWN} more)" if len(keys) > ABANDONED_IDS_SHOWN else ""
+        )
+        log.warning(
+            "stage %s: drain window of %.0f s ended with %d message(s) in flight; abandoned and left uncommitted "
+            "(the next owner of their partitions takes them): %s",
+            self.stage.name,
+            self.grace_s,
+            len(keys),
+            shown,
+        )
+
     def _begin(self, record: Record) -> None:
         tracker = self._trackers.setdefault((record.topic, record.partition), _PartitionTracker())
         tracker.in_flight.add(record.offset)
+        self._keys[(record.topic, record.partition, record.offset)] = (
+            record.key.decode("utf-8", "replace") if record.key is not None else None
+        )
         self._in_flight += 1
         if self._idle.is_set():
             self._idle = anyio.Event()
 
-    def _finish(self, record: Record) -> None:
+    def _finish(self, record: Record, *, done: bool = True) -> None:
+        """A message is no longer being handled: ``done`` (committable), or abandoned (its offset stays held)."""
+        self._keys.pop((record.topic, record.partition, record.offset), None)
         tracker = self._trackers.get((record.topic, record.partition))
-        if tracker is not None:  # None: the partition was revoked while this message ran
+        if tracker is not None and done:  # None: the partition was revoked while this message ran
             tracker.in_flight.discard(record.offset)
             tracker.highest_done = max(tracker.highest_done, record.offset)
         self._in_flight -= 1
@@ -423,7 +456,7 @@ class StageRunner:
         try:
             await consumer.commit(offsets)
         except BusError as exc:
-            log.info("stage %s: commit dropped (%s)", self.stage.name, exc)
+            log.info("stage %s: commit dropped (%s)", self.stage.name, exc, extra=OUTAGE)
             return
         for tp, off in offsets.items():
             self._trackers[tp].committed = off
@@ -436,17 +469,26 @@ class StageRunner:
         else:  # no spans: pass the input's traceparent on, or start a trace for a message that has none
             trace = record.header(TRACE_HEADER) or telemetry.new_traceparent()
 
+        source_key = record.key if self.keyed_by_request_id and self.carries_request_key is not None else None
+
         async def publish_now(output: Emit) -> None:
-            await self._publish_all([output], trace)
+            await self._publish_all([output], trace, source_key)
 
         ctx = MessageContext(record=record, stage=self.stage.name, publish=publish_now)
+        done = False
         try:
             outputs = await self._decide(record, ctx)
-            await self._publish_all(outputs, trace)
+            await self._publish_all(outputs, trace, source_key)
+            done = True
+        except asyncio.CancelledError:
+            raise  # abandoned (shutdown): not done, so its offset is never committed
+        except BaseException:
+            done = True  # a bug: logged by the task's callback; never retried for ever
+            raise
         finally:
             if span is not None:
                 tel.end_stage_span(span, token)
-            self._finish(record)
+            self._finish(record, done=done)
             limiter.release()
 
     async def _decide(self, record: Record, ctx: MessageContext) -> list[Emit]:
@@ -462,7 +504,8 @@ class StageRunner:
         except Exception as exc:
             log.exception("stage %s failed on %s@%s/%s", self.stage.name, record.topic, record.partition, record.offset)
             telemetry.Telemetry.mark_error(type(exc).__name__)
-            request_id = key if self.keyed_by_request_id else None
+            value_id = getattr(value, "id", None)
+            request_id = (value_id if isinstance(value_id, str) else key) if self.keyed_by_request_id else None
             if request_id is None:
                 return []
             error = ErrorInfo(type="server_error", message=f"stage {self.stage.name} failed: {type(exc).__name__}")
@@ -490,7 +533,9 @@ class StageRunner:
             max_message_bytes(self.bus),
         )
         outputs = [Emit(self.deadletter_topic, key, letter)]
-        request_id = (key or exc.request_id) if self.keyed_by_request_id else None
+        # The value's own id when it can be read, else the record's key (DESIGN A4); the answer is keyed
+        # with the record's key bytes either way (``carries_request_key``).
+        request_id = (exc.request_id or key) if self.keyed_by_request_id else None
         if request_id:
             error = ErrorInfo(type="invalid_request", message=f"invalid request: {exc.reason}")
             outputs.extend(self.stage.reject(request_id, error, ctx))
@@ -503,7 +548,9 @@ class StageRunner:
         """
         await self._publish_all([output], telemetry.new_traceparent(sampled=False))
 
-    async def _publish_all(self, outputs: Sequence[Emit], traceparent: bytes | None) -> None:
+    async def _publish_all(
+        self, outputs: Sequence[Emit], traceparent: bytes | None, source_key: bytes | None = None
+    ) -> None:
         if not outputs:
             return
         headers = _HEADERS if traceparent is None else (*_HEADERS, (TRACE_HEADER, traceparent))
@@ -511,7 +558,7 @@ class StageRunner:
             Outgoing(
                 topic=o.topic,
                 value=_ENCODER.encode(o.value),
-                key=o.key.encode("utf-8") if o.key is not None else None,
+                key=self._output_key(o, source_key),
                 headers=headers,
             )
             for o in outputs
@@ -523,6 +570,12 @@ class StageRunner:
         for message, failure in zip(messages, results, strict=True):
             if failure is not None:
                 await self._unpublishable(message, failure, headers)
+
+    def _output_key(self, output: Emit, source_key: bytes | None) -> bytes | None:
+        """The key bytes of ``output``: the input's own bytes on topics about the request, else the stage's key."""
+        if source_key is not None and self.carries_request_key is not None and self.carries_request_key(output.topic):
+            return source_key
+        return output.key.encode("utf-8") if output.key is not None else None
 
     async def _unpublishable(self, message: Outgoing, failure: BaseException, headers: Headers) -> None:
         """An output that can never be published: dead-letter it (payload truncated) and answer its request.
@@ -646,6 +699,7 @@ async def publish_with_retry(bus: Bus, message: Outgoing, *, max_delay_s: float 
                 exc,
                 delay,
                 time.monotonic() - started,
+                extra=OUTAGE,
             )
             await anyio.sleep(delay)
             delay = min(delay * 2, max_delay_s)

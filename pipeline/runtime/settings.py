@@ -73,6 +73,14 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+#: Default window of stream time a de-duplicating stage remembers an id (s); ``AIPIPE_DEDUP_WINDOW_S``.
+#: Redelivery reaches back over the messages in flight when a replica stopped: with the defaults
+#: about 20 s of stream time (a 6 s session timeout, a rebalance, a drain of at most 10 s).
+DEFAULT_DEDUP_WINDOW_S = 60.0
+#: Default most ids one de-duplication memory holds; ``AIPIPE_DEDUP_MAX_IDS`` (about 120 bytes each).
+DEFAULT_DEDUP_MAX_IDS = 100_000
+
+
 def _int_env(env: Mapping[str, str], name: str, default: int | None) -> int | None:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -81,6 +89,26 @@ def _int_env(env: Mapping[str, str], name: str, default: int | None) -> int | No
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number > 0, got {raw!r}") from exc
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a number > 0, got {raw!r}")
+    return value
+
+
+def _at_least(env: Mapping[str, str], name: str, lowest: int, default: int) -> int:
+    value = _int_env(env, name, default)
+    if value is None or value < lowest:
+        raise ValueError(f"{name} must be an integer >= {lowest}, got {env.get(name)!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +129,11 @@ class Settings:
     means the runtime file or the embedded broker (DESIGN A6). ``redis_url``:
     ``None`` keeps state in-process. ``emulate``: point every provider at the
     emulator (``emulator_url`` when set, else one started in-process).
-    ``max_in_flight``: messages one stage handles at once.
+    ``max_in_flight``: messages one stage handles at once. ``drain_grace_s``: how long a
+    stopping process lets in-flight work finish (s, ``AIPIPE_DRAIN_GRACE_S``) before it
+    abandons the rest, uncommitted. ``dedup_window_s`` and ``dedup_max_ids``: the memory
+    of ids the cost-recorder and the budget ledger de-duplicate with
+    (``stages.rules.recent_ids``; ``AIPIPE_DEDUP_WINDOW_S``, ``AIPIPE_DEDUP_MAX_IDS``).
     """
 
     env_name: str = "development"
@@ -120,6 +152,9 @@ class Settings:
     log_level: str = "INFO"
     max_in_flight: int = 512
     response_timeout_slack_ms: int = 5_000
+    drain_grace_s: float = 30.0
+    dedup_window_s: float = DEFAULT_DEDUP_WINDOW_S
+    dedup_max_ids: int = DEFAULT_DEDUP_MAX_IDS
     env_vars: EnvVars = field(default_factory=lambda: EnvVars({}), repr=False, compare=False)
 
     @property
@@ -198,5 +233,8 @@ class Settings:
             api_keys_path=Path(e["AIPIPE_API_KEYS"]).expanduser() if e.get("AIPIPE_API_KEYS") else None,
             log_level=(e.get("LOG_LEVEL") or "INFO").upper(),
             max_in_flight=max_in_flight,
+            drain_grace_s=float(_int_env(e, "AIPIPE_DRAIN_GRACE_S", 30) or 0),
+            dedup_window_s=_positive(e, "AIPIPE_DEDUP_WINDOW_S", DEFAULT_DEDUP_WINDOW_S),
+            dedup_max_ids=_at_least(e, "AIPIPE_DEDUP_MAX_IDS", 2, DEFAULT_DEDUP_MAX_IDS),
             env_vars=EnvVars(e),
         )

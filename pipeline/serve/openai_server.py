@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from pipeline.client.manager import AIProviderManager, create_ai_provider_manage
 from pipeline.errors import ProviderTimeoutError
 from pipeline.runtime.asgi import InLoopServer, bind_tcp
 from pipeline.runtime.settings import Settings
+from pipeline.runtime.signals import drain_on_signal
 from pipeline.serve.endpoint import ServeState, create_app
 from pipeline.serve.keys import ApiKeys, ServeConfigError, api_keys_for
 from schemas.request import AIRequest
@@ -208,10 +208,11 @@ async def run_server(env: Mapping[str, str], *, host: str = DEFAULT_HOST, port: 
     api_keys_for(settings)  # fail before starting anything
     kind = await serve_bus_kind(settings, env)
     manager = create_ai_provider_manager(settings.env_name, env, bus=kind)
-    async with manager, OpenAIServer(manager, host=host, port=port) as server:
-        where = f"broker {manager.bootstrap}" if manager.pipeline is None else "in-process stages"
-        print(f"aipipe serve: {server.base_url} ({where}; Ctrl-C to stop)", file=sys.stderr, flush=True)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for sig in signals:
-                log.info("received %s: finishing in-flight calls", signal.Signals(sig).name)
-                break
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as signals:  # watching until the server and manager have closed
+        signals.start_soon(drain_on_signal, stopping.set, "in-flight calls")
+        async with manager, OpenAIServer(manager, host=host, port=port) as server:
+            where = f"broker {manager.bootstrap}" if manager.pipeline is None else "in-process stages"
+            print(f"aipipe serve: {server.base_url} ({where}; Ctrl-C to stop)", file=sys.stderr, flush=True)
+            await stopping.wait()
+        signals.cancel_scope.cancel()

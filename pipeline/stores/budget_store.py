@@ -164,6 +164,7 @@ class MemoryBudgetStore:
         """See ``BudgetStore.expire``; also forgets old windows and settled ids."""
         gone = self.ledger.expire(at)
         self.ledger.prune(at)
+        self._alerts = {k for k in self._alerts if k.current(at, self.ledger.tz)}
         return {scope for r in gone for scope in r.scopes}
 
     async def claim_alert(self, key: AlertKey) -> bool:

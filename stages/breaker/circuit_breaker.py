@@ -202,6 +202,7 @@ class CircuitBreaker:
             return None
         failed = obs.counted_failure
         self._window.append((obs.at_s, failed))
+        self._prune(now_s)  # on every outcome, so a long run of successes keeps only the window's
         if not failed:
             self.consecutive_failures = 0
             return None

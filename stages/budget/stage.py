@@ -356,6 +356,7 @@ class BudgetGateStage:
                 mono = time.monotonic()
                 if mono >= next_expire:
                     self._dirty.update(await self.store.expire(now))
+                    self._alerted = {k for k in self._alerted if k.current(now, self.ledger.tz)}
                     next_expire = mono + 1.0
                 if not self.ready.is_set():
                     if not replayed:

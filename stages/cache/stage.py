@@ -122,12 +122,6 @@ class CacheLookupStage:
     async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
         """Hit: a cached outcome to the recorder; miss: the envelope (with its ``cache_key``) to the budget gate."""
         request: AIRequest = value
-        record_key = ctx.record.key
-        if record_key is not None and record_key.decode("utf-8", "replace") != request.id:
-            raise InvalidInput(
-                f"the record key {record_key.decode('utf-8', 'replace')!r} is not the request id {request.id!r}: "
-                "publish requests keyed by their id"
-            )
         received = now_ms()
         envelope = Envelope(
             id=request.id,

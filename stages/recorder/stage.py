@@ -9,19 +9,32 @@ reservation of an outcome without cost (``reservation_release`` on
 (then ends the request's coalescing claim, so identical requests waiting in
 the cache stage are answered from it or go on), and publishes the final
 ``AIResponse`` to ``ai.responses``. A redelivered record gets the very same
-response again and no second cost event.
+response again (it is built from the record alone: the latency is the
+envelope's ``finished_at_ms - received_at_ms``) and no second cost event; a
+request executed twice (an executor that died after publishing its outcome but
+before committing) is answered with the response already sent.
+
+Memory: two ``stages.rules.recent_ids.RecentIds`` (``AIPIPE_DEDUP_WINDOW_S`` of
+stream time, at most ``AIPIPE_DEDUP_MAX_IDS`` each): the responses this replica
+sent (their JSON), and the ids with a cost event, fed by this recorder's own
+writes and by its read-back of ``ai.costs`` (also after a restart, before it
+writes any cost). A record can only come
+back while its offset is uncommitted, i.e. among the records in flight when
+a replica stopped: their cost events lie seconds apart in stream time
+however late the restart. A record redelivered later than the window gets a
+second cost event with the same id; readers of the whole topic (``aipipe
+costs``, ``audit``) count an id once, and a budget gate that has forgotten
+the id counts it twice, which refuses early rather than overspends.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from decimal import Decimal
 from typing import Any
 
 import anyio
 import msgspec
-from cachetools import LRUCache
 
 from pipeline.bus.topics import Topics
 from pipeline.runtime import telemetry
@@ -34,17 +47,25 @@ from schemas.envelope import Envelope, Outcome
 from schemas.events import CostEvent, ReservationRelease
 from schemas.response import AIResponse, ErrorInfo
 from stages.rules.pricing import PriceTable, round_usd
+from stages.rules.recent_ids import RecentIds
 
 log = logging.getLogger("aipipe.recorder")
 
 _RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
 
-#: How long (s) the recorder remembers a finalized id, to answer redeliveries identically.
-FINALIZED_TTL_S = 3600
-
 
 class RecorderStage:
-    """Prices, records and answers each outcome exactly once per request id."""
+    """Prices, records and answers each outcome exactly once per request id.
+
+    Args:
+        topics: topic names.
+        config: the pipeline configuration (a deployment's ``cost_per_token`` fallback).
+        prices: the price table (USD per million tokens).
+        cache: the response cache to store answers in (``None``: none).
+        costed: the memory of ids with a cost event (default: ``RecentIds()`` with
+            the default window and count).
+        answered: the memory of responses sent, by id (same default).
+    """
 
     name = "recorder"
 
@@ -55,38 +76,25 @@ class RecorderStage:
         prices: PriceTable,
         cache: CacheStore | None,
         *,
-        finalized_max: int = 200_000,
+        costed: RecentIds | None = None,
+        answered: RecentIds | None = None,
     ) -> None:
         self.topics = topics
         self.config = config
         self.prices = prices
         self.cache = cache
         self.input_topic = topics.stage_record
-        # id -> (expiry on the monotonic clock, s; the response as JSON). Bytes in an LRU map rather
-        # than response structs in a TTLCache: 200,000 of those (structs, their lists, the cache's
-        # linked entries) were all tracked by the garbage collector, whose full passes then paused
-        # the process for 100+ ms and cut in-process throughput by a quarter after ~40,000 requests
-        # (``aipipe bench``); bytes, floats and their tuples are not tracked.
-        self._finalized: LRUCache[str, tuple[float, bytes]] = LRUCache(maxsize=finalized_max)
         # Ids with a CostEvent on ai.costs (written here or read back from the topic, also after a restart).
-        self._costed: LRUCache[str, bool] = LRUCache(maxsize=finalized_max)
+        self._costed = costed if costed is not None else RecentIds()
+        # Ids answered by this replica -> the response sent (JSON), so a request executed twice (an
+        # executor that died after its outcome was published but before its offset was committed)
+        # is answered with the first response again.
+        self._answered = answered if answered is not None else RecentIds()
         self._synced: list[anyio.Event] = []
 
     def on_cost(self, event: CostEvent) -> None:
         """Remember that ``event.id`` has its ``CostEvent`` (fed from ``ai.costs``), so none is written again."""
-        self._costed[event.id] = True
-
-    def _finalized_response(self, request_id: str) -> AIResponse | None:
-        """The response already published for ``request_id`` within ``FINALIZED_TTL_S``, if any."""
-        entry = self._finalized.get(request_id)
-        if entry is None:
-            return None
-        expires_at, raw = entry
-        if expires_at < time.monotonic():
-            del self._finalized[request_id]
-            return None
-        response: AIResponse = _RESPONSE_DECODER.decode(raw)
-        return response
+        self._costed.add(event.id, event.at.timestamp())
 
     def follow(self, *caught_up: anyio.Event) -> None:
         """Write no cost event before these are set (the ``ai.costs`` feed replayed what was written before)."""
@@ -117,9 +125,9 @@ class RecorderStage:
     async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
         """Finalize one outcome: response, cost event, cache write, reservation release."""
         envelope: Envelope = value
-        previous = self._finalized_response(envelope.id)
-        if previous is not None:
-            return [Emit(self.topics.responses, envelope.id, previous)]
+        sent = self._answered.get(envelope.id)
+        if sent is not None:
+            return [Emit(self.topics.responses, envelope.id, _RESPONSE_DECODER.decode(sent))]
         for synced in self._synced:
             if synced.is_set():  # the usual case: no cancel scope, no checkpoint per message
                 continue
@@ -128,7 +136,8 @@ class RecorderStage:
         outcome = envelope.outcome or Outcome(
             status="error", error=ErrorInfo(type="server_error", message="no outcome reached the recorder")
         )
-        latency_ms = float(max(now_ms() - envelope.received_at_ms, 0))
+        finished = envelope.finished_at_ms if envelope.finished_at_ms is not None else now_ms()
+        latency_ms = float(max(finished - envelope.received_at_ms, 0))
         user = envelope.request.user if envelope.request else None
         outputs: list[Emit] = []
         cost_usd = Decimal(0)
@@ -166,7 +175,7 @@ class RecorderStage:
                 )
                 await self._store(envelope, outcome, priced)
             if envelope.id not in self._costed:  # one CostEvent per id, also for a redelivered record
-                self._costed[envelope.id] = True
+                self._costed.add(envelope.id, event.at.timestamp())
                 outputs.append(Emit(self.topics.costs, envelope.id, event))
         elif envelope.reserved_usd > 0:
             release = ReservationRelease(
@@ -201,7 +210,7 @@ class RecorderStage:
             usage=outcome.usage,
             cost_usd=cost_usd,
         )
-        self._finalized[envelope.id] = (time.monotonic() + FINALIZED_TTL_S, encode(response))
+        self._answered.add(envelope.id, finished / 1000, encode(response))
         outputs.append(Emit(self.topics.responses, envelope.id, response))
         return outputs
 

@@ -9,6 +9,15 @@ until its ``CostEvent`` settles it or it is released or expires.
 Spend is kept per (scope, window, window start), so a new window starts at
 zero without a reset job, and spend replayed from ``ai.costs`` lands in the
 window of the event's own time (``at``), never in the window of the replay.
+
+Settled request ids are remembered in a ``stages.rules.recent_ids.RecentIds``
+(a window of stream time and a count, both configured), so the ledger's memory
+does not grow with traffic. A cost event for an id settled longer ago than that
+counts again: spend is over-counted, never under-counted, so a budget then
+refuses early rather than lets spend pass its limit; and the cost-recorder
+writes one cost event per id within the same window (its read-back of
+``ai.costs``), so such a repeat needs a record redelivered later than any
+redelivery reaches.
 """
 
 from __future__ import annotations
@@ -23,14 +32,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from msgspec import UNSET
 
 from schemas.events import SetBudget
+from stages.rules.recent_ids import RecentIds
 
 WINDOWS: tuple[str, ...] = ("daily", "weekly", "monthly")
 #: Percentages of a window's limit whose first crossing raises a ``budget_alert`` (percent).
 ALERT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
-#: How long a settled request id is remembered (so a replayed or redelivered cost counts once).
-#: Longer than the longest window (a month), so a replay of ``ai.costs`` never double-counts.
 log = logging.getLogger("aipipe.budget")
 
+#: How long Redis keeps a settled request id (``settled:<id>``, a key with this TTL): longer than
+#: the longest window (a month), because every gate that starts replays ``ai.costs`` into the
+#: shared state and must find each id already there. About 60 bytes of Redis memory per request.
 SETTLED_RETENTION = timedelta(days=40)
 ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
@@ -199,6 +210,10 @@ class AlertKey:
     window_start: datetime
     threshold_pct: int
 
+    def current(self, now: datetime, tz: ZoneInfo) -> bool:
+        """Whether the alert's window has not ended at ``now`` (an ended one can never alert again)."""
+        return window_end(self.window, self.window_start, tz) > now
+
 
 def crossed_thresholds(state: WindowState, thresholds: tuple[int, ...] = ALERT_THRESHOLDS) -> list[int]:
     """The thresholds (percent) that ``state``'s spend has reached; empty when the window is unlimited.
@@ -225,7 +240,7 @@ class BudgetLedger:
     limit_at: dict[tuple[str, str], datetime] = field(default_factory=dict)
     spend: dict[tuple[str, str, datetime], Decimal] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
-    settled: dict[str, datetime] = field(default_factory=dict)
+    settled: RecentIds = field(default_factory=RecentIds)
 
     def set_limits(self, scope: str, limits: Limits) -> None:
         """Set ``scope``'s limits (replacing the previous ones)."""
@@ -327,16 +342,13 @@ class BudgetLedger:
         """Record a request's real cost on ``scopes`` at time ``at`` and drop its reservation.
 
         With ``now``, windows that ended before ``now`` are skipped (a replay of
-        old events adds nothing that can matter), and so are events older than
-        ``SETTLED_RETENTION``. Returns ``False`` (and changes nothing) when that
-        id was already settled or the event is too old.
+        old events adds nothing that can matter). Returns ``False`` (and changes
+        nothing) when that id was settled within the memory of ``settled``.
         """
         if request_id in self.settled:
             return False
         self.reservations.pop(request_id, None)
-        if now is not None and at < now - SETTLED_RETENTION:
-            return False
-        self.settled[request_id] = at
+        self.settled.add(request_id, at.timestamp())
         for scope in scopes:
             for window in WINDOWS:
                 start = window_start(window, at, self.tz)
@@ -351,17 +363,13 @@ class BudgetLedger:
         return self.reservations.pop(request_id, None) is not None
 
     def prune(self, now: datetime) -> int:
-        """Forget windows that ended before ``now`` and settled ids older than ``SETTLED_RETENTION``.
+        """Forget the spend of windows that ended before ``now`` (settled ids expire by themselves).
 
         Returns how many entries were dropped; keeps memory bounded in a long-running gate.
         """
         dropped = 0
         for key in [k for k in self.spend if window_end(k[1], k[2], self.tz) <= now]:
             del self.spend[key]
-            dropped += 1
-        horizon = now - SETTLED_RETENTION
-        for rid in [r for r, at in self.settled.items() if at < horizon]:
-            del self.settled[rid]
             dropped += 1
         return dropped
 

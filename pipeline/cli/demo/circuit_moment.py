@@ -66,7 +66,7 @@ class CircuitMoment:
         return (
             tripped.status == "ok"
             and skipped.status == "ok"
-            and self.provider not in {a.provider for a in skipped.attempts}
+            and self.provider not in {a.provider for a in skipped.attempts if a.outcome != "skipped"}
             and back.provider == self.provider
         )
 

@@ -56,32 +56,68 @@ log = logging.getLogger("aipipe.demo")
 DEMO_RATE_LIMITED_CALLS = 3
 
 
-def _attempts_text(response: AIResponse) -> str:
+def _attempts_text(response: AIResponse, *, short: bool = False) -> str:
+    """The attempts chain: ``openai:ok``, ``anthropic:server_error(529)``, ``cloudflare:skipped(...)``."""
     if not response.attempts:
         return "-"
     parts = []
     for a in response.attempts:
-        result = "ok" if a.outcome == "ok" else f"{a.error_type}({a.status_code or '-'})"
+        if a.outcome == "ok":
+            result = "ok"
+        elif a.outcome == "skipped":
+            result = "skip" if short else f"skipped({a.error_type})"
+        else:
+            result = f"{a.status_code or a.error_type}" if short else f"{a.error_type}({a.status_code or '-'})"
         parts.append(f"{a.provider}:{result}")
-    return " → ".join(parts)
+    return (">" if short else " → ").join(parts)
 
 
-def _table(rows: list[tuple[str, AIRequest, AIResponse]]) -> Table:
-    table = Table(title="aipipe demo: responses", show_lines=False)
-    for col in ("id", "phase", "model", "provider", "cached", "cost (USD)", "latency", "status", "attempts"):
+#: Below this terminal width the table drops the phase and latency columns and shortens the attempts.
+WIDE_COLUMNS = 120
+
+
+def _table(rows: list[tuple[str, AIRequest, AIResponse]], width: int = WIDE_COLUMNS) -> Table:
+    """The results table; on a terminal narrower than ``WIDE_COLUMNS`` it keeps to the essentials (80 fit)."""
+    wide = width >= WIDE_COLUMNS
+    table = Table(title="aipipe demo: responses", show_lines=False, pad_edge=wide, collapse_padding=not wide)
+    columns: tuple[str, ...] = (
+        "id",
+        "phase",
+        "model",
+        "provider",
+        "cached",
+        "cost (USD)",
+        "latency",
+        "status",
+        "attempts",
+    )
+    if not wide:
+        columns = ("id", "provider", "cost $", "status", "attempts")
+    for col in columns:
         table.add_column(col, overflow="fold")
     for phase, req, resp in rows:
-        table.add_row(
-            resp.id,
-            phase,
-            req.model,
-            resp.provider or "-",
-            "yes" if resp.cached else "",
-            f"{resp.cost_usd:.8f}",
-            f"{resp.latency_ms:.0f} ms",
-            resp.status if resp.status == "ok" else f"error: {resp.error.type if resp.error else '?'}",
-            _attempts_text(resp),
-        )
+        status = resp.status if resp.status == "ok" else f"error: {resp.error.type if resp.error else '?'}"
+        if wide:
+            table.add_row(
+                resp.id,
+                phase,
+                req.model,
+                resp.provider or "-",
+                "yes" if resp.cached else "",
+                f"{resp.cost_usd:.8f}",
+                f"{resp.latency_ms:.0f} ms",
+                status,
+                _attempts_text(resp),
+            )
+        else:
+            cost = "cached" if resp.cached else f"{resp.cost_usd:.6f}"
+            table.add_row(
+                resp.id.removeprefix("demo-"),
+                resp.provider or "-",
+                cost,
+                "ok" if resp.status == "ok" else status.removeprefix("error: "),
+                _attempts_text(resp, short=True),
+            )
     return table
 
 
@@ -98,13 +134,13 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
     Raises:
         BusError: when the embedded broker cannot start.
     """
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
     env = dict(os.environ if env is None else env)
     env["AIPIPE_EMULATE"] = "1"
     env.pop("AIPIPE_KAFKA_BOOTSTRAP", None)
     settings = Settings.from_env(env, env_name="production")
     config = config_from_mapping(DEMO_CIRCUIT_CONFIG, base=preset("production"))  # small breaker settings
-    prompts = spread_by_category(load_prompts("mt_bench"), max(count, 3))
+    prompts = spread_by_category(load_prompts("mt_bench"), max(count, 6))
     started = time.perf_counter()
     rows: list[tuple[str, AIRequest, AIResponse]] = []
     async with (
@@ -127,7 +163,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
                 status.update(f"{len(rows)} responses so far ({phase})")
 
             models = ["gpt-3.5-turbo", "chat-small", "chat-large"]
-            first = [
+            pool = [  # the first `count` are sent first; the moments below use up to 6
                 AIRequest(
                     id=f"demo-{i + 1:02d}",
                     model=models[i % len(models)],
@@ -136,8 +172,9 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
                     temperature=0.7,
                     user=f"user-{i % 3}",
                 )
-                for i, p in enumerate(prompts[:count])
+                for i, p in enumerate(prompts[: max(count, 6)])
             ]
+            first = pool[:count]
             console.print(f"sending {len(first)} requests (MT-Bench questions) ...")
             async with anyio.create_task_group() as batch:
                 for request in first:
@@ -155,15 +192,15 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
                 return response
 
             console.print("circuit breaker: anthropic answers 529 twice; its circuit opens, is skipped, closes ...")
-            moment = await circuit_moment(pipeline, emulator, ask_one, first)
+            moment = await circuit_moment(pipeline, emulator, ask_one, pool)
             event = await publish_strategy(opened.bus, settings.topics, StrategySpec("round_robin"))
             await wait_applied(pipeline.strategy, event)
-            switched = [msgspec.structs.replace(r, id=f"{r.id}-rr", cache=CacheOptions(bypass=True)) for r in first[:6]]
+            switched = [msgspec.structs.replace(r, id=f"{r.id}-rr", cache=CacheOptions(bypass=True)) for r in pool[:6]]
             console.print(f"switching to round_robin (set_strategy on ai.control); sending {len(switched)} ...")
             for request in switched:  # one at a time, so the table shows the rotation in order
                 await ask("round_robin", request)
             console.print("budget: a user's daily budget fits 1.5 requests; 3 sent at once ...")
-            budget = await budget_moment(opened.bus, settings.topics, pipeline, ask_one, first)
+            budget = await budget_moment(opened.bus, settings.topics, pipeline, ask_one, pool)
             client.stop()
     phase_order = {"first": 0, "repeat": 1, "circuit": 2, "round_robin": 3, "budget": 4}
     rows.sort(key=lambda r: (phase_order.get(r[0], 9), r[2].id))
@@ -171,7 +208,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
         for _, _, resp in rows:
             print(msgspec.json.encode(resp).decode())
     else:
-        console.print(_table(rows))
+        console.print(_table(rows, console.width))
     ok = [r for _, _, r in rows if r.status == "ok"]
     hits = [r for r in ok if r.cached]
     fallbacks = [r for r in ok if len({a.provider for a in r.attempts}) > 1]

@@ -95,6 +95,13 @@ def test_old_outcomes_leave_the_window() -> None:
     assert cb.error_rate(100) == (0.0, 0)
 
 
+def test_a_long_run_of_successes_keeps_only_the_windows_outcomes() -> None:
+    cb = CircuitBreaker("p", POLICY)
+    for i in range(100_000):  # 100,000 successes, 100 a second: the 60 s window holds 6,000
+        cb.observe(ok(i / 100), i / 100)
+    assert len(cb._window) <= 6_001
+
+
 def test_stale_and_pre_transition_outcomes_are_ignored() -> None:
     cb = CircuitBreaker("p", POLICY)
     for i in range(5):
