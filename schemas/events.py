@@ -191,7 +191,8 @@ class DeadLetter(Struct, kw_only=True):
     ``raw`` is base64 in JSON; when the whole value would not fit one message
     it is cut (``truncated``), and ``raw_size`` (bytes) and ``raw_sha256``
     (hex) describe the whole original. ``partition`` and ``offset`` are -1 for
-    an output that was never published.
+    an output that was never published. ``key`` is the record's key as text;
+    when those bytes are not UTF-8, ``raw_key`` holds them exactly (base64 in JSON).
     """
 
     source_topic: str
@@ -205,3 +206,4 @@ class DeadLetter(Struct, kw_only=True):
     raw_sha256: str | None = None
     truncated: bool = False
     at: datetime
+    raw_key: bytes | None = None

@@ -224,7 +224,7 @@ class Pipeline:
                     keyed_by_request_id=t.keyed_by_request_id(stage.input_topic),
                     carries_request_key=t.carries_request_key,
                     max_in_flight=self.settings.max_in_flight,
-                    grace_s=min(10.0, self.settings.drain_grace_s),
+                    grace_s=self.settings.drain_grace_s,
                 )
             )
             bind_runner = getattr(stage, "bind_runner", None)
@@ -311,6 +311,14 @@ class Pipeline:
         self._background.cancel()
 
     async def _drain(self) -> None:
+        """Stop the stages in pipeline order within ``drain_grace_s`` in all; then abandon what is left.
+
+        Each stage of the request path stops once the stages before it have
+        stopped and its own work is done (nothing fetched for ``DRAIN_QUIET_S``,
+        nothing in flight), so an answer being computed still reaches the
+        recorder. When the window ends, every stage still running gives up its
+        in-flight messages at once (one log line each, offsets uncommitted).
+        """
         chain = [r for r in self.runners if r.stage.name in PIPELINE_STAGES]
         others = [r for r in self.runners if r not in chain]
         for runner in others:
@@ -322,6 +330,9 @@ class Pipeline:
                         await anyio.sleep(0.05)
                 runner.stop()
                 await runner.finished.wait()
+        for runner in self.runners:
+            if not runner.finished.is_set():
+                runner.abandon(self.drain_grace_s)
         self._stop_all()
 
     async def wait_stopped(self) -> None:

@@ -21,6 +21,7 @@ from pipeline.emulator import EmulatorServer
 from pipeline.runtime.config import PipelineConfig, load_config_file, preset
 from pipeline.runtime.endpoints import Resolved, resolve_endpoints
 from pipeline.runtime.settings import Settings
+from pipeline.runtime.signals import at_hard_exit
 
 log = logging.getLogger("aipipe.runtime")
 
@@ -67,6 +68,7 @@ async def open_bus(
             lookup_env.pop("AIPIPE_KAFKA_BOOTSTRAP", None)
         handle = await resolve_broker(lookup_env, start_if_missing=start_broker, force_new=force_new_broker)
         stack.push_async_callback(handle.close)
+        stack.callback(at_hard_exit(handle.forget_now))
         kafka = KafkaBus(handle.bootstrap, KafkaSettings.from_env(env))
         await kafka.start()
         stack.push_async_callback(kafka.stop)

@@ -187,6 +187,14 @@ class BrokerHandle:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def forget_now(self) -> None:
+        """At a hard exit (a second Ctrl-C): remove the runtime file naming a broker this process started.
+
+        Synchronous and quick; the broker child dies with this process (``PR_SET_PDEATHSIG``).
+        """
+        if self.owned is not None and self._runtime_file_written:
+            remove_runtime_file(self._env, self.bootstrap)
+
     async def close(self) -> None:
         """Stop the broker if this process started it and remove the runtime file naming it; idempotent."""
         owned, self.owned = self.owned, None

@@ -127,8 +127,25 @@ def _control(record: Record) -> str:
         return f"{_at(record)}  unreadable {_clip(record.value.decode('utf-8', 'replace'))}"
 
 
+def printable(text: str) -> str:
+    r"""``text`` with every control or format character written as an escape (``\n``, ``\x1b``).
+
+    A value's fields may hold newlines or terminal escape sequences (a request's
+    ``user``, ``model`` or ``id``): printed raw they would split a line or move
+    the operator's cursor and clear the screen.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def formatter(topics: Topics, topic: str) -> Callable[[Record], str]:
-    """The line maker for records of ``topic`` (any topic of ``topics``)."""
+    """The line maker for records of ``topic`` (any topic of ``topics``): one printable line per record."""
+    line = _formatter(topics, topic)
+    return lambda record: printable(line(record))
+
+
+def _formatter(topics: Topics, topic: str) -> Callable[[Record], str]:
     if topic == topics.requests:
         return _format(REQUEST_DECODER.decode, _request)
     if topic == topics.responses:

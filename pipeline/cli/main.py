@@ -215,6 +215,11 @@ async def _replay(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     if prices is not None and topic != settings.topics.costs:
         raise CliError("--reprice applies to the costs topic only")
+    if args.out:  # before reading everything: a file that cannot be written is named at once
+        try:
+            await anyio.Path(args.out).write_bytes(b"")
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from exc
     console = Console(stderr=True)
     with console.status(f"reading {topic} ...") as status:
         seen = 0

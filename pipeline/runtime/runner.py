@@ -224,6 +224,8 @@ class StageRunner:
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
         self.grace_s = grace_s
+        self._window_s: float | None = None  # the drain window named by the abandon line
+        self._grace_scope: anyio.CancelScope | None = None
         self.fetch_timeout_ms = fetch_timeout_ms
         self._trackers: dict[TopicPartition, _PartitionTracker] = {}
         self._keys: dict[tuple[str, int, int], str | None] = {}  # in-flight messages -> their keys
@@ -239,8 +241,21 @@ class StageRunner:
         self.messaging_system: str = getattr(bus, "messaging_system", "kafka")
 
     def stop(self) -> None:
-        """Ask the runner to stop fetching and wind down."""
+        """Ask the runner to stop fetching and wind down (in-flight work gets up to ``grace_s``)."""
         self._stopping.set()
+
+    def abandon(self, window_s: float | None = None) -> None:
+        """Stop at once: stop fetching and give up the messages in flight now, their offsets uncommitted.
+
+        The abandoned ids are logged in one line (``window_s``: the drain window
+        that ended, for that line; default ``grace_s``). Idempotent.
+        """
+        if window_s is not None:
+            self._window_s = window_s
+        self._stopping.set()
+        self.grace_s = 0.0
+        if self._grace_scope is not None:
+            self._grace_scope.cancel()
 
     def assignment(self) -> frozenset[TopicPartition]:
         """The input partitions this runner's group member holds now (empty before ``run`` and after stop)."""
@@ -332,9 +347,10 @@ class StageRunner:
                         task = loop.create_task(self._process(record, limiter))
                         tasks.add(task)
                         task.add_done_callback(task_done)
-                with anyio.move_on_after(self.grace_s):
+                with anyio.move_on_after(self.grace_s) as self._grace_scope:
                     while self._in_flight:
                         await self._idle.wait()
+                self._grace_scope = None
                 if self._in_flight:
                     self._log_abandoned()
                 work.cancel_scope.cancel()
@@ -373,7 +389,7 @@ class StageRunner:
             "stage %s: drain window of %.0f s ended with %d message(s) in flight; abandoned and left uncommitted "
             "(the next owner of their partitions takes them): %s",
             self.stage.name,
-            self.grace_s,
+            self._window_s if self._window_s is not None else self.grace_s,
             len(keys),
             shown,
         )
@@ -526,7 +542,7 @@ class StageRunner:
             record.topic,
             record.partition,
             record.offset,
-            key,
+            record.key,
             exc.reason,
             self.stage.name,
             record.value,
@@ -594,7 +610,7 @@ class StageRunner:
             message.topic,
             -1,
             -1,
-            key,
+            message.key,
             f"output not publishable: {failure}",
             self.stage.name,
             message.value,
@@ -641,7 +657,7 @@ def dead_letter(
     topic: str,
     partition: int,
     offset: int,
-    key: str | None,
+    key: bytes | str | None,
     reason: str,
     stage: str,
     raw: bytes,
@@ -649,10 +665,19 @@ def dead_letter(
 ) -> DeadLetter:
     """A ``DeadLetter`` for ``raw``, its payload truncated when the whole would not fit ``limit_bytes``.
 
+    ``key``: the record's key (bytes that are not UTF-8 are kept exactly in ``raw_key``).
+
     ``raw`` is base64 in JSON (4 bytes per 3), so a payload over about three
     quarters of the limit is cut; ``raw_size`` and ``raw_sha256`` always
     describe the whole original value, so it can still be identified.
     """
+    raw_key: bytes | None = None
+    if isinstance(key, bytes):
+        key_bytes = key
+        try:
+            key = key_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raw_key, key = key_bytes, key_bytes.decode("utf-8", "replace")
     size = len(raw)
     kept = raw
     if limit_bytes is not None:
@@ -671,6 +696,7 @@ def dead_letter(
         raw_sha256=hashlib.sha256(raw).hexdigest(),
         truncated=len(kept) < size,
         at=now_utc(),
+        raw_key=raw_key,
     )
 
 

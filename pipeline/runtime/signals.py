@@ -23,6 +23,20 @@ log = logging.getLogger("aipipe.signals")
 #: Exit code of a second interrupt (128 + SIGINT), as shells report an interrupted command.
 EXIT_INTERRUPTED = 130
 
+#: What must still happen when a second signal ends the process at once (e.g. remove the runtime file).
+_AT_HARD_EXIT: list[Callable[[], None]] = []
+
+
+def at_hard_exit(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run ``callback`` (quick, synchronous) if a second signal ends the process; returns its remover."""
+    _AT_HARD_EXIT.append(callback)
+
+    def remove() -> None:
+        if callback in _AT_HARD_EXIT:
+            _AT_HARD_EXIT.remove(callback)
+
+    return remove
+
 
 async def drain_on_signal(drain: Callable[[], None], what: str = "in-flight work") -> None:
     """Wait for SIGINT/SIGTERM: the first calls ``drain``, a second ends the process at once.
@@ -40,5 +54,10 @@ async def drain_on_signal(drain: Callable[[], None], what: str = "in-flight work
                 continue
             print(f"aipipe: received {name} again: stopping at once; uncommitted work is redone", file=sys.stderr)
             sys.stderr.flush()
+            for callback in list(_AT_HARD_EXIT):
+                try:
+                    callback()
+                except Exception:
+                    pass
             logging.shutdown()
             os._exit(EXIT_INTERRUPTED)

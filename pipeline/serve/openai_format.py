@@ -19,6 +19,7 @@ status code of ``ERROR_STATUS``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -43,6 +44,10 @@ ERROR_STATUS: dict[str, tuple[int, str]] = {
     "service_unavailable": (503, "server_error"),
 }
 _PARAM_OF: dict[str, str] = {"model_not_found": "model", "context_length_exceeded": "messages"}
+#: The request field an ``invalid_request`` message from the pipeline is about (the first one it names).
+_FIELD_NAMED = re.compile(
+    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model)\b"
+)
 
 
 class OpenAIHTTPError(Exception):
@@ -58,7 +63,14 @@ class OpenAIHTTPError(Exception):
 
     @classmethod
     def for_type(cls, error_type: str, message: str, *, param: str | None = None) -> OpenAIHTTPError:
-        """The error for an aipipe ``error.type`` (``ERROR_STATUS``; unknown types: 500 ``server_error``)."""
+        """The error for an aipipe ``error.type`` (``ERROR_STATUS``; unknown types: 500 ``server_error``).
+
+        An ``invalid_request`` whose message names a request field (``max_tokens``,
+        ``providers``, ...) gets the first one it names as ``param``.
+        """
+        if param is None and error_type == "invalid_request":
+            found = _FIELD_NAMED.search(message)
+            param = found.group(1) if found else None
         status, type_ = ERROR_STATUS.get(error_type, (500, "server_error"))
         return cls(status, message, type_=type_, code=error_type, param=param or _PARAM_OF.get(error_type))
 

@@ -74,7 +74,7 @@ from stages.rules.ledger import (
     zone,
 )
 from stages.rules.pricing import PriceTable, worst_case_cost
-from stages.rules.routing import serving_providers
+from stages.rules.routing import resolve, serving_providers
 from stages.rules.tokens import estimate_messages_tokens
 
 log = logging.getLogger("aipipe.budget")
@@ -174,7 +174,7 @@ class BudgetGateStage:
         return envelope
 
     def worst_case_usd(self, envelope: Envelope) -> Decimal:
-        """Worst-case cost (USD) of the request at the dearest provider that serves its model.
+        """Worst-case cost (USD) of the request at the dearest of its candidates (``stages.rules.routing.resolve``).
 
         Prompt tokens are estimated (``stages.rules.tokens``) times
         ``PROMPT_ESTIMATE_MARGIN``; completion tokens are ``max_tokens``. A
@@ -187,10 +187,7 @@ class BudgetGateStage:
             return Decimal(0)
         prompt_tokens = estimate_messages_tokens(request.chat_messages()) * PROMPT_ESTIMATE_MARGIN
         worst = Decimal(0)
-        candidates = serving_providers(self.config, request.model)
-        if request.providers is not None:
-            allowed = set(request.providers)
-            candidates = [c for c in candidates if c.provider in allowed] or candidates
+        candidates = resolve(self.config, request).candidates or serving_providers(self.config, request.model)
         for cand in candidates:
             price = self.prices.lookup(cand.provider, cand.model)
             if price is not None:
@@ -207,6 +204,10 @@ class BudgetGateStage:
         if envelope.request is None:
             return [to_record(self.topics.stage_record, envelope)]
         await self._wait_ready()
+        if resolve(self.config, envelope.request).error_type is not None:
+            # no candidate can take it (unknown model, max_tokens beyond every limit): the router answers
+            # with that error; holding its (possibly huge) worst case would wrongly say budget_exceeded
+            return [Emit(self.topics.stage_route, envelope.id, envelope)]
         scopes = scopes_for(envelope.request.user)
         amount = self.worst_case_usd(envelope)
         now = self.clock()
@@ -279,8 +280,10 @@ class BudgetGateStage:
             self._alerted.add(AlertKey(event.scope, event.window, start, event.threshold_pct))
 
     def _apply_limits(self, event: SetBudget) -> None:
+        # a status is published for every command, changed or not: it is the command's acknowledgement
+        # (``aipipe budget set`` waits for it, also when the limit was already that)
+        self._touch((event.scope,))
         if apply_set_budget(self.ledger, event, self.clock()):
-            self._touch((event.scope,))
             limits = self.ledger.limits[event.scope]
             log.info(
                 "budget for %s set: daily=%s weekly=%s monthly=%s",

@@ -63,12 +63,12 @@ def resolve(config: PipelineConfig, request: AIRequest) -> Resolution:
         allowed = set(request.providers)
         allowed_serving = [c for c in serving if c.provider in allowed]
         if serving and not allowed_serving:
-            disabled = [p for p in request.providers if not (config.providers.get(p) and config.providers[p].enabled)]
-            why = f" ({', '.join(disabled)} disabled)" if disabled else ""
+            disabled = {p for p in request.providers if not (config.providers.get(p) and config.providers[p].enabled)}
+            listed = ", ".join(f"{p}: disabled" if p in disabled else p for p in request.providers)
             return Resolution(
                 [],
                 "model_not_found",
-                f"none of the allowed providers ({', '.join(request.providers)}){why} serves model "
+                f"none of the allowed providers ({listed}) serves model "
                 f"{request.model!r}; enabled providers serving it: {', '.join(c.provider for c in serving)}",
             )
         serving = allowed_serving

@@ -79,3 +79,10 @@ def test_a_dead_letter_too_large_for_the_bus_keeps_the_originals_size_and_hash()
     assert not small.truncated and small.raw == b"abc" and small.raw_size == 3
     unlimited = dead_letter("ai.requests", 1, 9, "k", "not JSON", "cache", raw, None)
     assert not unlimited.truncated and unlimited.raw == raw
+
+
+def test_a_key_that_is_not_utf8_is_kept_exactly_in_the_dead_letter() -> None:
+    letter = dead_letter("ai.requests", 1, 7, b"\xff\xfe-tenant", "not JSON", "cache", b"raw", None)
+    assert letter.raw_key == b"\xff\xfe-tenant" and letter.key == "\ufffd\ufffd-tenant" and letter.raw == b"raw"
+    plain = dead_letter("ai.requests", 1, 8, b"tenant-7", "not JSON", "cache", b"raw", None)
+    assert plain.key == "tenant-7" and plain.raw_key is None

@@ -75,6 +75,8 @@ def test_budget_set_changes_only_the_windows_it_names(running: dict[str, str]) -
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"budget {scope}: monthly $100") and "daily" not in out.stdout
     assert _budget(running, scope) == {"daily": 5.0, "weekly": None, "monthly": 100.0}
+    again = _cli(running, "budget", "set", scope, "--monthly", "100")  # the same limit: still acknowledged
+    assert again.returncode == 0 and "(applied by a budget gate)" in again.stdout, again.stdout
     assert _cli(running, "budget", "set", scope, "--daily", "none").returncode == 0  # one window removed
     assert _budget(running, scope) == {"daily": None, "weekly": None, "monthly": 100.0}
 

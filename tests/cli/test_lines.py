@@ -113,3 +113,10 @@ def test_every_topic_has_a_line_and_an_unreadable_value_is_shown_as_text(topic: 
         assert "r-1" in text
     bad = line(_record(topic, b"\xffnot json at all"))
     assert "unreadable" in bad and "not json at all" in bad
+
+
+def test_control_characters_in_a_value_never_reach_the_terminal() -> None:
+    request = AIRequest(id="id\nnl", model="bad\nmodel\x1b[2J", prompt="line one\n\x1b[31mred", user="eve\nmallory")
+    text = formatter(TOPICS, TOPICS.requests)(_record(TOPICS.requests, request))
+    assert "\n" not in text and "\x1b" not in text
+    assert "id\\nnl" in text and "bad\\nmodel\\x1b[2J" in text and "eve\\nmallory" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -94,7 +95,7 @@ async def test_the_drain_window_names_what_it_abandons_and_leaves_it_uncommitted
     async with EmulatorServer() as emu:
         emu.hold(1000, provider="cloudflare")  # the calls never come back while held
         env = _env(AIPIPE_KAFKA_BOOTSTRAP=kafka_bootstrap, AIPIPE_TOPIC_PREFIX=unique_prefix, AIPIPE_EMULATE="1",
-                   AIPIPE_EMULATOR_URL=emu.url, AIPIPE_HOME=str(tmp_path), AIPIPE_DRAIN_GRACE_S="2")
+                   AIPIPE_EMULATOR_URL=emu.url, AIPIPE_HOME=str(tmp_path), AIPIPE_DRAIN_GRACE_S="4")
         bus = KafkaBus(kafka_bootstrap, KafkaSettings(session_timeout_ms=2000, heartbeat_interval_ms=300))
         await bus.start()
         try:
@@ -104,12 +105,17 @@ async def test_the_drain_window_names_what_it_abandons_and_leaves_it_uncommitted
             await _publish_requests(bus, topics, ids)
             await emu.wait_for_calls(3, "cloudflare", timeout_s=45)
             proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             with anyio.fail_after(30):
                 code = await proc.wait()
+            took_s = time.monotonic() - signalled
             text = (tmp_path / "first.log").read_text()
             assert code == 0, text
             [line] = [ln for ln in text.splitlines() if "abandoned" in ln]
             assert "stage executor" in line and "3 message(s)" in line and all(i in line for i in ids)
+            assert "drain window of 4 s" in line
+            # the whole process keeps the one window (before: the stages' wait, then the executor's own again)
+            assert 4 <= took_s < 4 + 3, took_s
             assert "Traceback" not in text
 
             # uncommitted: a new process takes the three requests again and answers them
@@ -170,6 +176,40 @@ async def test_a_second_signal_stops_at_once_without_a_traceback(
         assert code == 130, text
         assert "received SIGINT again: stopping at once" in text
         assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+async def test_a_second_signal_also_removes_the_runtime_file_of_the_broker_it_started(tmp_path: Any) -> None:
+    async with EmulatorServer() as emu:
+        emu.hold(1000, provider="cloudflare")
+        env = _env(AIPIPE_EMULATE="1", AIPIPE_EMULATOR_URL=emu.url, AIPIPE_HOME=str(tmp_path))
+        with open(tmp_path / "run.log", "wb") as log:  # noqa: ASYNC230
+            proc = await _start_run(env, log)
+        runtime_file = tmp_path / "broker"
+        bus = None
+        try:
+            with anyio.fail_after(30):
+                while not runtime_file.exists() or "aipipe running" not in (tmp_path / "run.log").read_text():
+                    await anyio.sleep(0.1)
+            bus = KafkaBus(runtime_file.read_text().strip(), KafkaSettings())
+            await bus.start()
+            await _publish_requests(bus, Topics(), ["file-0"])
+            await emu.wait_for_calls(1, "cloudflare", timeout_s=45)
+            proc.send_signal(signal.SIGINT)
+            with anyio.move_on_after(1.0):
+                await proc.wait()
+            assert proc.returncode is None  # draining, held by the call
+            proc.send_signal(signal.SIGINT)
+            with anyio.fail_after(5):
+                code = await proc.wait()
+        finally:
+            if bus is not None:
+                await bus.stop()
+            emu.release()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert code == 130, (tmp_path / "run.log").read_text()
+        assert not runtime_file.exists()  # later commands do not find a broker that is gone
 
 
 async def test_a_client_that_lost_its_broker_logs_one_line_of_each_kind(tmp_path: Any) -> None:

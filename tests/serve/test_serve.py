@@ -318,7 +318,7 @@ def test_a_client_key_user_cannot_be_overridden_by_the_body() -> None:
             "messages[0].content",
             "only text content is supported",
         ),
-        ({"messages": [{"role": "system", "content": "x"}]}, None, "at least one user or assistant message"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages", "at least one user or assistant message"),
     ],
 )
 def test_bad_openai_bodies_are_400_naming_the_parameter(body: dict[str, Any], param: str | None, text: str) -> None:
@@ -327,6 +327,16 @@ def test_bad_openai_bodies_are_400_naming_the_parameter(body: dict[str, Any], pa
         to_ai_request(full, request_id="r")
     assert info.value.status == 400 and info.value.type == "invalid_request_error"
     assert info.value.param == param and text in info.value.message
+
+
+def test_a_pipeline_invalid_request_names_the_field_it_is_about() -> None:
+    too_many = OpenAIHTTPError.for_type(
+        "invalid_request", "max_tokens 4096 exceeds every provider's max_tokens_per_request (largest: 1024)"
+    )
+    assert too_many.body()["error"]["param"] == "max_tokens"
+    unknown = OpenAIHTTPError.for_type("invalid_request", "unknown provider(s) in `providers`: bogus")
+    assert unknown.body()["error"]["param"] == "providers"
+    assert OpenAIHTTPError.for_type("invalid_request", "the request is not valid").body()["error"]["param"] is None
 
 
 def test_every_error_type_has_a_status() -> None:

@@ -224,6 +224,16 @@ def test_worst_case_is_max_tokens_at_the_dearest_serving_provider() -> None:
     assert table.worst_case_usd(_envelope("w", max_tokens=10)) > 0
 
 
+async def test_a_request_no_candidate_can_take_passes_unreserved_for_the_router_to_answer() -> None:
+    clock = _Clock(datetime.now(UTC))
+    gate = _gate(clock)
+    gate.on_control(SetBudget(scope="global", daily_usd=1.00, at=clock.at))
+    await gate.apply_pending()
+    [out] = await gate.handle(_envelope("huge", max_tokens=10_000_000), _ctx())
+    assert out.topic == "t.stage.route" and out.value.reserved_usd == 0  # not budget_exceeded: invalid_request
+    assert gate.ledger.reservations == {}
+
+
 async def test_gate_admits_reserves_refuses_settles_and_releases() -> None:
     clock = _Clock(datetime.now(UTC))
     gate = _gate(clock)
