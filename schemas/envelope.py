@@ -17,12 +17,28 @@ class Candidate(Struct, kw_only=True, frozen=True):
     model: str
 
 
+class OutcomePart(Struct, kw_only=True):
+    """What one attempt generated that is billable: its provider, model and token ``usage``.
+
+    A streamed answer that one candidate began and another continued
+    (DESIGN A9) has one part per attempt; ``usage_source`` is ``estimated``
+    when the provider reported no usage (a cut stream) and the tokens were counted.
+    """
+
+    provider: str
+    model: str
+    usage: Usage
+    usage_source: Literal["provider", "estimated"] = "provider"
+
+
 class Outcome(Struct, kw_only=True):
     """How a request ended, before pricing: an answer, a cache hit or an error.
 
     ``saved_usd`` is set on cache hits (what the call would have cost, USD);
     ``usage_source`` is ``estimated`` when the provider reported no usage and
-    the tokens were counted.
+    the tokens were counted. For a streamed request, ``parts`` lists what each
+    attempt generated (charged one cost line each), ``generation`` names the
+    execution and ``stream_chunks`` counts its published chunks.
     """
 
     status: Literal["ok", "error"]
@@ -35,6 +51,9 @@ class Outcome(Struct, kw_only=True):
     cached: bool = False
     saved_usd: float = 0.0
     usage_source: Literal["provider", "estimated"] = "provider"
+    parts: list[OutcomePart] = []
+    generation: str | None = None
+    stream_chunks: int | None = None
 
 
 class Envelope(Struct, kw_only=True):

@@ -147,6 +147,13 @@ class CacheStatsRequest(Struct, tag="cache_stats_request", tag_field="type", kw_
     at: datetime | None = None
 
 
+class CancelRequest(Struct, tag="cancel_request", tag_field="type", kw_only=True):
+    """Command: the reader of a streamed request went away; the executor holding it stops the call (DESIGN A9)."""
+
+    request_id: str
+    at: datetime | None = None
+
+
 ControlEvent = (
     Health
     | CircuitTransition
@@ -159,11 +166,29 @@ ControlEvent = (
     | SetBudget
     | CacheClear
     | CacheStatsRequest
+    | CancelRequest
 )
 
 
+class CostLine(Struct, kw_only=True):
+    """One attempt's share of a request's cost: its provider, model, usage (tokens) and cost (USD)."""
+
+    provider: str
+    model: str
+    usage: Usage
+    cost_usd: float
+    usage_source: Literal["provider", "estimated"] = "provider"
+
+
 class CostEvent(Struct, kw_only=True):
-    """What one ``status: ok`` request cost (USD, 10 decimal places), written once per id.
+    """What one request cost (USD, 10 decimal places), written once per id.
+
+    Written for every ``status: ok`` answer and for any other outcome that
+    generated billable tokens (an interrupted or cancelled stream; ``status``
+    names the outcome). ``lines`` holds one entry per attempt that cost
+    something, so an answer begun by one provider and continued by another
+    charges each its own share; ``provider`` is the one that answered last and
+    ``usage``/``cost_usd`` are the totals.
 
     ``saved_usd`` is what a cache hit would have cost; ``price_source`` is
     ``table`` (the price table), ``deployment`` (the deployment's own
@@ -183,6 +208,8 @@ class CostEvent(Struct, kw_only=True):
     price_source: Literal["table", "deployment", "default", "none"] = "table"
     usage_source: Literal["provider", "estimated"] = "provider"
     at: datetime
+    lines: list[CostLine] = []
+    status: Literal["ok", "stream_interrupted", "cancelled"] = "ok"
 
 
 class DeadLetter(Struct, kw_only=True):

@@ -52,7 +52,11 @@ class AIRequest(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     Exactly one of ``prompt`` or ``messages`` is set. ``max_tokens`` > 0,
     ``temperature`` in [0, 2], ``top_p`` in (0, 1], ``timeout_ms`` > 0 is the
     deadline of the whole request (ms, all providers and waits included).
-    ``providers`` is an ordered allow-list (first = preferred). Unknown fields
+    ``providers`` is an ordered allow-list (first = preferred). ``stream``
+    asks for the answer as ``StreamChunk`` events (DESIGN A9) on ``ai.stream``
+    or on ``stream_topic`` (a Kafka topic name); ``stream_resume`` (``None``:
+    the ``[stream] resume`` setting) lets the next candidate continue an
+    answer interrupted after its first chunk. Unknown fields
     are rejected so that a misspelt parameter is an error, not a silent default.
 
     Raises:
@@ -72,19 +76,25 @@ class AIRequest(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     cache: CacheOptions | None = None
     timeout_ms: Annotated[int, Meta(gt=0, le=3_600_000)] = DEFAULT_TIMEOUT_MS
     providers: list[str] | None = None
+    stream: bool = False
+    stream_resume: bool | None = None
+    stream_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")] | None = None
 
     def __post_init__(self) -> None:
         """Check the rules a single field cannot express.
 
         Raises:
-            ValueError: when not exactly one of prompt/messages is given, or the
-                messages hold no user or assistant turn (msgspec reports it as
+            ValueError: when not exactly one of prompt/messages is given, the
+                messages hold no user or assistant turn, or a stream field is
+                set without ``stream: true`` (msgspec reports it as
                 a ``ValidationError``).
         """
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of `prompt` or `messages` is required")
         if self.messages is not None and not any(m.role != "system" for m in self.messages):
             raise ValueError("`messages` needs at least one user or assistant message")
+        if not self.stream and (self.stream_topic is not None or self.stream_resume):
+            raise ValueError("`stream_topic` and `stream_resume` need `stream: true`")
 
     def chat_messages(self) -> list[Message]:
         """The request as chat turns: a ``prompt`` becomes one user message."""

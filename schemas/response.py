@@ -21,6 +21,8 @@ ErrorType = Literal[
     "budget_exceeded",
     "all_providers_failed",
     "service_unavailable",
+    "stream_interrupted",
+    "cancelled",
 ]
 ERROR_TYPES: tuple[str, ...] = ErrorType.__args__  # type: ignore[attr-defined]
 
@@ -50,14 +52,22 @@ class Attempt(Struct, kw_only=True):
     status_code: int | None = None
     latency_ms: float = 0.0
     reason: str | None = None
+    first_chunk_ms: float | None = None
+    chunks: int | None = None
+    resumed: bool = False
 
 
 class ErrorInfo(Struct, kw_only=True):
-    """Why a request failed: ``type`` (one of ``ERROR_TYPES``), a message, the provider if one."""
+    """Why a request failed: ``type`` (one of ``ERROR_TYPES``), a message, the provider if one.
+
+    ``reason`` details a ``stream_interrupted`` error: ``deadline``,
+    ``idle_timeout``, ``max_duration``, ``provider_error`` (DESIGN A9).
+    """
 
     type: ErrorType
     message: str
     provider: str | None = None
+    reason: str | None = None
 
 
 class AIResponse(Struct, kw_only=True):
@@ -80,6 +90,8 @@ class AIResponse(Struct, kw_only=True):
     cached: bool = False
     attempts: list[Attempt] = []
     error: ErrorInfo | None = None
+    generation: str | None = None
+    stream_chunks: int | None = None
 
     @property
     def cost(self) -> float:

@@ -59,6 +59,11 @@ class Topics:
         return f"{self.prefix}costs"
 
     @property
+    def stream(self) -> str:
+        """``StreamChunk`` values of streamed answers (DESIGN A9), keyed by request id."""
+        return f"{self.prefix}stream"
+
+    @property
     def deadletter(self) -> str:
         """Values no stage could decode or validate."""
         return f"{self.prefix}deadletter"
@@ -74,8 +79,17 @@ class Topics:
             self.responses,
             self.control,
             self.costs,
+            self.stream,
             self.deadletter,
         ]
+
+    def is_stream_topic(self, topic: str) -> bool:
+        """Whether ``topic`` may carry stream chunks: ``stream`` itself or a topic under ``<stream>.``.
+
+        A request's ``stream_topic`` must be one, so that no request can make
+        the executor write into ``control`` or another pipeline topic.
+        """
+        return topic == self.stream or (topic.startswith(f"{self.stream}.") and len(topic) > len(self.stream) + 1)
 
     def keyed_by_request_id(self, topic: str) -> bool:
         """Whether a record's key on ``topic`` is a request id (DESIGN A4)."""
@@ -88,7 +102,9 @@ class Topics:
         false for ``control`` (keyed by provider or ``*``).
         """
         return topic != self.control and (
-            self.keyed_by_request_id(topic) or topic in (self.responses, self.costs, self.deadletter)
+            self.keyed_by_request_id(topic)
+            or topic in (self.responses, self.costs, self.deadletter)
+            or self.is_stream_topic(topic)
         )
 
     def short(self, name: str) -> str:

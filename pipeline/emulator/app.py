@@ -76,6 +76,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline.emulator import wire
 from pipeline.emulator.spec import ErrorKind, FaultStep, Provider, Wire, decode_profile_json
 from pipeline.emulator.state import TARGET_NAME, CallRecord, EmulatorState, summarize, wait_first
+from pipeline.emulator.streams import StreamCut, StreamPlan, stream_body
+from stages.providers.base import CONTINUE_INSTRUCTION
 from stages.rules.catalog import known_models, model_info
 
 #: Scope key under which the server's own ``send`` is kept (to reach the transport for resets).
@@ -205,6 +207,24 @@ def _turns(provider: Wire, data: Mapping[str, Any]) -> list[tuple[str, str]]:
     return turns
 
 
+def _continued_partial(provider: Wire, turns: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """``(partial answer, its prompt)`` when the request asks to continue a partial answer, else ``None``.
+
+    Anthropic: a last ``assistant`` turn is a prefill the answer continues
+    (https://docs.anthropic.com/en/docs/build-with-claude/prompt-engineering/prefill-claudes-response).
+    OpenAI and Workers AI have no prefill; aipipe's adapters send the partial
+    as an ``assistant`` turn followed by ``CONTINUE_INSTRUCTION``.
+    """
+    if len(turns) >= 2 and provider == "anthropic" and turns[-1][0] == "assistant":
+        partial, before = turns[-1][1], turns[:-1]
+    elif len(turns) >= 3 and turns[-1] == ("user", CONTINUE_INSTRUCTION) and turns[-2][0] == "assistant":
+        partial, before = turns[-2][1], turns[:-2]
+    else:
+        return None
+    prompt = next((text for role, text in reversed(before) if role == "user"), None)
+    return None if prompt is None or not partial else (partial, prompt)
+
+
 def _int_field(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -236,8 +256,10 @@ def _validate_openai(data: Mapping[str, Any]) -> int | None:
             )
         if _text_of(m.get("content")) is None and role != "assistant":
             raise _Problem("invalid_request", 400, f"Invalid type for 'messages[{i}].content'.")
-    if data.get("stream"):
-        raise _Problem("invalid_request", 400, "The emulator does not support stream=true.")
+    if data.get("stream_options") is not None and not data.get("stream"):
+        raise _Problem(
+            "invalid_request", 400, "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        )
     temperature = data.get("temperature")
     if temperature is not None and not (_number(temperature) is not None and 0 <= float(temperature) <= 2):
         raise _Problem(
@@ -281,8 +303,6 @@ def _validate_anthropic(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
     last_text = _text_of(messages[-1].get("content")) or ""
     if messages[-1].get("role") == "assistant" and last_text != last_text.rstrip():
         raise _Problem("invalid_request", 400, "messages: final assistant content cannot end with trailing whitespace")
-    if data.get("stream"):
-        raise _Problem("invalid_request", 400, "stream: the emulator does not support streaming")
     temperature = data.get("temperature")
     if temperature is not None and not (_number(temperature) is not None and 0 <= float(temperature) <= 1):
         raise _Problem("invalid_request", 400, "temperature: range: 0..1")
@@ -325,6 +345,77 @@ class _TruncatedResponse(Response):
             }
         )
         await send({"type": "http.response.body", "body": b'{"id": "trunc', "more_body": True})
+
+
+def _abort(send: Any) -> None:
+    """Abort the TCP connection under uvicorn's ``send`` (RST), if it can be reached."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if isinstance(transport, asyncio.Transport):
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        transport.abort()
+
+
+class _StreamResponse(Response):
+    """A ``text/event-stream`` answer that can be cut mid-body and notices a client that left.
+
+    The outcome (``ok``, ``stream_cut``, ``stream_stall``, ``stream_malformed``,
+    ``client_disconnected``) and the content deltas sent are written to the call's record.
+    """
+
+    def __init__(
+        self, plan: StreamPlan, headers: Mapping[str, str], record: CallRecord, finish: Callable[[str], Awaitable[None]]
+    ) -> None:
+        super().__init__(status_code=200, headers=dict(headers), media_type="text/event-stream")
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.plan = plan
+        self.record = record
+        self.finish = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        async def stalled(seconds: float) -> None:
+            await wait_first(asyncio.sleep(seconds), gone.wait())
+
+        def counted() -> None:
+            self.record.chunks_sent += 1
+
+        watcher = asyncio.ensure_future(watch())
+        outcome = "ok"
+        step = self.plan.step
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for piece in stream_body(self.plan, on_chunk=counted, stalled=stalled):
+                if gone.is_set():
+                    outcome = "client_disconnected"
+                    break
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            else:
+                if step.stream_malformed_after is not None and self.record.chunks_sent >= step.stream_malformed_after:
+                    outcome = "stream_malformed"
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except StreamCut:
+            outcome = (
+                "client_disconnected"
+                if gone.is_set()
+                else ("stream_stall" if step.stream_stall_after is not None else "stream_cut")
+            )
+            _abort(scope.get(RAW_SEND_KEY))
+        except OSError:
+            outcome = "client_disconnected"
+        finally:
+            watcher.cancel()
+            await self.finish(outcome)
 
 
 async def _reset_connection(request: Request) -> Response:
@@ -539,8 +630,15 @@ class _Handlers:
                 azure=azure,
             )
 
+        words = self.state.faults.reply_words() or wire.DEFAULT_REPLY_WORDS
         last_user = next((text for role, text in reversed(turns) if role == "user"), "")
-        text, truncated = wire.reply_text(provider, model, last_user, max_tokens)
+        text, truncated = wire.reply_text(provider, model, last_user, max_tokens, words=words)
+        partial = _continued_partial(provider, turns)
+        if partial is not None:
+            rest = wire.continuation_of(provider, model, partial[1], partial[0], words=words)
+            if rest is not None:
+                record.continuation = True
+                text, truncated = wire.cut_to_tokens(rest, max_tokens)
         if action == "empty_content":
             text, truncated = "", False
         cached = min(step.cached_tokens, prompt)
@@ -550,12 +648,51 @@ class _Handlers:
         headers = wire.success_headers(
             provider, request_id, calls_so_far=self.state.counts().get(name, 0), tokens=prompt + max_tokens
         )
+        if data.get("stream") is True:
+            return self._stream(provider, record, data, model, text, prompt, cached, truncated, step, headers, target)
         encoded = _ENCODER.encode(body)
         if action == "malformed_json":
             encoded = encoded[: max(1, len(encoded) // 2)]
         outcome = action if action in ("malformed_json", "empty_content") else "ok"
         await self._finish(record, outcome, 200)
         return Response(encoded, status_code=200, headers=headers, media_type="application/json")
+
+    def _stream(
+        self,
+        provider: Wire,
+        record: CallRecord,
+        data: Mapping[str, Any],
+        model: str,
+        text: str,
+        prompt: int,
+        cached: int,
+        truncated: bool,
+        step: FaultStep,
+        headers: dict[str, str],
+        target: str | None,
+    ) -> Response:
+        """The answer as server-sent events in ``provider``'s format (``pipeline.emulator.streams``)."""
+        options = data.get("stream_options")
+        record.stream = True
+        plan = StreamPlan(
+            wire=provider,
+            model=model,
+            text=text,
+            prompt_tokens=prompt,
+            completion_tokens=wire.text_tokens(text),
+            cached_tokens=cached,
+            truncated=truncated,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            omit_usage=target is not None and self.state.faults.dialect(target).omit_usage,
+            step=step,
+        )
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        headers["cache-control"] = "no-cache"
+
+        async def finish(outcome: str) -> None:
+            await self._finish(record, outcome, 200)
+
+        return _StreamResponse(plan, headers, record, finish)
 
     # --- provider endpoints ---
 

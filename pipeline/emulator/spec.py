@@ -115,6 +115,14 @@ class FaultStep(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     ``retry-after-ms`` (ms). ``latency_ms`` overrides the rule's latency (ms).
     ``hang_s`` is how long ``hang`` waits (s). ``cached_tokens`` makes an ``ok``
     answer report that many prompt tokens as cache reads (tokens).
+
+    Stream faults, for a request with ``stream: true`` (DESIGN A9):
+    ``first_chunk_delay_ms`` holds the first content delta back (ms; the
+    protocol's opening events are sent at once), ``chunk_interval_ms`` is the
+    gap between content deltas (ms), and after ``stream_cut_after`` content
+    deltas the connection is cut, after ``stream_stall_after`` the stream
+    stalls (for ``hang_s``), after ``stream_malformed_after`` a malformed event
+    is sent and the stream ends.
     """
 
     action: Action | None = None
@@ -127,6 +135,11 @@ class FaultStep(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     latency_ms: NonNegFloat | None = None
     hang_s: NonNegFloat = DEFAULT_HANG_S
     cached_tokens: Annotated[int, Meta(ge=0)] = 0
+    first_chunk_delay_ms: NonNegFloat = 0.0
+    chunk_interval_ms: NonNegFloat = 0.0
+    stream_cut_after: Annotated[int, Meta(ge=0)] | None = None
+    stream_stall_after: Annotated[int, Meta(ge=0)] | None = None
+    stream_malformed_after: Annotated[int, Meta(ge=0)] | None = None
 
     def resolved_action(self) -> Action:
         """The action to perform, applying the defaults described above."""
@@ -223,10 +236,13 @@ class FaultProfile(Struct, kw_only=True, forbid_unknown_fields=True):
     0). ``providers`` holds the rules of each target (a built-in provider or a
     deployment name). ``extra_models`` adds model ids, per built-in provider,
     that the emulator accepts besides the catalog's (deployment targets
-    accept any model).
+    accept any model). ``reply_words`` sets how many words every answer's body
+    has (default 8), the same for every target, so that an answer one target
+    began another can finish (a stream continuation, DESIGN A9).
     """
 
     seed: int | None = None
+    reply_words: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     providers: dict[Provider, ProviderFaults] = {}
     extra_models: dict[Provider, list[str]] = {}
 

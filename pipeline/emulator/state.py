@@ -30,7 +30,19 @@ from pipeline.emulator.spec import (
     parse_profile,
 )
 
-Outcome = Literal["pending", "ok", "error", "hang", "reset", "malformed_json", "empty_content"]
+Outcome = Literal[
+    "pending",
+    "ok",
+    "error",
+    "hang",
+    "reset",
+    "malformed_json",
+    "empty_content",
+    "stream_cut",
+    "stream_stall",
+    "stream_malformed",
+    "client_disconnected",
+]
 
 
 class CallRecord(Struct, kw_only=True):
@@ -41,7 +53,9 @@ class CallRecord(Struct, kw_only=True):
     ``reset`` calls, which get no answer). ``error_kind`` names the error body
     sent. The request summary never includes headers (so no credentials):
     ``message_count``, ``roles``, ``max_tokens``, ``temperature`` and the first
-    200 characters of the last user message.
+    200 characters of the last user message. For a streamed call: ``stream``,
+    ``continuation`` (it continued an earlier partial answer) and
+    ``chunks_sent`` (content deltas sent).
     """
 
     seq: int
@@ -59,6 +73,9 @@ class CallRecord(Struct, kw_only=True):
     max_tokens: int | None = None
     temperature: float | None = None
     last_user_text: str = ""
+    stream: bool = False
+    continuation: bool = False
+    chunks_sent: int = 0
 
     def finish(self, outcome: Outcome, status: int | None, error_kind: str | None = None) -> None:
         """Mark the call answered (or abandoned) now."""
@@ -119,6 +136,10 @@ class FaultController:
     def profile(self) -> FaultProfile:
         """A copy of the current rules; schedules show only the steps not yet used."""
         return _copy_profile(self._profile)
+
+    def reply_words(self) -> int | None:
+        """Words in every answer's body (``None``: the emulator's default)."""
+        return self._profile.reply_words
 
     def _provider(self, provider: Provider) -> ProviderFaults:
         if not TARGET_NAME.match(provider):

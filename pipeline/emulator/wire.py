@@ -78,19 +78,62 @@ def prompt_tokens(texts: list[str]) -> int:
     return sum(text_tokens(t) + MESSAGE_OVERHEAD_TOKENS for t in texts) + REPLY_PRIMING_TOKENS
 
 
-def reply_text(provider: Wire, model: str, last_user_text: str, max_tokens: int) -> tuple[str, bool]:
+#: Words in an answer's body when the profile sets no ``reply_words``.
+DEFAULT_REPLY_WORDS = 8
+
+
+def _body_words(last_user_text: str, count: int) -> str:
+    """``count`` words drawn deterministically from the prompt (SHA-256 chained over the text)."""
+    words: list[str] = []
+    digest = hashlib.sha256(last_user_text.encode("utf-8")).digest()
+    while len(words) < count:
+        words.extend(_VOCABULARY[b % len(_VOCABULARY)] for b in digest[:8])
+        digest = hashlib.sha256(digest).digest()
+    return " ".join(words[:count])
+
+
+def full_reply(provider: Wire, model: str, last_user_text: str, *, words: int = DEFAULT_REPLY_WORDS) -> str:
+    """The whole deterministic answer to a prompt, before any ``max_tokens`` cut.
+
+    ``"<Provider> emulator reply from <model>: <words>."``: the body depends on
+    the prompt only, so a continuation on another provider can finish it.
+    """
+    return f"{_TITLES[provider]} emulator reply from {model}: {_body_words(last_user_text, words)}."
+
+
+def continuation_of(
+    provider: Wire, model: str, last_user_text: str, partial: str, *, words: int = DEFAULT_REPLY_WORDS
+) -> str | None:
+    """The rest of the answer that ``partial`` began, or ``None`` when ``partial`` began no answer to this prompt.
+
+    The answer ``partial`` began keeps its own header (the provider and model
+    that started it); its body is the prompt's. A partial cut inside the
+    header is matched against this provider's own answer.
+    """
+    head, sep, _ = partial.partition(": ")
+    full = (
+        f"{head}: {_body_words(last_user_text, words)}."
+        if sep
+        else full_reply(provider, model, last_user_text, words=words)
+    )
+    return full[len(partial) :] if full.startswith(partial) and len(full) > len(partial) else None
+
+
+def cut_to_tokens(text: str, max_tokens: int) -> tuple[str, bool]:
+    """``text`` cut to ``max_tokens`` (tokens, at least 1) under the emulator's rule: ``(text, truncated)``."""
+    limit = max(1, max_tokens) * CHARS_PER_TOKEN
+    return (text, False) if len(text) <= limit else (text[:limit], True)
+
+
+def reply_text(
+    provider: Wire, model: str, last_user_text: str, max_tokens: int, *, words: int = DEFAULT_REPLY_WORDS
+) -> tuple[str, bool]:
     """The deterministic answer for a request, cut to ``max_tokens`` (tokens).
 
     Returns:
         ``(text, truncated)``; ``text`` is never empty for ``max_tokens >= 1``.
     """
-    digest = hashlib.sha256(last_user_text.encode("utf-8")).digest()
-    words = " ".join(_VOCABULARY[b % len(_VOCABULARY)] for b in digest[:8])
-    full = f"{_TITLES[provider]} emulator reply from {model}: {words}."
-    limit = max(1, max_tokens) * CHARS_PER_TOKEN
-    if len(full) <= limit:
-        return full, False
-    return full[:limit], True
+    return cut_to_tokens(full_reply(provider, model, last_user_text, words=words), max_tokens)
 
 
 def new_request_id(provider: Wire) -> str:

@@ -33,10 +33,26 @@ cache_creation_input_tokens`` (``input_tokens`` excludes both cache counts),
 ``cache_creation_prompt_tokens = cache_creation_input_tokens``,
 ``completion_tokens = output_tokens``. ``stop_reason: refusal`` is a
 ``ContentFilterError``. The provider request id is the ``request-id`` header.
+
+Streaming (https://docs.anthropic.com/en/docs/build-with-claude/streaming,
+read 2026-12-06): ``stream: true`` gives ``message_start`` (the model and the
+input usage), ``content_block_start``, ``content_block_delta`` with
+``text_delta`` (the only deltas), ``content_block_stop``, ``message_delta``
+(``stop_reason`` and the cumulative ``output_tokens``) and ``message_stop``;
+``ping`` is a keep-alive. An ``error`` event (e.g. ``overloaded_error``) is
+classified by the HTTP status its type stands for
+(https://docs.anthropic.com/en/api/errors). A stream that ends without
+``message_stop`` was cut. Continuation (resume, DESIGN A9): the partial answer
+is sent as a final ``assistant`` turn, a prefill the model continues
+(https://docs.anthropic.com/en/docs/build-with-claude/prompt-engineering/prefill-claudes-response);
+the trailing whitespace the API refuses there is stripped and dropped again
+from the front of the continuation. Its limit: prefill is not available with
+extended thinking, so a deployment using it cannot resume.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import httpx
@@ -46,8 +62,9 @@ from msgspec import Meta, Struct
 from pipeline.errors import ContentFilterError, InvalidRequestError
 from schemas.request import Message
 from schemas.response import Usage
-from stages.providers.base import ProviderCall, ProviderResult
-from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
+from stages.providers.base import ProviderCall, ProviderResult, StreamDelta, StreamEnd, StreamEvent
+from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
+from stages.providers.sse import open_events, stream_cut
 
 PROVIDER = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -128,7 +145,13 @@ def build_payload(call: ProviderCall, *, provider: str = PROVIDER) -> dict[str, 
     Raises:
         InvalidRequestError: when no non-empty user or assistant turn is left.
     """
-    system, turns = to_anthropic_messages(call.messages, provider=provider)
+    messages = list(call.messages)
+    if call.continuation:
+        if messages and messages[-1].role == "assistant":  # the caller's own prefill, continued by the partial
+            messages[-1] = Message(role="assistant", content=messages[-1].content + call.continuation)
+        else:
+            messages.append(Message(role="assistant", content=call.continuation))
+    system, turns = to_anthropic_messages(messages, provider=provider)
     payload: dict[str, Any] = {"model": call.model, "max_tokens": call.max_tokens, "messages": turns}
     if system is not None:
         payload["system"] = system
@@ -199,6 +222,121 @@ def parse_response(
         request_id=request_id,
         finish_reason=message.stop_reason,
     )
+
+
+#: The HTTP status each streamed ``error`` event type stands for (https://docs.anthropic.com/en/api/errors).
+STREAM_ERROR_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+class _StreamMessage(Struct):
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+class _StreamDelta(Struct):
+    type: str | None = None
+    text: str | None = None
+    stop_reason: str | None = None
+
+
+class _DeltaUsage(Struct):
+    output_tokens: _Tokens | None = None
+    input_tokens: _Tokens | None = None
+    cache_creation_input_tokens: _Tokens | None = None
+    cache_read_input_tokens: _Tokens | None = None
+
+
+class _ErrorInfo(Struct):
+    type: str = "api_error"
+    message: str = ""
+
+
+class _StreamEvent(Struct):
+    type: str
+    message: _StreamMessage | None = None
+    delta: _StreamDelta | None = None
+    usage: _DeltaUsage | None = None
+    error: _ErrorInfo | None = None
+
+
+_EVENT_DECODER = msgspec.json.Decoder(_StreamEvent)
+#: ``stop_reason`` in OpenAI's words (``finish_reason``).
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+
+
+async def read_events(
+    events: AsyncIterator[Any], call: ProviderCall, provider: str, *, skip_leading: str = ""
+) -> AsyncIterator[StreamEvent]:
+    """Messages API stream events as ``StreamDelta``s and a final ``StreamEnd`` (module docstring).
+
+    ``skip_leading`` is whitespace stripped from a prefill, dropped from the
+    front of the continuation so that the joined text has it once.
+
+    Raises:
+        AIProviderError: an ``error`` event, classified by its type's status.
+        ContentFilterError: ``stop_reason: refusal``.
+        ProviderServerError: a malformed event, or a stream cut before ``message_stop``.
+    """
+    model = call.model
+    prompt = cache_read = cache_write = output = 0
+    have_usage = False
+    finish: str | None = None
+    async for event in events:
+        try:
+            item = _EVENT_DECODER.decode(event.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise malformed_response(provider, f"stream event: {exc}") from exc
+        if item.type == "error":
+            kind = item.error.type if item.error else "api_error"
+            raise classify_response(provider, STREAM_ERROR_STATUS.get(kind, 500), {}, event.data.encode())
+        if item.type == "message_start" and item.message is not None:
+            model = item.message.model or model
+            if item.message.usage is not None:
+                raw = item.message.usage
+                have_usage = True
+                prompt, output = raw.input_tokens, raw.output_tokens
+                cache_read, cache_write = raw.cache_read_input_tokens or 0, raw.cache_creation_input_tokens or 0
+        elif item.type == "content_block_delta" and item.delta is not None and item.delta.type == "text_delta":
+            text = item.delta.text or ""
+            if skip_leading:
+                dropped = len(text) - len(text.lstrip(skip_leading))
+                keep = min(dropped, len(skip_leading))
+                text, skip_leading = text[keep:], skip_leading[keep:] if keep < len(text) else ""
+            if text:
+                skip_leading = ""
+                yield StreamDelta(text=text)
+        elif item.type == "message_delta":
+            if item.delta is not None and item.delta.stop_reason:
+                if item.delta.stop_reason == "refusal":
+                    raise ContentFilterError(
+                        f"{provider}: stream stopped by content policy (refusal)", provider=provider
+                    )
+                finish = _FINISH.get(item.delta.stop_reason, item.delta.stop_reason)
+            if item.usage is not None and item.usage.output_tokens is not None:
+                output, have_usage = item.usage.output_tokens, True
+        elif item.type == "message_stop":
+            usage = None
+            if have_usage:
+                total_prompt = prompt + cache_read + cache_write
+                usage = Usage(
+                    prompt_tokens=total_prompt,
+                    completion_tokens=output,
+                    total_tokens=total_prompt + output,
+                    cached_prompt_tokens=cache_read,
+                    cache_creation_prompt_tokens=cache_write,
+                )
+            yield StreamEnd(model=model, usage=usage, finish_reason=finish)
+            return
+    raise stream_cut(provider, "no message_stop")
 
 
 class AnthropicAdapter:
@@ -283,3 +421,33 @@ class AnthropicAdapter:
             ),
             secrets=secrets,
         )
+
+    async def stream(
+        self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float
+    ) -> AsyncIterator[StreamEvent]:
+        """Send ``call`` with ``stream: true``; deltas as they arrive, then the end with usage (module docstring).
+
+        Raises:
+            InvalidRequestError: no non-empty user/assistant turn (no HTTP call is made).
+            AIProviderError: as ``complete``; an ``error`` event mid-stream; a cut or malformed stream.
+        """
+
+        def prepare() -> dict[str, Any]:
+            payload = build_payload(call, provider=self.name)
+            payload["stream"] = True
+            return payload
+
+        payload = before_sending(prepare)
+        partial = call.continuation or ""
+        skip = partial[len(partial.rstrip()) :] if partial else ""
+        events = open_events(
+            client,
+            self.name,
+            self.url,
+            headers=self._headers(),
+            payload=payload,
+            timeout_s=timeout_s,
+            secrets=(self._api_key,),
+        )
+        async for item in read_events(events, call, self.name, skip_leading=skip):
+            yield item

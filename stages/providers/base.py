@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import httpx
@@ -10,11 +11,21 @@ from msgspec import Struct
 from schemas.request import Message
 from schemas.response import Usage
 
+#: The turn that asks a model without a prefill to go on with a partial answer (DESIGN A9 resume).
+#: OpenAI and Workers AI document no way to continue an assistant turn, so their adapters send the
+#: partial answer as an ``assistant`` turn followed by this ``user`` turn; the emulator recognises it.
+CONTINUE_INSTRUCTION = (
+    "Your previous answer was cut off. Continue it exactly from where it stopped, "
+    "without repeating any of it and without any preamble."
+)
+
 
 class ProviderCall(Struct, kw_only=True, frozen=True):
     """What to ask one provider: the concrete ``model``, chat ``messages`` and generation parameters.
 
     ``max_tokens`` in tokens, ``temperature`` 0..2, ``top_p`` 0..1, ``stop`` up to 4 strings.
+    ``continuation`` is a partial answer (from an interrupted stream) the call
+    must continue rather than repeat; each adapter documents its method.
     """
 
     model: str
@@ -24,6 +35,27 @@ class ProviderCall(Struct, kw_only=True, frozen=True):
     top_p: float | None = None
     stop: list[str] | None = None
     user: str | None = None
+    continuation: str | None = None
+
+
+class StreamDelta(Struct, kw_only=True, frozen=True):
+    """New answer text from a provider's stream (a content delta; never a keep-alive)."""
+
+    text: str
+
+
+class StreamEnd(Struct, kw_only=True, frozen=True):
+    """The provider's stream ended completely: the model it reports, its ``usage`` (``None``: it sent none).
+
+    ``finish_reason`` is the provider's, mapped to OpenAI's words (``stop``, ``length``, ...).
+    """
+
+    model: str
+    usage: Usage | None = None
+    finish_reason: str | None = None
+
+
+StreamEvent = StreamDelta | StreamEnd
 
 
 class ProviderResult(Struct, kw_only=True, frozen=True):
@@ -60,4 +92,14 @@ class ProviderAdapter(Protocol):
 
     async def complete(self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float) -> ProviderResult:
         """Send ``call`` and return the parsed answer; ``timeout_s`` bounds the whole HTTP call (s)."""
+        ...
+
+    def stream(self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float) -> AsyncIterator[StreamEvent]:
+        """Send ``call`` to the provider's streaming API: ``StreamDelta``s as they arrive, then one ``StreamEnd``.
+
+        ``timeout_s`` is the HTTP client's per-phase limit (s); the caller
+        bounds the first delta and the gaps between deltas itself. A stream
+        that stops without its provider's end marker raises (a cut is never a
+        clean end). Raises the same errors as ``complete``.
+        """
         ...

@@ -24,11 +24,20 @@ total_tokens}`` is used when present; when a model omits it, usage is
 the sent messages and ``estimate_tokens`` of the answer), so costs stay
 approximately right. The model name is the one asked for (the envelope does
 not echo it); the provider request id is the ``cf-ray`` header.
+
+Streaming (https://developers.cloudflare.com/workers-ai/features/streaming/,
+read 2026-12-06): ``stream: true`` answers with server-sent events whose
+``data`` is ``{"response": "<text>"}``, the last one carrying ``usage`` on the
+models that report it, then ``data: [DONE]``; a stream that ends without
+``[DONE]`` was cut. Continuation (resume, DESIGN A9): Workers AI documents no
+assistant prefill, so, as for OpenAI, the partial answer is sent as an
+``assistant`` turn followed by ``CONTINUE_INSTRUCTION``; the model is asked,
+not forced, to continue without repeating.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -38,8 +47,16 @@ from msgspec import Meta, Struct
 
 from pipeline.errors import AuthenticationError
 from schemas.response import Usage
-from stages.providers.base import ProviderCall, ProviderResult
+from stages.providers.base import (
+    CONTINUE_INSTRUCTION,
+    ProviderCall,
+    ProviderResult,
+    StreamDelta,
+    StreamEnd,
+    StreamEvent,
+)
 from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
+from stages.providers.sse import open_events, stream_cut
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "cloudflare"
@@ -65,14 +82,43 @@ class _Envelope(Struct):
 
 
 _DECODER = msgspec.json.Decoder(_Envelope)
+_EVENT_DECODER = msgspec.json.Decoder(_Result)
+
+
+async def read_events(events: AsyncIterator[Any], call: ProviderCall, provider: str) -> AsyncIterator[StreamEvent]:
+    """Workers AI stream events as ``StreamDelta``s and a final ``StreamEnd`` (module docstring).
+
+    Raises:
+        ProviderServerError: a malformed event, or a stream cut before ``[DONE]``.
+    """
+    usage: Usage | None = None
+    async for event in events:
+        if event.data == "[DONE]":
+            yield StreamEnd(model=call.model, usage=usage, finish_reason="stop")
+            return
+        try:
+            item = _EVENT_DECODER.decode(event.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise malformed_response(provider, f"stream event: {exc}") from exc
+        raw = item.usage
+        if raw is not None and raw.prompt_tokens is not None and raw.completion_tokens is not None:
+            usage = Usage(
+                prompt_tokens=raw.prompt_tokens,
+                completion_tokens=raw.completion_tokens,
+                total_tokens=raw.total_tokens or raw.prompt_tokens + raw.completion_tokens,
+            )
+        if item.response:
+            yield StreamDelta(text=item.response)
+    raise stream_cut(provider, "no [DONE]")
 
 
 def build_payload(call: ProviderCall) -> dict[str, Any]:
     """The JSON body for ``call`` (see the module docstring for the mapping)."""
-    payload: dict[str, Any] = {
-        "messages": [{"role": m.role, "content": m.content} for m in call.messages],
-        "max_tokens": call.max_tokens,
-    }
+    messages: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in call.messages]
+    if call.continuation:
+        messages.append({"role": "assistant", "content": call.continuation})
+        messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    payload: dict[str, Any] = {"messages": messages, "max_tokens": call.max_tokens}
     if call.temperature is not None:
         payload["temperature"] = call.temperature
     if call.top_p is not None:
@@ -224,3 +270,31 @@ class CloudflareAdapter:
             ),
             secrets=secrets,
         )
+
+    async def stream(
+        self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float
+    ) -> AsyncIterator[StreamEvent]:
+        """Run ``call.model`` with ``stream: true``; deltas as they arrive, then the end (module docstring).
+
+        Raises:
+            AuthenticationError: no account id (no HTTP call is made).
+            AIProviderError: as ``complete``; ``ProviderServerError`` for a cut or malformed stream.
+        """
+
+        def prepare() -> tuple[str, dict[str, Any]]:
+            payload = build_payload(call)
+            payload["stream"] = True
+            return self.url_for(call.model), payload
+
+        url, payload = before_sending(prepare)
+        events = open_events(
+            client,
+            self.name,
+            url,
+            headers=self._headers(),
+            payload=payload,
+            timeout_s=timeout_s,
+            secrets=(self._api_token,),
+        )
+        async for item in read_events(events, call, self.name):
+            yield item

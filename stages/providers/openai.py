@@ -46,11 +46,23 @@ Response mapping (all three): ``choices[0].message.content`` is the text;
 id is the ``x-request-id`` header (Azure: ``apim-request-id``).
 ``finish_reason: content_filter`` or a ``refusal`` without content is a
 ``ContentFilterError``.
+
+Streaming (https://platform.openai.com/docs/api-reference/chat-streaming,
+read 2026-12-06): ``stream: true`` gives ``chat.completion.chunk`` events
+ending with ``data: [DONE]``; ``stream_options: {"include_usage": true}``
+adds a last chunk with empty ``choices`` and the ``usage``. It is asked for
+by ``openai`` and ``azure_openai``; ``openai_compatible`` servers get only
+``stream: true`` (Mistral refuses unknown fields) and an answer without
+usage is counted. A stream that ends without ``[DONE]`` and without a
+``finish_reason`` was cut. Continuation (resume, DESIGN A9): the Chat
+Completions API has no assistant prefill, so the partial answer is sent as an
+``assistant`` turn followed by ``CONTINUE_INSTRUCTION`` as a ``user`` turn. Its
+limit: the model is asked, not forced, to continue without repeating.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -60,8 +72,16 @@ from msgspec import Meta, Struct
 
 from pipeline.errors import ContentFilterError
 from schemas.response import Usage
-from stages.providers.base import ProviderCall, ProviderResult
+from stages.providers.base import (
+    CONTINUE_INSTRUCTION,
+    ProviderCall,
+    ProviderResult,
+    StreamDelta,
+    StreamEnd,
+    StreamEvent,
+)
 from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
+from stages.providers.sse import open_events, stream_cut
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
 
 PROVIDER = "openai"
@@ -114,9 +134,13 @@ def build_payload(
     call: ProviderCall, *, flavor: Flavor = "openai", max_tokens_field: str | None = None
 ) -> dict[str, Any]:
     """The JSON body for ``call`` in ``flavor``'s dialect (see the module docstring for the mapping)."""
+    messages: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in call.messages]
+    if call.continuation:
+        messages.append({"role": "assistant", "content": call.continuation})
+        messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
     payload: dict[str, Any] = {
         "model": call.model,
-        "messages": [{"role": m.role, "content": m.content} for m in call.messages],
+        "messages": messages,
         max_tokens_field or DEFAULT_MAX_TOKENS_FIELD[flavor]: call.max_tokens,
     }
     if call.temperature is not None:
@@ -204,6 +228,71 @@ def parse_response(
         finish_reason=choice.finish_reason,
         usage_estimated=raw is None,
     )
+
+
+class _Delta(Struct):
+    content: str | None = None
+    refusal: str | None = None
+
+
+class _ChunkChoice(Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(Struct):
+    model: str | None = None
+    choices: list[_ChunkChoice] = []
+    usage: _Usage | None = None
+
+
+_CHUNK_DECODER = msgspec.json.Decoder(_Chunk)
+
+
+def _usage_of(raw: _Usage) -> Usage:
+    cached = raw.prompt_tokens_details.cached_tokens if raw.prompt_tokens_details else None
+    if cached is None:
+        cached = raw.prompt_cache_hit_tokens
+    return Usage(
+        prompt_tokens=raw.prompt_tokens,
+        completion_tokens=raw.completion_tokens,
+        total_tokens=raw.total_tokens if raw.total_tokens is not None else raw.prompt_tokens + raw.completion_tokens,
+        cached_prompt_tokens=min(cached or 0, raw.prompt_tokens),
+    )
+
+
+async def read_chunks(events: AsyncIterator[Any], call: ProviderCall, provider: str) -> AsyncIterator[StreamEvent]:
+    """``chat.completion.chunk`` events as ``StreamDelta``s and a final ``StreamEnd`` (module docstring).
+
+    Raises:
+        ProviderServerError: a malformed event, or a stream cut before ``[DONE]``/``finish_reason``.
+        ContentFilterError: ``finish_reason: content_filter``.
+    """
+    model = call.model
+    usage: Usage | None = None
+    finish: str | None = None
+    async for event in events:
+        if event.data == "[DONE]":
+            yield StreamEnd(model=model, usage=usage, finish_reason=finish)
+            return
+        try:
+            chunk = _CHUNK_DECODER.decode(event.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise malformed_response(provider, f"stream event: {exc}") from exc
+        model = chunk.model or model
+        if chunk.usage is not None:
+            usage = _usage_of(chunk.usage)
+        for choice in chunk.choices[:1]:
+            if choice.finish_reason == "content_filter":
+                raise ContentFilterError(
+                    f"{provider}: stream stopped by content policy (finish_reason content_filter)", provider=provider
+                )
+            finish = choice.finish_reason or finish
+            if choice.delta is not None and choice.delta.content:
+                yield StreamDelta(text=choice.delta.content)
+    if finish is None:
+        raise stream_cut(provider, "no [DONE]")
+    yield StreamEnd(model=model, usage=usage, finish_reason=finish)
 
 
 class OpenAIAdapter:
@@ -321,3 +410,27 @@ class OpenAIAdapter:
             ),
             secrets=secrets,
         )
+
+    async def stream(
+        self, client: httpx.AsyncClient, call: ProviderCall, timeout_s: float
+    ) -> AsyncIterator[StreamEvent]:
+        """Send ``call`` with ``stream: true``; deltas as they arrive, then the end with usage (module docstring).
+
+        Raises:
+            AIProviderError: as ``complete``; ``ProviderServerError`` for a cut or malformed stream.
+        """
+        secrets = (self._api_key,)
+
+        def prepare() -> tuple[str, dict[str, Any]]:
+            payload = build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field)
+            payload["stream"] = True
+            if self.flavor != "openai_compatible":
+                payload["stream_options"] = {"include_usage": True}
+            return self.url_for(call.model), payload
+
+        url, payload = before_sending(prepare)
+        events = open_events(
+            client, self.name, url, headers=self._headers(), payload=payload, timeout_s=timeout_s, secrets=secrets
+        )
+        async for item in read_chunks(events, call, self.name):
+            yield item

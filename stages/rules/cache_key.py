@@ -2,7 +2,7 @@
 
 The key is ``"v1:"`` + the SHA-256 (hex) of the canonical JSON of every
 request field except the ones listed in ``NON_GENERATION_FIELDS`` (``id``,
-``user``, ``metadata``, ``cache``, ``timeout_ms``: they change who asks, how
+``user``, ``metadata``, ``cache``, ``timeout_ms`` and the stream fields: they change who asks, how
 long to wait or how to cache, never the answer). Today that is:
 
 * ``model``: the logical model group or concrete model, as sent;
@@ -36,7 +36,9 @@ from schemas.request import AIRequest
 KEY_VERSION = 1
 
 #: ``AIRequest`` fields that never change the answer and stay out of the key.
-NON_GENERATION_FIELDS: frozenset[str] = frozenset({"id", "user", "metadata", "cache", "timeout_ms"})
+NON_GENERATION_FIELDS: frozenset[str] = frozenset(
+    {"id", "user", "metadata", "cache", "timeout_ms", "stream", "stream_resume", "stream_topic"}
+)
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
 
