@@ -25,6 +25,8 @@ from pipeline.errors import (
     ProviderTimeoutError,
     RateLimitError,
     ServiceUnavailableError,
+    StreamCancelledError,
+    StreamInterruptedError,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +70,8 @@ __all__ = [
     "ProviderTimeoutError",
     "RateLimitError",
     "ServiceUnavailableError",
+    "StreamCancelledError",
+    "StreamInterruptedError",
     "create_ai_provider_manager",
     "monitor_provider_health",
 ]

@@ -9,7 +9,7 @@ same provider), ``status_code`` (the provider's HTTP status, if any),
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from schemas.response import ErrorType
 
@@ -135,6 +135,27 @@ class ServiceUnavailableError(AIProviderError):
     error_type = "service_unavailable"
 
 
+class StreamInterruptedError(AIProviderError):
+    """A streamed answer stopped after text was shown and no candidate continued it (DESIGN A9).
+
+    ``partial`` is the text received (the response's partial ``content``);
+    ``response`` the final ``AIResponse`` when it is known.
+    """
+
+    error_type = "stream_interrupted"
+
+    def __init__(self, message: str, *, partial: str = "", response: AIResponse | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.partial = partial
+        self.response = response
+
+
+class StreamCancelledError(AIProviderError):
+    """The reader of a streamed request went away and the call was stopped (DESIGN A9)."""
+
+    error_type = "cancelled"
+
+
 ERROR_CLASSES: dict[str, type[AIProviderError]] = {
     cls.error_type: cls
     for cls in (
@@ -149,6 +170,8 @@ ERROR_CLASSES: dict[str, type[AIProviderError]] = {
         BudgetExceededError,
         AllProvidersFailedError,
         ServiceUnavailableError,
+        StreamInterruptedError,
+        StreamCancelledError,
     )
 }
 
@@ -169,6 +192,16 @@ def error_from_response(response: AIResponse) -> AIProviderError:
         raise ValueError("response has no error")
     err = response.error
     last_status = next((a.status_code for a in reversed(response.attempts) if a.status_code), None)
+    if err.type == "stream_interrupted":
+        return StreamInterruptedError(
+            err.message,
+            partial=response.content or "",
+            response=response,
+            provider=err.provider,
+            status_code=last_status,
+            attempts=response.attempts,
+            request_id=response.id,
+        )
     return error_for_type(
         err.type,
         err.message,

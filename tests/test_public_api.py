@@ -23,6 +23,8 @@ PUBLIC_NAMES = {
     "ProviderTimeoutError",
     "RateLimitError",
     "ServiceUnavailableError",
+    "StreamCancelledError",
+    "StreamInterruptedError",
     "create_ai_provider_manager",
     "monitor_provider_health",
 }

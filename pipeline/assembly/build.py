@@ -190,6 +190,7 @@ class Pipeline:
                         tuple(c.api_key_env for c in self.config.providers.values() if c.api_key_env)
                     ),
                 )
+                self.control_feed.subscribe(stage.on_control)  # cancel_request of streams (DESIGN A9)
                 if self.circuits.apply not in self.control_feed.listeners:
                     self.control_feed.subscribe(self.circuits.apply)
             elif name == "recorder":

@@ -30,6 +30,7 @@ from pipeline.client.health_reader import HealthReader
 from pipeline.client.metrics_book import MetricsBook, ProviderMetrics
 from pipeline.client.pipeline_client import PipelineClient, as_request
 from pipeline.client.report_reader import ReportReader, limits_applied, publish_control, set_budget_event
+from pipeline.client.stream_handle import StreamHandle
 from pipeline.errors import AIProviderError, InvalidRequestError, ServiceUnavailableError, error_from_response
 from pipeline.runtime import telemetry
 from pipeline.runtime.config import PROVIDER_NAMES, STRATEGY_NAMES, PipelineConfig, config_from_mapping, preset
@@ -37,6 +38,7 @@ from pipeline.runtime.runner import now_utc
 from pipeline.runtime.settings import Settings
 from schemas.request import AIRequest
 from schemas.response import AIResponse
+from schemas.stream import StreamChunk
 from stages.rules.ledger import zone
 from stages.rules.strategies import StrategySpec, parse_strategy
 
@@ -209,6 +211,24 @@ class AIProviderManager:
         if response.status == "error":
             raise error_from_response(response)
         return response
+
+    def stream_content(self, request: AIRequest | Mapping[str, Any]) -> ContentStream:
+        """Stream ``request``'s answer: ``async for chunk in manager.stream_content(request)``, then ``.response``.
+
+        ``request`` is an ``AIRequest`` or a dict of its JSON fields; it is
+        sent with ``stream: true`` (DESIGN A9). Each item is a ``StreamChunk``
+        (``delta`` is the new text). Leave early with ``await stream.aclose()``
+        (or ``async with``): the request is then cancelled and the provider
+        call stopped.
+
+        Raises (while iterating):
+            InvalidRequestError: when the dict is not a valid request.
+            AIProviderError: the typed error of a request that failed before any text.
+            StreamInterruptedError: when the answer stopped after text was shown.
+            StreamCancelledError: when the request was cancelled.
+            ProviderTimeoutError: when no response arrives in time.
+        """
+        return ContentStream(self, request)
 
     # --- management (DESIGN A5); capabilities land issue by issue -------------------------
 
@@ -438,6 +458,51 @@ class AIProviderManager:
     async def get_daily_costs(self, days: int = 30) -> list[DailyCost]:
         """Cost (USD), requests and tokens per calendar day (``budget.timezone``) for the last ``days`` days."""
         return (await self._report_reader()).book.daily_costs(days, now_utc())
+
+
+class ContentStream:
+    """The async iterator ``AIProviderManager.stream_content`` returns; ``response`` once it has ended."""
+
+    def __init__(self, manager: AIProviderManager, request: AIRequest | Mapping[str, Any]) -> None:
+        self._manager = manager
+        self._request = request
+        self._handle: StreamHandle | None = None
+
+    @property
+    def response(self) -> AIResponse | None:
+        """The final ``AIResponse`` (``None`` until the stream has ended)."""
+        return self._handle.response if self._handle is not None else None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return self._handle.text if self._handle is not None else ""
+
+    def __aiter__(self) -> ContentStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._handle is None:
+            if self._manager._client is None:
+                await self._manager.start()
+            assert self._manager._client is not None
+            try:
+                req = as_request(self._request)
+            except msgspec.ValidationError as exc:
+                raise InvalidRequestError(f"invalid request: {exc}") from exc
+            self._handle = await self._manager._client.stream(req)
+        return await self._handle.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop reading; a request still running is cancelled."""
+        if self._handle is not None:
+            await self._handle.aclose()
+
+    async def __aenter__(self) -> ContentStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def create_ai_provider_manager(

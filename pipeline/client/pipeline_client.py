@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -19,17 +20,21 @@ from cachetools import LRUCache, TTLCache
 
 from pipeline.bus.protocol import Bus, BusError, Outgoing
 from pipeline.bus.topics import Topics
+from pipeline.client.stream_handle import StreamHandle
 from pipeline.errors import ProviderTimeoutError, ServiceUnavailableError
 from pipeline.runtime import telemetry
 from pipeline.runtime.logs import OUTAGE
 from pipeline.runtime.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
 from schemas import SCHEMA_VERSION
+from schemas.events import CancelRequest
 from schemas.request import AIRequest
 from schemas.response import AIResponse
+from schemas.stream import StreamChunk
 
 log = logging.getLogger("aipipe.client")
 
 _RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
+_CHUNK_DECODER = msgspec.json.Decoder(StreamChunk)
 #: How long (s) a delivered response id is remembered, so a redelivered copy is dropped.
 SEEN_TTL_S = 600.0
 #: Longest wait (s) for the broker to acknowledge a request before the call fails as ``service_unavailable``.
@@ -65,16 +70,33 @@ class _Waiter:
 class PipelineClient:
     """Publishes requests and awaits their responses.
 
+    Streamed requests (DESIGN A9): ``stream()`` publishes a request with
+    ``stream: true`` and returns a ``StreamHandle``; one reader per client
+    follows ``stream_topic`` (default ``ai.stream``; a private topic under it,
+    such as each ``aipipe serve`` replica's, is created and named in the
+    requests, so the client reads only its own chunks), started on the first
+    streamed request.
+
     Args:
         bus: a started bus.
         topics: topic names.
         slack_ms: extra wait beyond a request's ``timeout_ms`` before giving up (ms).
+        stream_topic: the topic this client's streamed requests use (under ``topics.stream``).
+
+    Raises:
+        ValueError: when ``stream_topic`` is not ``topics.stream`` or a topic under it.
     """
 
-    def __init__(self, bus: Bus, topics: Topics, *, slack_ms: int = 5_000) -> None:
+    def __init__(self, bus: Bus, topics: Topics, *, slack_ms: int = 5_000, stream_topic: str | None = None) -> None:
         self.bus = bus
         self.topics = topics
         self.slack_ms = slack_ms
+        self.stream_topic = stream_topic or topics.stream
+        if not topics.is_stream_topic(self.stream_topic):
+            raise ValueError(f"stream topic {self.stream_topic!r} is not {topics.stream!r} or under it")
+        self._streams: dict[str, StreamHandle] = {}
+        self._stream_reader: anyio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._early: TTLCache[str, AIResponse] = TTLCache(maxsize=10_000, ttl=120)
         # id -> until when (monotonic clock, s) a repeat of its response is a duplicate. Floats in an LRU
@@ -85,7 +107,16 @@ class PipelineClient:
         self.duplicates = 0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Read responses until ``stop()``; reports started once positioned at the topic's end."""
+        """Read responses (and, once asked for, stream chunks) until ``stop()``; reports started when positioned."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self._read_responses)
+            task_status.started()
+            await self._stop.wait()
+            tg.cancel_scope.cancel()
+        self._tg = None
+
+    async def _read_responses(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         consumer = await self.bus.consumer([self.topics.responses], group=None, from_beginning=False)
         task_status.started()
         try:
@@ -107,11 +138,50 @@ class PipelineClient:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
 
+    async def _read_chunks(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.stream_topic != self.topics.stream:
+            await self.bus.ensure_topics([self.stream_topic])
+        consumer = await self.bus.consumer([self.stream_topic], group=None, from_beginning=False)
+        task_status.started()
+        try:
+            while not self._stop.is_set():
+                try:
+                    records = await consumer.getmany(100, max_records=1000)
+                except BusError as exc:
+                    log.warning("stream reader: fetch failed (%s); retrying", exc, extra=OUTAGE)
+                    with anyio.move_on_after(1.0):
+                        await self._stop.wait()
+                    continue
+                for record in records:
+                    try:
+                        chunk = _CHUNK_DECODER.decode(record.value)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    handle = self._streams.get(chunk.id)
+                    if handle is not None:
+                        handle.feed(chunk)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await consumer.stop()
+
+    async def _ensure_stream_reader(self) -> None:
+        """Start the chunk reader once (positioned at the topic's end before the first streamed request)."""
+        if self._stream_reader is None:
+            self._stream_reader = anyio.Event()
+            if self._tg is None:
+                raise RuntimeError("the client is not running (start it with run())")
+            await self._tg.start(self._read_chunks)
+            self._stream_reader.set()
+        await self._stream_reader.wait()
+
     def stop(self) -> None:
         """Stop the response reader."""
         self._stop.set()
 
     def _deliver(self, response: AIResponse) -> None:
+        handle = self._streams.get(response.id)
+        if handle is not None:
+            handle.resolve(response)
         now = time.monotonic()
         seen_until = self._seen.get(response.id)
         if seen_until is not None and seen_until > now:
@@ -178,3 +248,55 @@ class PipelineClient:
             self._waiters.pop(request.id, None)
             if span is not None:
                 tel.finish_request(span, waiter.response, None if waiter.response is not None else "timeout")
+
+    async def stream(self, request: AIRequest) -> StreamHandle:
+        """Publish ``request`` as a streamed request and return the handle that yields its chunks.
+
+        The request gets ``stream: true`` and, when this client has a
+        private topic, that ``stream_topic``. Closing the handle before its
+        response came publishes ``cancel_request`` (the executor stops the call).
+
+        Raises:
+            ServiceUnavailableError: when the broker does not acknowledge the request in time.
+        """
+        if not request.stream or (self.stream_topic != self.topics.stream and request.stream_topic is None):
+            topic = request.stream_topic or (None if self.stream_topic == self.topics.stream else self.stream_topic)
+            request = msgspec.structs.replace(request, stream=True, stream_topic=topic)
+        await self._ensure_stream_reader()
+        deadline = time.monotonic() + (request.timeout_ms + self.slack_ms) / 1000
+
+        def closed(early: bool) -> None:
+            self._streams.pop(request.id, None)
+            if early and self._tg is not None:
+                self._tg.start_soon(self.cancel, request.id)
+
+        handle = self._streams[request.id] = StreamHandle(request.id, deadline, closed)
+        limit = min(PUBLISH_TIMEOUT_S, request.timeout_ms / 1000)
+        with anyio.move_on_after(limit) as publishing:
+            await self.publish(request)
+        if publishing.cancelled_caught:
+            self._streams.pop(request.id, None)
+            raise ServiceUnavailableError(
+                f"the Kafka broker did not take request {request.id} within {limit:.1f}s (is it running?)",
+                request_id=request.id,
+            )
+        early = self._early.pop(request.id, None)
+        if early is not None:
+            handle.resolve(early)
+        return handle
+
+    async def cancel(self, request_id: str) -> None:
+        """Publish ``cancel_request`` for ``request_id`` on ``ai.control`` (the executor stops its stream)."""
+        event = CancelRequest(request_id=request_id, at=datetime.now(UTC))
+        try:
+            await publish_with_retry(
+                self.bus,
+                Outgoing(
+                    topic=self.topics.control,
+                    value=encode(event),
+                    key=b"*",
+                    headers=((SCHEMA_HEADER, str(SCHEMA_VERSION).encode()),),
+                ),
+            )
+        except BusError as exc:
+            log.warning("cancel of %s not published (%s)", request_id, exc)

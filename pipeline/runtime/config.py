@@ -168,6 +168,8 @@ class ProviderConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     ``max_tokens_field`` (the body field that carries ``max_tokens``; default
     per type). Facts that win over the shared tables: ``context_window``
     (tokens, every model of the deployment), ``prices``.
+    ``first_chunk_timeout_ms``: for a streamed request, how long (ms) to wait
+    for the first content delta; it replaces ``timeout_ms`` until then (DESIGN A9).
     """
 
     enabled: bool = True
@@ -189,6 +191,7 @@ class ProviderConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
     context_window: Pos | None = None
     prices: DeploymentPrices | None = None
+    first_chunk_timeout_ms: Pos = 10_000
 
 
 class CacheConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -244,6 +247,23 @@ class HealthConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
         return self.probe_timeout_ms / 1000 + self.half_open_interval_s + 5.0
 
 
+class StreamConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Streaming (DESIGN A9), ``[stream]``; times in ms.
+
+    ``flush_ms``: the first delta is published at once, later ones are
+    coalesced into one chunk for at most this long. ``idle_timeout_ms``: the
+    longest gap between deltas once the first has come (then the stream is
+    interrupted). ``max_duration_ms``: the longest a stream may run (``None``:
+    the request's ``timeout_ms``). ``resume``: the default of a request's
+    ``stream_resume`` (continue an interrupted answer on the next candidate).
+    """
+
+    flush_ms: Annotated[int, Meta(ge=0, le=10_000)] = 20
+    idle_timeout_ms: Pos = 30_000
+    max_duration_ms: Pos | None = None
+    resume: bool = False
+
+
 class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The whole configuration: deployments, model groups, routing strategy, cache, budgets.
 
@@ -263,6 +283,7 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     budget: BudgetConfig = BudgetConfig()
     allow_content_filter_fallback: bool = False
     health: HealthConfig = HealthConfig()
+    stream: StreamConfig = StreamConfig()
 
     def __post_init__(self) -> None:
         """Check cross-field rules.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -18,6 +19,11 @@ ENVELOPE_DECODER = msgspec.json.Decoder(Envelope)
 #: ``ai.control`` values: the tagged union of control events (DESIGN A3).
 CONTROL_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(ControlEvent)
 COST_DECODER = msgspec.json.Decoder(CostEvent)
+
+
+def new_generation() -> str:
+    """A fresh generation id for one execution of a streamed request (DESIGN A9): 16 hex characters."""
+    return secrets.token_hex(8)
 
 
 def now_ms() -> int:

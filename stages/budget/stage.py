@@ -69,6 +69,7 @@ from stages.rules.ledger import (
     crossed_thresholds,
     is_provider_scope,
     provider_hold_id,
+    provider_shares,
     scopes_for,
     window_start,
     zone,
@@ -327,10 +328,12 @@ class BudgetGateStage:
                 cost = Decimal(str(event.cost_usd))
                 scopes = scopes_for(event.user)
                 await self.store.settle(event.id, scopes, cost, event.at, self.clock())
-                # the provider's scope under the key the executor settles it with: counted once
-                hold_id = provider_hold_id(event.id, event.provider)
-                await self.store.settle(hold_id, (event.provider,), cost, event.at, self.clock())
-                self._touch((*scopes, event.provider))
+                # each provider's scope under the key the executor settles it with: counted once
+                shares = provider_shares(event)
+                for provider, share in shares:
+                    hold_id = provider_hold_id(event.id, provider)
+                    await self.store.settle(hold_id, (provider,), share, event.at, self.clock())
+                self._touch((*scopes, *(p for p, _ in shares)))
         elif isinstance(event, ReservationRelease):
             await self.store.release(event.request_id)
             self._touch(tuple(s for s in event.scope.split(",") if s))

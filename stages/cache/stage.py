@@ -37,7 +37,7 @@ import anyio
 import anyio.abc
 
 from pipeline.bus.topics import Topics
-from pipeline.runtime.messages import REQUEST_DECODER, error_envelope, now_ms, to_record
+from pipeline.runtime.messages import REQUEST_DECODER, error_envelope, new_generation, now_ms, to_record
 from pipeline.runtime.runner import Emit, InvalidInput, MessageContext, decode_or_invalid, now_utc, sniff_request_id
 from pipeline.stores.cache_store import CLAIM_SLACK_MS, CacheCounters, CacheStore
 from schemas.cache import CachedAnswer
@@ -45,6 +45,7 @@ from schemas.envelope import Envelope, Outcome
 from schemas.events import CacheClear, CacheStats, CacheStatsRequest
 from schemas.request import MAX_REQUEST_BYTES, AIRequest
 from schemas.response import ErrorInfo
+from schemas.stream import StreamChunk
 from stages.rules.cache_key import cache_key
 
 log = logging.getLogger("aipipe.cache")
@@ -122,6 +123,13 @@ class CacheLookupStage:
     async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
         """Hit: a cached outcome to the recorder; miss: the envelope (with its ``cache_key``) to the budget gate."""
         request: AIRequest = value
+        if request.stream_topic is not None and not self.topics.is_stream_topic(request.stream_topic):
+            error = ErrorInfo(
+                type="invalid_request",
+                message=f"`stream_topic` must be {self.topics.stream!r} or a topic under "
+                f"{self.topics.stream + '.'!r}, got {request.stream_topic!r}",
+            )
+            return self.reject(request.id, error, ctx)
         received = now_ms()
         envelope = Envelope(
             id=request.id,
@@ -141,6 +149,23 @@ class CacheLookupStage:
             self.counters.misses += 1
             return [Emit(self.topics.stage_budget, request.id, envelope)]
         self.counters.hits += 1
+        if request.stream:  # a hit for a streaming request is published as a chunk too (DESIGN A9)
+            generation = new_generation()
+            chunk = StreamChunk(
+                id=request.id,
+                seq=0,
+                generation=generation,
+                delta=answer.content,
+                provider=answer.provider,
+                model=answer.model,
+                cached=True,
+                at=now_utc(),
+            )
+            await ctx.emit_now(Emit(request.stream_topic or self.topics.stream, request.id, chunk))
+            hit = self._hit(envelope, answer)
+            assert envelope.outcome is not None
+            envelope.outcome.generation, envelope.outcome.stream_chunks = generation, 1
+            return [hit]
         return [self._hit(envelope, answer)]
 
     async def _coalesce(self, key: str, envelope: Envelope) -> CachedAnswer | None:

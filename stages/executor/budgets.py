@@ -39,7 +39,7 @@ from pipeline.runtime.runner import Emit, now_utc
 from pipeline.stores.budget_store import BudgetStore, BudgetStoreError
 from schemas.events import ControlEvent, CostEvent, SetBudget
 from schemas.response import Usage
-from stages.rules.ledger import apply_set_budget, is_provider_scope, provider_hold_id, zone
+from stages.rules.ledger import apply_set_budget, is_provider_scope, provider_hold_id, provider_shares, zone
 from stages.rules.pricing import PriceTable, worst_case_cost
 
 log = logging.getLogger("aipipe.executor")
@@ -117,13 +117,10 @@ class ProviderBudgets:
             while self._costs:
                 event = self._costs[0]
                 try:
-                    await self.store.settle(
-                        provider_hold_id(event.id, event.provider),
-                        (event.provider,),
-                        Decimal(str(event.cost_usd)),
-                        event.at,
-                        now_utc(),
-                    )
+                    for provider, share in provider_shares(event):
+                        await self.store.settle(
+                            provider_hold_id(event.id, provider), (provider,), share, event.at, now_utc()
+                        )
                 except BudgetStoreError as exc:
                     log.warning("provider spend of %s not applied yet (%s); retrying", event.id, exc)
                     await anyio.sleep(1.0)

@@ -19,6 +19,14 @@ room is tried again after the others, and when every candidate left is at its
 limit the request waits for the first room within its deadline (else a
 ``rate_limit`` error). The chain's error follows ``stages.executor.chain``.
 Output: the outcome to ``ai.stage.record``.
+
+A request with ``stream: true`` is called through each adapter's streaming
+API and its answer is published as ``StreamChunk``s while it arrives
+(``stages.executor.streaming``, DESIGN A9): failures before the first chunk
+fall back as above; after it the request ends ``stream_interrupted`` with the
+partial content, or, with ``stream_resume``, the next call continues the
+partial text. A ``cancel_request`` on ``ai.control`` stops the call; the
+request ends ``cancelled`` with the cost of what was generated.
 """
 
 from __future__ import annotations
@@ -32,22 +40,25 @@ from typing import Any
 
 import anyio
 import httpx
+from cachetools import TTLCache
 
 from pipeline.bus.topics import Topics
 from pipeline.errors import AIProviderError
 from pipeline.runtime import telemetry
 from pipeline.runtime.config import PipelineConfig, ProviderConfig
-from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, now_ms, to_record
+from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, new_generation, now_ms, to_record
 from pipeline.runtime.runner import Emit, MessageContext, decode_or_invalid, now_utc
-from schemas.envelope import Candidate, Envelope, Outcome
-from schemas.events import Health
+from schemas.envelope import Candidate, Envelope, Outcome, OutcomePart
+from schemas.events import CancelRequest, Health
 from schemas.request import AIRequest
 from schemas.response import Attempt, ErrorInfo, Usage
 from stages.executor.budgets import Hold, ProviderBudgets
 from stages.executor.chain import LatencyWindow, attempt_timeout_s, final_error, reserve_s
 from stages.executor.retry import Decision, decide
+from stages.executor.streaming import StreamRun, part_usage, read_stream, timeout_error, total_usage
 from stages.providers import ProviderAdapter, ProviderCall
 from stages.providers.classify import redact
+from stages.providers.sse import stream_cut
 from stages.rules.catalog import deployment_model_info
 from stages.rules.circuit_view import CircuitView
 from stages.rules.pricing import PriceTable
@@ -61,8 +72,13 @@ log = logging.getLogger("aipipe.executor")
 HUNG_FRACTION = 0.5
 
 
-def provider_call(request: AIRequest, model: str) -> ProviderCall:
-    """The provider-neutral call for ``request`` on concrete ``model``."""
+#: How long (s) a ``cancel_request`` for a request not (yet) running here is remembered, and how many.
+CANCEL_MEMORY_S = 600.0
+CANCEL_MEMORY_IDS = 10_000
+
+
+def provider_call(request: AIRequest, model: str, continuation: str | None = None) -> ProviderCall:
+    """The provider-neutral call for ``request`` on concrete ``model``, continuing ``continuation`` if given."""
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     return ProviderCall(
         model=model,
@@ -72,6 +88,7 @@ def provider_call(request: AIRequest, model: str) -> ProviderCall:
         top_p=request.top_p,
         stop=stop,
         user=request.user,
+        continuation=continuation or None,
     )
 
 
@@ -124,6 +141,16 @@ class ExecutorStage:
         self.client = client
         self.rng = rng or random.Random()
         self.input_topic = topics.stage_execute
+        self._streams: dict[str, StreamRun] = {}  # request id -> its running stream (for cancel_request)
+        self._cancelled: TTLCache[str, bool] = TTLCache(maxsize=CANCEL_MEMORY_IDS, ttl=CANCEL_MEMORY_S)
+
+    def on_control(self, event: object) -> None:
+        """Follow ``ai.control``: a ``cancel_request`` stops the stream of its request (now, or when it starts)."""
+        if isinstance(event, CancelRequest):
+            self._cancelled[event.request_id] = True
+            run = self._streams.get(event.request_id)
+            if run is not None:
+                run.cancelled.set()
 
     def decode(self, raw: bytes) -> Envelope:
         """Decode an envelope.
@@ -149,12 +176,69 @@ class ExecutorStage:
 
     async def execute(self, envelope: Envelope, ctx: MessageContext) -> Outcome:
         """Run the skip/retry/fallback chain for one request and return its outcome (module docstring)."""
+        run = self._stream_run(envelope)
         try:
-            return await self._chain(envelope, ctx)
+            outcome = await self._chain(envelope, ctx, run)
+            return outcome if run is None else self._stream_outcome(run, outcome)
         finally:
             self._last_errors.pop(envelope.id, None)
+            if run is not None:
+                self._streams.pop(envelope.id, None)
 
-    async def _chain(self, envelope: Envelope, ctx: MessageContext) -> Outcome:
+    def _stream_run(self, envelope: Envelope) -> StreamRun | None:
+        """A new generation for a streamed request (``None`` for a plain one)."""
+        request = envelope.request
+        if request is None or not request.stream:
+            return None
+        cfg = self.config.stream
+        topic = request.stream_topic if request.stream_topic else self.topics.stream
+        if not self.topics.is_stream_topic(topic):
+            topic = self.topics.stream
+        left_s = (envelope.deadline_at_ms - now_ms()) / 1000
+        max_s = cfg.max_duration_ms / 1000 if cfg.max_duration_ms is not None else None
+        by_max = max_s is not None and max_s < left_s
+        run = StreamRun(
+            request_id=envelope.id,
+            topic=topic,
+            generation=new_generation(),
+            flush_s=cfg.flush_ms / 1000,
+            idle_timeout_s=cfg.idle_timeout_ms / 1000,
+            resume=request.stream_resume if request.stream_resume is not None else cfg.resume,
+            ends_at=time.monotonic() + (max_s if by_max and max_s is not None else left_s),
+            ends_by="max_duration" if by_max else "deadline",
+        )
+        if self._cancelled.get(envelope.id):
+            run.cancelled.set()
+        self._streams[envelope.id] = run
+        return run
+
+    def _stream_outcome(self, run: StreamRun, outcome: Outcome) -> Outcome:
+        """Stamp a streamed request's outcome; an error after chunks were published is ``stream_interrupted``."""
+        outcome.generation = run.generation
+        outcome.stream_chunks = run.seq
+        if run.parts and not outcome.parts:
+            outcome.parts = list(run.parts)
+        if outcome.status == "error" and run.started:
+            error = outcome.error
+            if error is None or error.type not in ("stream_interrupted", "cancelled"):
+                reason = error.type if error is not None else "provider_error"
+                outcome.error = ErrorInfo(
+                    type="stream_interrupted",
+                    message=f"the stream was interrupted after {run.seq} chunks and no candidate could continue it"
+                    + (f": {error.message}" if error is not None else ""),
+                    provider=error.provider if error is not None else None,
+                    reason=reason,
+                )
+            outcome.content = run.text
+            outcome.usage = total_usage(run.parts)
+            if run.parts:
+                outcome.provider = outcome.provider or run.parts[-1].provider
+                outcome.model = outcome.model or run.parts[-1].model
+                if any(p.usage_source == "estimated" for p in run.parts):
+                    outcome.usage_source = "estimated"
+        return outcome
+
+    async def _chain(self, envelope: Envelope, ctx: MessageContext, run: StreamRun | None = None) -> Outcome:
         request = envelope.request
         assert request is not None  # checked by handle
         attempts: list[Attempt] = []
@@ -184,7 +268,17 @@ class ExecutorStage:
                 continue
             try:
                 turn = await self._candidate_turn(
-                    envelope, candidate, provider_cfg, hold, prompt_estimate, attempts, calls, remaining, saturated, ctx
+                    envelope,
+                    candidate,
+                    provider_cfg,
+                    hold,
+                    prompt_estimate,
+                    attempts,
+                    calls,
+                    remaining,
+                    saturated,
+                    ctx,
+                    run,
                 )
             except BaseException:
                 if hold is not None:
@@ -209,6 +303,7 @@ class ExecutorStage:
         remaining: list[Candidate],
         saturated: list[tuple[Candidate, float]],
         ctx: MessageContext,
+        run: StreamRun | None = None,
     ) -> Outcome | None:
         """Calls to one candidate, retried per DESIGN A8; the request's outcome, or ``None`` to fall back.
 
@@ -226,7 +321,8 @@ class ExecutorStage:
                 return self._deadline_outcome(attempts, request)
             following = remaining[0].provider if remaining else saturated[0][0].provider if saturated else None
             reserve = reserve_s(following, self.latencies, provider_cfg.retry.fallback_reserve_ms)
-            timeout_s = attempt_timeout_s(provider_cfg.timeout_ms / 1000, left_s, reserve)
+            limit_ms = provider_cfg.first_chunk_timeout_ms if run is not None else provider_cfg.timeout_ms
+            timeout_s = attempt_timeout_s(limit_ms / 1000, left_s, reserve)
             charge = await admit(
                 self.rate_limiter, candidate.provider, provider_cfg.rate_limit, prompt_estimate, request.max_tokens
             )
@@ -236,13 +332,24 @@ class ExecutorStage:
                 await self.budgets_release(hold)
                 return None
             calls[candidate.provider] = attempt_number
-            result = await self._attempt(
-                envelope, candidate, timeout_s, attempts, ctx, charge, attempt_number=attempt_number
-            )
+            if run is not None:
+                result = await self._stream_attempt(
+                    envelope, candidate, timeout_s, attempts, ctx, charge, run, attempt_number=attempt_number
+                )
+            else:
+                result = await self._attempt(
+                    envelope, candidate, timeout_s, attempts, ctx, charge, attempt_number=attempt_number
+                )
             if isinstance(result, Outcome):
                 if hold is not None and self.budgets is not None:
-                    await self.budgets.settle(hold, result.model or candidate.model, result.usage)
+                    usage = result.usage if run is None else total_usage(run.attempt_parts(candidate.provider))
+                    await self.budgets.settle(hold, result.model or candidate.model, usage)
                 return result
+            if run is not None and run.unsettled is not None:  # a part generated, then the stream broke
+                if hold is not None and self.budgets is not None:
+                    await self.budgets.settle(hold, run.unsettled.model, run.unsettled.usage)
+                    hold = None
+                run.unsettled = None
             error = result
             left_s = (envelope.deadline_at_ms - now_ms()) / 1000
             if left_s <= 0:
@@ -258,8 +365,9 @@ class ExecutorStage:
                 rng=self.rng,
             )
             hung = error.error_type == "timeout" and attempts[-1].latency_ms >= HUNG_FRACTION * timeout_s * 1000
-            if decision.action == "retry" and hung and (remaining or saturated):
-                decision = Decision("fallback")  # a hanging provider is retried only when no other is left
+            if decision.action == "retry" and (hung or (run is not None and run.started)) and (remaining or saturated):
+                # a hanging provider, or one that broke a stream mid-answer, is retried only when no other is left
+                decision = Decision("fallback")
             if decision.action == "retry":
                 await anyio.sleep(decision.delay_s)
                 if not self.circuits.allows_traffic(candidate.provider):
@@ -454,6 +562,222 @@ class ExecutorStage:
             usage_source="estimated" if result.usage_estimated else "provider",
             attempts=attempts,
         )
+
+    async def _stream_attempt(
+        self,
+        envelope: Envelope,
+        candidate: Candidate,
+        first_chunk_timeout_s: float,
+        attempts: list[Attempt],
+        ctx: MessageContext,
+        charge: Charge | None,
+        run: StreamRun,
+        *,
+        attempt_number: int = 1,
+    ) -> Outcome | AIProviderError:
+        """One streamed call (module docstring): the ok outcome, an interrupted or cancelled one, or the error.
+
+        The error is returned (for the chain to retry or fall back) when no
+        chunk was published yet, or when ``run.resume`` lets the next call
+        continue the text; a part this attempt generated is added to
+        ``run.parts`` either way (and left in ``run.unsettled`` for the
+        provider budget when the attempt failed).
+        """
+        request = envelope.request
+        assert request is not None
+        adapter = self.adapters[candidate.provider]
+        tel = telemetry.current()
+        span = tel.start_attempt(
+            candidate.provider, candidate.model, request, attempt_number, getattr(adapter, "type", None)
+        )
+        resumed = run.started
+        call = provider_call(request, candidate.model, run.text if resumed else None)
+        index = len(attempts)
+        started = time.perf_counter()
+        client_timeout_s = max(1.0, run.ends_at - time.monotonic())
+        if run.cancelled.is_set():
+            got = None
+        else:
+            got = await read_stream(
+                run,
+                adapter.stream(self.client, call, client_timeout_s),
+                provider=candidate.provider,
+                model=candidate.model,
+                attempt=index,
+                first_chunk_timeout_s=first_chunk_timeout_s,
+                publish=lambda chunk: ctx.emit_now(Emit(run.topic, envelope.id, chunk)),
+                now=now_utc,
+            )
+        latency_ms = (time.perf_counter() - started) * 1000
+        prompt_tokens = estimate_messages_tokens(call.messages)
+        if got is None or got.stop == "cancelled":
+            part = self._add_part(run, candidate, got.end if got else None, prompt_tokens, got.text if got else "")
+            if charge is not None:
+                await charge.settle_answer(part.usage if part else Usage())
+            attempts.append(
+                Attempt(
+                    provider=candidate.provider,
+                    model=candidate.model,
+                    outcome="error",
+                    error_type="cancelled",
+                    latency_ms=round(latency_ms, 3),
+                    first_chunk_ms=got.first_chunk_ms if got else None,
+                    chunks=got.chunks if got else 0,
+                    resumed=resumed,
+                )
+            )
+            tel.finish_attempt(
+                span,
+                candidate.provider,
+                candidate.model,
+                ok=False,
+                status_code=None,
+                error_type="cancelled",
+                latency_ms=latency_ms,
+            )
+            return Outcome(
+                status="error",
+                content=run.text,
+                provider=candidate.provider,
+                model=candidate.model,
+                attempts=attempts,
+                error=ErrorInfo(
+                    type="cancelled",
+                    message=f"the reader went away; the stream was stopped after {run.seq} chunks",
+                    provider=candidate.provider,
+                ),
+            )
+        if got.stop == "complete" and got.end is not None and (got.text or resumed):
+            answered_model = got.end.model or candidate.model
+            part = self._add_part(run, candidate, got.end, prompt_tokens, got.text, model=answered_model)
+            usage = part.usage if part else Usage()
+            self.latencies.add(candidate.provider, latency_ms)
+            tel.finish_attempt(
+                span,
+                candidate.provider,
+                candidate.model,
+                ok=True,
+                status_code=200,
+                error_type=None,
+                latency_ms=latency_ms,
+                usage=usage,
+                response_model=answered_model,
+                cost_usd=lambda: self._cost_usd(candidate.provider, answered_model, usage),
+            )
+            if charge is not None:
+                await charge.settle_answer(usage)
+            attempts.append(
+                Attempt(
+                    provider=candidate.provider,
+                    model=answered_model,
+                    outcome="ok",
+                    status_code=200,
+                    latency_ms=round(latency_ms, 3),
+                    first_chunk_ms=got.first_chunk_ms,
+                    chunks=got.chunks,
+                    resumed=resumed,
+                )
+            )
+            await self._health(envelope, candidate, True, None, 200, latency_ms, ctx, None)
+            return Outcome(
+                status="ok",
+                content=run.text,
+                provider=candidate.provider,
+                model=answered_model,
+                usage=total_usage(run.parts),
+                usage_source="estimated" if any(p.usage_source == "estimated" for p in run.parts) else "provider",
+                attempts=attempts,
+                parts=list(run.parts),
+            )
+        # a failure: a provider error, a time limit, or a stream that ended without text
+        if got.error is not None:
+            error: AIProviderError = got.error
+        elif got.stop in ("first_chunk_timeout", "idle_timeout"):
+            limit = first_chunk_timeout_s if got.stop == "first_chunk_timeout" else run.idle_timeout_s
+            error = timeout_error(candidate.provider, got.stop, limit)
+        elif got.stop in ("deadline", "max_duration"):
+            error = timeout_error(candidate.provider, got.stop, max(0.0, latency_ms / 1000))
+        elif got.stop == "complete":
+            error = stream_cut(candidate.provider, "an answer without text")
+        else:
+            error = stream_cut(candidate.provider, "the stream stopped")
+        part = self._add_part(run, candidate, got.end, prompt_tokens, got.text) if got.text else None
+        run.unsettled = part
+        if charge is not None:
+            if part is not None:
+                await charge.settle_answer(part.usage)
+            else:
+                await charge.settle_failure(error)
+        tel.finish_attempt(
+            span,
+            candidate.provider,
+            candidate.model,
+            ok=False,
+            status_code=error.status_code,
+            error_type=error.error_type,
+            latency_ms=latency_ms,
+        )
+        self._last_errors[envelope.id] = redact(error.message, self._secrets)
+        attempts.append(
+            Attempt(
+                provider=candidate.provider,
+                model=candidate.model,
+                outcome="error",
+                error_type=error.error_type,
+                status_code=error.status_code,
+                latency_ms=round(latency_ms, 3),
+                reason=got.stop if got.stop not in ("provider_error", "complete") else None,
+                first_chunk_ms=got.first_chunk_ms,
+                chunks=got.chunks,
+                resumed=resumed,
+            )
+        )
+        log.info(
+            "request %s: %s/%s stream failed after %d chunks: %s (%s)",
+            envelope.id,
+            candidate.provider,
+            candidate.model,
+            got.chunks,
+            error.error_type,
+            got.stop,
+        )
+        await self._health(
+            envelope, candidate, False, error.error_type, error.status_code, latency_ms, ctx, error.retry_after_s
+        )
+        ends = got.stop in ("deadline", "max_duration")
+        if run.started and (not run.resume or ends):
+            return Outcome(
+                status="error",
+                content=run.text,
+                provider=candidate.provider,
+                model=candidate.model,
+                attempts=attempts,
+                error=ErrorInfo(
+                    type="stream_interrupted",
+                    message=f"{candidate.provider} stream interrupted after {run.seq} chunks: "
+                    f"{redact(error.message, self._secrets)}",
+                    provider=candidate.provider,
+                    reason=got.stop if got.stop != "provider_error" else "provider_error",
+                ),
+            )
+        return error
+
+    @staticmethod
+    def _add_part(
+        run: StreamRun, candidate: Candidate, end: Any, prompt_tokens: int, text: str, *, model: str | None = None
+    ) -> OutcomePart | None:
+        """Record what one attempt generated (``None`` when it generated nothing billable)."""
+        if not text and (end is None or end.usage is None):
+            return None
+        usage, estimated = part_usage(end, prompt_tokens, text)
+        part = OutcomePart(
+            provider=candidate.provider,
+            model=model or candidate.model,
+            usage=usage,
+            usage_source="estimated" if estimated else "provider",
+        )
+        run.parts.append(part)
+        return part
 
     def _cost_usd(self, provider: str, model: str, usage: Usage) -> Decimal | None:
         """What ``usage`` cost (USD) at the price table, for the attempt's span; ``None`` without a price."""

@@ -53,6 +53,7 @@ extended thinking, so a deployment using it cannot resume.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 import httpx
@@ -449,5 +450,6 @@ class AnthropicAdapter:
             timeout_s=timeout_s,
             secrets=(self._api_key,),
         )
-        async for item in read_events(events, call, self.name, skip_leading=skip):
-            yield item
+        async with aclosing(events):
+            async for item in read_events(events, call, self.name, skip_leading=skip):
+                yield item

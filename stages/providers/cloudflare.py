@@ -38,6 +38,7 @@ not forced, to continue without repeating.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -296,5 +297,6 @@ class CloudflareAdapter:
             timeout_s=timeout_s,
             secrets=(self._api_token,),
         )
-        async for item in read_events(events, call, self.name):
-            yield item
+        async with aclosing(events):
+            async for item in read_events(events, call, self.name):
+                yield item

@@ -63,6 +63,7 @@ limit: the model is asked, not forced, to continue without repeating.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -432,5 +433,6 @@ class OpenAIAdapter:
         events = open_events(
             client, self.name, url, headers=self._headers(), payload=payload, timeout_s=timeout_s, secrets=secrets
         )
-        async for item in read_chunks(events, call, self.name):
-            yield item
+        async with aclosing(events):
+            async for item in read_chunks(events, call, self.name):
+                yield item

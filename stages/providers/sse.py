@@ -9,7 +9,7 @@ typed error.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -34,7 +34,7 @@ async def open_events(
     payload: Mapping[str, Any],
     timeout_s: float,
     secrets: Iterable[str | None] = (),
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncGenerator[ServerSentEvent, None]:
     """POST ``payload`` and yield the answer's server-sent events as they arrive.
 
     Args:

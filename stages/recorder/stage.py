@@ -8,7 +8,11 @@ reservation of an outcome without cost (``reservation_release`` on
 ``ai.control``), stores complete successful answers in the response cache
 (then ends the request's coalescing claim, so identical requests waiting in
 the cache stage are answered from it or go on), and publishes the final
-``AIResponse`` to ``ai.responses``. A redelivered record gets the very same
+``AIResponse`` to ``ai.responses``. A streamed answer (DESIGN A9) is priced per
+part: one ``CostLine`` per attempt that generated tokens, so an answer begun
+by one provider and continued by another charges each its own share; an
+interrupted or cancelled stream that generated tokens gets a ``CostEvent``
+too (``status`` names the outcome) and is never cached. A redelivered record gets the very same
 response again (it is built from the record alone: the latency is the
 envelope's ``finished_at_ms - received_at_ms``) and no second cost event; a
 request executed twice (an executor that died after publishing its outcome but
@@ -43,8 +47,8 @@ from pipeline.runtime.messages import ENVELOPE_DECODER, now_ms
 from pipeline.runtime.runner import Emit, MessageContext, decode_or_invalid, encode, now_utc
 from pipeline.stores.cache_store import CacheStore
 from schemas.cache import CachedAnswer
-from schemas.envelope import Envelope, Outcome
-from schemas.events import CostEvent, ReservationRelease
+from schemas.envelope import Envelope, Outcome, OutcomePart
+from schemas.events import CostEvent, CostLine, ReservationRelease
 from schemas.response import AIResponse, ErrorInfo
 from stages.rules.pricing import PriceTable, round_usd
 from stages.rules.recent_ids import RecentIds
@@ -115,12 +119,33 @@ class RecorderStage:
         return [Emit(self.topics.responses, request_id, response)]
 
     def _price(self, outcome: Outcome) -> tuple[Decimal, str]:
-        provider = outcome.provider or ""
-        model = outcome.model or ""
+        return self._price_usage(outcome.provider or "", outcome.model or "", outcome)
+
+    def _price_usage(self, provider: str, model: str, priced: Outcome | OutcomePart) -> tuple[Decimal, str]:
+        """What ``priced.usage`` cost on ``provider``/``model`` (USD) and the price's source."""
         cfg = self.config.providers.get(provider)
         default = Decimal(str(cfg.cost_per_token)) if cfg is not None else None
-        costing = self.prices.cost(provider, model, outcome.usage, default_cost_per_token=default)
+        costing = self.prices.cost(provider, model, priced.usage, default_cost_per_token=default)
         return costing.cost_usd, costing.price_source
+
+    def _lines(self, outcome: Outcome) -> tuple[list[CostLine], Decimal, str]:
+        """One cost line per part of a streamed outcome: the lines, their total (USD) and the last price source."""
+        lines: list[CostLine] = []
+        total = Decimal(0)
+        source = "none"
+        for part in outcome.parts:
+            cost, source = self._price_usage(part.provider, part.model, part)
+            total += cost
+            lines.append(
+                CostLine(
+                    provider=part.provider,
+                    model=part.model,
+                    usage=part.usage,
+                    cost_usd=round_usd(cost),
+                    usage_source=part.usage_source,
+                )
+            )
+        return lines, total, source
 
     async def handle(self, value: Any, ctx: MessageContext) -> list[Emit]:
         """Finalize one outcome: response, cost event, cache write, reservation release."""
@@ -159,6 +184,9 @@ class RecorderStage:
                     at=now_utc(),
                 )
             else:
+                lines: list[CostLine] = []
+                if outcome.parts:
+                    lines, priced, source = self._lines(outcome)
                 cost_usd = priced
                 event = CostEvent(
                     id=envelope.id,
@@ -172,9 +200,30 @@ class RecorderStage:
                     price_source=source,  # type: ignore[arg-type]
                     usage_source=outcome.usage_source,
                     at=now_utc(),
+                    lines=lines,
                 )
                 await self._store(envelope, outcome, priced)
             if envelope.id not in self._costed:  # one CostEvent per id, also for a redelivered record
+                self._costed.add(envelope.id, event.at.timestamp())
+                outputs.append(Emit(self.topics.costs, envelope.id, event))
+        elif outcome.parts and outcome.error is not None and outcome.error.type in ("stream_interrupted", "cancelled"):
+            # a stream that ended early still generated tokens someone is billed for (DESIGN A9)
+            lines, cost_usd, source = self._lines(outcome)
+            last = outcome.parts[-1]
+            event = CostEvent(
+                id=envelope.id,
+                user=user,
+                provider=last.provider,
+                model=last.model,
+                usage=outcome.usage,
+                cost_usd=round_usd(cost_usd),
+                price_source=source,  # type: ignore[arg-type]
+                usage_source=outcome.usage_source,
+                at=now_utc(),
+                lines=lines,
+                status=outcome.error.type,
+            )
+            if envelope.id not in self._costed:
                 self._costed.add(envelope.id, event.at.timestamp())
                 outputs.append(Emit(self.topics.costs, envelope.id, event))
         elif envelope.reserved_usd > 0:
@@ -199,6 +248,8 @@ class RecorderStage:
             cached=outcome.cached,
             attempts=outcome.attempts,
             error=outcome.error,
+            generation=outcome.generation,
+            stream_chunks=outcome.stream_chunks,
         )
         telemetry.current().record_outcome(
             provider=outcome.provider,

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from msgspec import UNSET
 
-from schemas.events import SetBudget
+from schemas.events import CostEvent, SetBudget
 from stages.rules.recent_ids import RecentIds
 
 WINDOWS: tuple[str, ...] = ("daily", "weekly", "monthly")
@@ -412,3 +412,17 @@ def provider_hold_id(request_id: str, provider: str) -> str:
     counted once whoever sees it first.
     """
     return f"{request_id}@{provider}"
+
+
+def provider_shares(event: CostEvent) -> list[tuple[str, Decimal]]:
+    """Each provider's share of a cost event (USD): from its ``lines`` when it has them, else all to ``provider``.
+
+    An answer begun by one provider and continued by another (DESIGN A9)
+    counts toward each provider's budget with its own line.
+    """
+    if not event.lines:
+        return [(event.provider, Decimal(str(event.cost_usd)))]
+    shares: dict[str, Decimal] = {}
+    for line in event.lines:
+        shares[line.provider] = shares.get(line.provider, Decimal(0)) + Decimal(str(line.cost_usd))
+    return list(shares.items())

@@ -1,0 +1,257 @@
+"""One streamed attempt: read a provider's deltas under the stream time limits and publish them as chunks.
+
+DESIGN A9. The first content delta of a generation is published at once;
+later ones are coalesced and published at most ``flush_ms`` after the
+previous chunk. Until an attempt's first delta only its first-chunk timeout
+applies (a failure then is an ordinary failure the chain falls back from,
+invisible to the reader); after it, the idle timeout (the longest gap
+between deltas), the request's deadline and the stream's maximum duration.
+Protocol keep-alives never reach this module (the adapters yield content
+deltas only). A ``cancel_request`` stops the read at once; leaving the
+adapter's iterator closes the HTTP response, so the provider stops generating.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from pipeline.errors import AIProviderError, ProviderTimeoutError
+from schemas.envelope import OutcomePart
+from schemas.response import Usage
+from schemas.stream import StreamChunk
+from stages.providers.base import StreamDelta, StreamEnd, StreamEvent
+from stages.rules.tokens import estimate_tokens
+
+#: Why an attempt's stream stopped.
+StopReason = Literal[
+    "complete", "provider_error", "first_chunk_timeout", "idle_timeout", "deadline", "max_duration", "cancelled"
+]
+
+
+@dataclass
+class StreamRun:
+    """One execution (``generation``) of a streamed request, across its attempts.
+
+    ``text`` is what has been published so far (every attempt's part joined),
+    ``seq`` the next chunk's number, ``parts`` what each attempt generated
+    (one cost line each). Times: ``flush_s``, ``idle_timeout_s`` in s;
+    ``ends_at`` is a ``time.monotonic()`` instant (the deadline or the
+    maximum duration, whichever comes first) and ``ends_by`` names it.
+    """
+
+    request_id: str
+    topic: str
+    generation: str
+    flush_s: float
+    idle_timeout_s: float
+    resume: bool
+    ends_at: float
+    ends_by: Literal["deadline", "max_duration"]
+    text: str = ""
+    seq: int = 0
+    parts: list[OutcomePart] = field(default_factory=list)
+    cancelled: anyio.Event = field(default_factory=anyio.Event)
+    unsettled: OutcomePart | None = None
+
+    def attempt_parts(self, provider: str) -> list[OutcomePart]:
+        """The parts ``provider`` generated (for its budget's settlement)."""
+        return [p for p in self.parts if p.provider == provider]
+
+    @property
+    def started(self) -> bool:
+        """Whether a chunk has been published (the reader has seen text)."""
+        return self.seq > 0
+
+    def chunk(self, delta: str, provider: str, model: str, attempt: int, at: object) -> StreamChunk:
+        """The next chunk of this generation (``seq`` advances)."""
+        chunk = StreamChunk(
+            id=self.request_id,
+            seq=self.seq,
+            generation=self.generation,
+            delta=delta,
+            provider=provider,
+            model=model,
+            attempt=attempt,
+            at=at,  # type: ignore[arg-type]
+        )
+        self.seq += 1
+        return chunk
+
+
+@dataclass
+class AttemptStream:
+    """What one streamed attempt produced: its ``text``, how it stopped, its end or error, its timings (ms)."""
+
+    text: str = ""
+    stop: StopReason = "complete"
+    end: StreamEnd | None = None
+    error: AIProviderError | None = None
+    first_chunk_ms: float | None = None
+    chunks: int = 0
+
+
+async def read_stream(
+    run: StreamRun,
+    events: AsyncIterator[StreamEvent],
+    *,
+    provider: str,
+    model: str,
+    attempt: int,
+    first_chunk_timeout_s: float,
+    publish: Callable[[StreamChunk], Awaitable[None]],
+    now: Callable[[], object],
+) -> AttemptStream:
+    """Read ``events`` to their end, a failure, a time limit or a cancellation, publishing chunks.
+
+    Args:
+        run: the generation's state (its text and ``seq`` advance).
+        events: the adapter's ``stream()`` iterator; it is closed on return.
+        provider: deployment name put on the chunks.
+        model: model put on the chunks (the one asked for).
+        attempt: index in ``attempts`` of this call, put on the chunks.
+        first_chunk_timeout_s: how long (s) to wait for this attempt's first delta.
+        publish: publishes one chunk (awaits the broker's acknowledgement).
+        now: the clock for the chunks' ``at``.
+
+    Returns:
+        The attempt's text and how it stopped; never raises a provider error
+        (it is in ``error``, with ``stop`` ``provider_error``).
+    """
+    out = AttemptStream()
+    started = time.monotonic()
+    buffer: list[str] = []
+    pending = anyio.Event()
+    last_flush = [0.0]
+
+    async def flush() -> None:
+        if not buffer:
+            return
+        text = "".join(buffer)
+        buffer.clear()
+        chunk = run.chunk(text, provider, model, attempt, now())
+        out.chunks += 1
+        last_flush[0] = time.monotonic()
+        with anyio.CancelScope(shield=True):
+            await publish(chunk)
+
+    async def flusher() -> None:
+        nonlocal pending
+        while True:
+            await pending.wait()
+            pending = anyio.Event()
+            await anyio.sleep(max(0.0, last_flush[0] + run.flush_s - time.monotonic()))
+            await flush()
+
+    iterator = events.__aiter__()
+    try:
+        async with anyio.create_task_group() as tg:
+            reading = anyio.CancelScope()
+
+            async def watch_cancel() -> None:
+                await run.cancelled.wait()
+                reading.cancel()
+
+            tg.start_soon(flusher)
+            tg.start_soon(watch_cancel)
+            with reading:
+                await _read(run, iterator, out, started, first_chunk_timeout_s, buffer, flush, lambda: pending.set())
+            if run.cancelled.is_set():
+                out.stop = "cancelled"
+            tg.cancel_scope.cancel()
+        await flush()
+    finally:
+        with anyio.CancelScope(shield=True):
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    pass
+    return out
+
+
+async def _read(
+    run: StreamRun,
+    iterator: AsyncIterator[StreamEvent],
+    out: AttemptStream,
+    started: float,
+    first_chunk_timeout_s: float,
+    buffer: list[str],
+    flush: Callable[[], Awaitable[None]],
+    wake: Callable[[], None],
+) -> None:
+    """The read loop of ``read_stream``: one event at a time, each under the limit that applies now."""
+    while True:
+        left = run.ends_at - time.monotonic()
+        gap = first_chunk_timeout_s if out.first_chunk_ms is None else run.idle_timeout_s
+        limit = min(gap, left)
+        if limit <= 0:
+            out.stop = run.ends_by
+            return
+        with anyio.move_on_after(limit) as waited:
+            try:
+                item = await iterator.__anext__()
+            except StopAsyncIteration:
+                out.stop, out.error = "provider_error", None
+                return
+            except AIProviderError as exc:
+                out.stop, out.error = "provider_error", exc
+                return
+        if waited.cancelled_caught:
+            if gap <= left:
+                out.stop = "first_chunk_timeout" if out.first_chunk_ms is None else "idle_timeout"
+            else:
+                out.stop = run.ends_by
+            return
+        if isinstance(item, StreamEnd):
+            out.end = item
+            out.stop = "complete"
+            return
+        if not isinstance(item, StreamDelta) or not item.text:
+            continue
+        out.text += item.text
+        run.text += item.text
+        buffer.append(item.text)
+        if out.first_chunk_ms is None:
+            out.first_chunk_ms = round((time.monotonic() - started) * 1000, 3)
+        if run.seq == 0:
+            await flush()  # the generation's first delta: at once
+        else:
+            wake()
+
+
+def timeout_error(provider: str, stop: StopReason, limit_s: float) -> ProviderTimeoutError:
+    """The error that stands for a stream time limit (a first chunk that never came, a stall)."""
+    what = "no first chunk" if stop == "first_chunk_timeout" else f"no stream activity ({stop})"
+    return ProviderTimeoutError(f"{provider}: {what} within {limit_s:g} s", provider=provider)
+
+
+def part_usage(end: StreamEnd | None, prompt_tokens: int, text: str) -> tuple[Usage, bool]:
+    """The usage (tokens) of one attempt's part and whether it was estimated.
+
+    The provider's own usage when its stream reported one; otherwise the
+    prompt estimate plus the counted tokens of the text it generated
+    (``stages.rules.tokens``), flagged estimated.
+    """
+    if end is not None and end.usage is not None:
+        return end.usage, False
+    completion = estimate_tokens(text) if text else 0
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    ), True
+
+
+def total_usage(parts: list[OutcomePart]) -> Usage:
+    """The sum of every part's usage (tokens)."""
+    return Usage(
+        prompt_tokens=sum(p.usage.prompt_tokens for p in parts),
+        completion_tokens=sum(p.usage.completion_tokens for p in parts),
+        total_tokens=sum(p.usage.total_tokens for p in parts),
+        cached_prompt_tokens=sum(p.usage.cached_prompt_tokens for p in parts),
+        cache_creation_prompt_tokens=sum(p.usage.cache_creation_prompt_tokens for p in parts),
+    )
