@@ -6,35 +6,49 @@ answered through ``ServeState.ask`` (the manager's one shared
 ``ai.responses``) and returned as a ``chat.completion`` body with the
 ``x-aipipe-*`` headers, or as an OpenAI error body. Callers authenticate with
 the client keys of ``keys``.
+
+``stream: true`` (DESIGN A9) goes through ``ServeState.stream``: a failure
+before the first chunk is an ordinary HTTP error; from the first chunk on the
+answer is ``text/event-stream`` of ``chat.completion.chunk`` events (each
+naming the model that produced it), the usage chunk when
+``stream_options.include_usage`` asks for it, and ``data: [DONE]``; an
+interruption after text ends the stream with an in-band ``{"error": ...}``
+event and no ``[DONE]``. A client that disconnects cancels the request.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from pipeline.client.stream_handle import StreamHandle
 from pipeline.errors import AIProviderError, ProviderTimeoutError
 from pipeline.runtime.config import PipelineConfig
 from pipeline.serve.keys import ApiKeys
 from pipeline.serve.openai_format import (
     OpenAIHTTPError,
+    chunk_body,
     completion_body,
+    include_usage,
     model_list,
     new_completion_id,
     to_ai_request,
+    usage_chunk_body,
 )
 from schemas.request import MAX_REQUEST_BYTES, AIRequest
 from schemas.response import AIResponse
+from schemas.stream import StreamChunk
 
 log = logging.getLogger("aipipe.serve")
 
@@ -107,6 +121,62 @@ class ServeState:
     ask: Callable[[AIRequest], Awaitable[AIResponse]]
     config: PipelineConfig
     api_keys: ApiKeys | None
+    stream: Callable[[AIRequest], Awaitable[StreamHandle]] | None = None
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + _ENCODER.encode(data) + b"\n\n"
+
+
+async def _first_chunk(handle: StreamHandle) -> StreamChunk | None:
+    """The stream's first chunk, or ``None`` when it ended without text; errors before it propagate."""
+    try:
+        return await handle.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _events(
+    handle: StreamHandle, first: StreamChunk, request: AIRequest, *, usage: bool, created: int
+) -> AsyncIterator[bytes]:
+    """The server-sent events of a streamed answer whose first chunk has come (module docstring)."""
+    done = False
+    model = first.model or request.model
+    try:
+        chunk: StreamChunk | None = first
+        role_sent = False
+        while chunk is not None:
+            model = chunk.model or model
+            delta: dict[str, Any] = {"content": chunk.delta}
+            if not role_sent:
+                delta = {"role": "assistant", "content": chunk.delta}
+                role_sent = True
+            yield _sse(chunk_body(request.id, created=created, model=model, delta=delta, with_usage_field=usage))
+            try:
+                chunk = await handle.__anext__()
+            except StopAsyncIteration:
+                chunk = None
+        done = True
+        response = handle.response
+        assert response is not None
+        model = response.model or model
+        reason = "length" if response.usage.completion_tokens >= request.max_tokens else "stop"
+        yield _sse(
+            chunk_body(request.id, created=created, model=model, delta={}, finish_reason=reason, with_usage_field=usage)
+        )
+        if usage:
+            yield _sse(usage_chunk_body(response, created=created, model=model))
+        yield b"data: [DONE]\n\n"
+        log.info("request %s: ok (streamed %d chunks) provider=%s", request.id, handle.chunks, response.provider)
+    except AIProviderError as exc:
+        done = True
+        error = OpenAIHTTPError.for_type(exc.error_type, str(exc))
+        log.info("request %s: stream ended with %s: %s", request.id, exc.error_type, exc)
+        yield _sse(error.body())
+    finally:
+        if not done:  # the client went away (or the server is stopping): cancel the request
+            with anyio.CancelScope(shield=True):
+                await handle.aclose()
 
 
 def create_app(state: ServeState) -> Starlette:
@@ -172,6 +242,8 @@ def create_app(state: ServeState) -> Starlette:
                 )
         except OpenAIHTTPError as exc:
             return _error_response(exc, id_header)
+        if ai_request.stream and state.stream is not None:
+            return await streamed(ai_request, include_usage(body), id_header)
         try:
             response = await state.ask(ai_request)
         except ProviderTimeoutError as exc:
@@ -195,6 +267,30 @@ def create_app(state: ServeState) -> Starlette:
             response.cached,
         )
         return _json(completion_body(response, ai_request, created=int(time.time())), 200, headers)
+
+    async def streamed(ai_request: AIRequest, usage: bool, id_header: Mapping[str, str]) -> Response:
+        assert state.stream is not None
+        try:
+            handle = await state.stream(ai_request)
+            first = await _first_chunk(handle)
+        except ProviderTimeoutError as exc:
+            log.warning("request %s: %s", ai_request.id, exc)
+            return _error_response(OpenAIHTTPError.for_type("timeout", str(exc)), id_header)
+        except AIProviderError as exc:  # failed before any text: an ordinary HTTP error
+            log.info("request %s: %s: %s", ai_request.id, exc.error_type, exc)
+            return _error_response(OpenAIHTTPError.for_type(exc.error_type, str(exc)), id_header)
+        if first is None:
+            response = handle.response
+            message = "the stream ended without any text"
+            return _error_response(
+                OpenAIHTTPError.for_type("server_error", message),
+                _pipeline_headers(response) if response else id_header,
+            )
+        headers = {**id_header, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        if first.provider:
+            headers[HEADER_PROVIDER] = first.provider
+        events = _events(handle, first, ai_request, usage=usage, created=int(time.time()))
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def list_models(request: Request) -> Response:
         try:

@@ -6,7 +6,7 @@ read as ``system``), ``max_tokens``/``max_completion_tokens``, ``temperature``,
 ``top_p``, ``stop``, ``user``, ``metadata`` map onto it; the aipipe extensions
 ``providers``, ``cache`` and ``timeout_ms`` (the SDK's ``extra_body``) pass
 through. Parameters aipipe cannot honour are accepted only at their no-op
-value (``n: 1``, ``stream: false``, ``presence_penalty: 0``, ...), hints that do
+value (``n: 1``, ``presence_penalty: 0``, ...), hints that do
 not change the answer (``seed``, ``store``, ``service_tier``, ...) are ignored,
 and anything else is a 400 naming the parameter, so a request never silently
 means something else.
@@ -14,7 +14,11 @@ means something else.
 Answers: an ``AIResponse`` becomes a ``chat.completion`` body
 (https://platform.openai.com/docs/api-reference/chat/object), an error the
 OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` with the
-status code of ``ERROR_STATUS``.
+status code of ``ERROR_STATUS``. ``stream: true`` (with
+``stream_options.include_usage``) is answered with server-sent
+``chat.completion.chunk`` events (``chunk_body``, ``usage_chunk_body``,
+https://platform.openai.com/docs/api-reference/chat-streaming); the aipipe
+extension ``stream_resume`` passes through.
 """
 
 from __future__ import annotations
@@ -42,11 +46,14 @@ ERROR_STATUS: dict[str, tuple[int, str]] = {
     "server_error": (502, "server_error"),
     "all_providers_failed": (503, "server_error"),
     "service_unavailable": (503, "server_error"),
+    "stream_interrupted": (502, "server_error"),
+    # 499: nginx's "client closed request"; the client that would read it has gone
+    "cancelled": (499, "invalid_request_error"),
 }
 _PARAM_OF: dict[str, str] = {"model_not_found": "model", "context_length_exceeded": "messages"}
 #: The request field an ``invalid_request`` message from the pipeline is about (the first one it names).
 _FIELD_NAMED = re.compile(
-    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model)\b"
+    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model|stream_topic)\b"
 )
 
 
@@ -87,8 +94,6 @@ class OpenAIHTTPError(Exception):
 #: OpenAI parameters aipipe cannot honour, accepted only at these no-op values (``None`` is always accepted).
 NOOP_PARAMS: dict[str, tuple[Any, ...]] = {
     "n": (1,),
-    "stream": (False,),
-    "stream_options": (),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "logprobs": (False,),
@@ -125,6 +130,9 @@ MAPPED_PARAMS: frozenset[str] = frozenset(
         "providers",
         "cache",
         "timeout_ms",
+        "stream",
+        "stream_options",
+        "stream_resume",
     }
 )
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -178,15 +186,12 @@ def to_ai_request(body: Any, *, request_id: str, key_user: str | None = None) ->
             and a body ``user`` is kept as ``metadata["openai_user"]``.
 
     Raises:
-        OpenAIHTTPError: 400 for ``stream: true``, an unknown or unsupported parameter, or a value the
-            ``AIRequest`` rejects (the message names the field).
+        OpenAIHTTPError: 400 for an unknown or unsupported parameter, ``stream_options`` without
+            ``stream: true``, or a value the ``AIRequest`` rejects (the message names the field).
     """
     if not isinstance(body, dict):
         raise OpenAIHTTPError.invalid("the request body must be a JSON object")
-    if body.get("stream") is True:
-        raise OpenAIHTTPError.invalid(
-            "stream=true is not supported yet: aipipe answers with whole completions; send stream=false", "stream"
-        )
+    include_usage(body)  # checks stream / stream_options
     for name, value in body.items():
         if name in MAPPED_PARAMS or name in IGNORED_PARAMS:
             continue
@@ -205,7 +210,9 @@ def to_ai_request(body: Any, *, request_id: str, key_user: str | None = None) ->
         )
     if max_completion is not None or max_tokens is not None:
         data["max_tokens"] = max_completion if max_completion is not None else max_tokens
-    for name in ("temperature", "top_p", "stop", "metadata", "providers", "cache", "timeout_ms"):
+    if body.get("stream") is True:
+        data["stream"] = True
+    for name in ("temperature", "top_p", "stop", "metadata", "providers", "cache", "timeout_ms", "stream_resume"):
         if body.get(name) is not None:
             data[name] = body[name]
     body_user = body.get("user")
@@ -224,6 +231,69 @@ def to_ai_request(body: Any, *, request_id: str, key_user: str | None = None) ->
         if "`$." in message:
             param = message.split("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0]
         raise OpenAIHTTPError.invalid(f"invalid request: {message}", param) from None
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """Whether a streamed answer ends with a usage chunk (``stream_options.include_usage``).
+
+    Raises:
+        OpenAIHTTPError: 400 for a ``stream`` that is not a boolean, ``stream_options``
+            without ``stream: true`` (OpenAI's rule), or ``stream_options`` that is not an object.
+    """
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise OpenAIHTTPError.invalid("'stream' must be a boolean", "stream")
+    if options is None:
+        return False
+    if stream is not True:
+        raise OpenAIHTTPError.invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+        )
+    if not isinstance(options, dict) or any(k != "include_usage" for k in options):
+        raise OpenAIHTTPError.invalid("'stream_options' supports only {\"include_usage\": bool}", "stream_options")
+    return options.get("include_usage") is True
+
+
+def chunk_body(
+    completion_id: str,
+    *,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    with_usage_field: bool = False,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` object; with ``with_usage_field`` it carries ``usage: null`` (include_usage)."""
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage_field:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk_body(response: AIResponse, *, created: int, model: str) -> dict[str, Any]:
+    """The last chunk of ``include_usage``: empty ``choices`` and the whole answer's ``usage`` (tokens)."""
+    usage = response.usage
+    return {
+        "id": response.id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        },
+    }
 
 
 def finish_reason(response: AIResponse, request: AIRequest) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -121,7 +122,12 @@ class OpenAIServer:
             raise RuntimeError("OpenAIServer is already started")
         self.api_keys = api_keys_for(self.manager.settings)
         sock = _bind(self.host, self.port)
-        app = create_app(ServeState(ask=self._ask, config=self.manager.config, api_keys=self.api_keys))
+        client = self.manager.client
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", f"serve-{socket.gethostname()}-{sock.getsockname()[1]}")
+        client.stream_topic = f"{client.topics.stream}.{name}"[:249]  # this replica reads only its own chunks
+        app = create_app(
+            ServeState(ask=self._ask, config=self.manager.config, api_keys=self.api_keys, stream=client.stream)
+        )
         config = uvicorn.Config(
             app,
             log_config=None,

@@ -153,9 +153,11 @@ async def test_models_unknown_model_stream_and_unknown_parameter(emulator: Emula
 
         with pytest.raises(openai.BadRequestError) as streamed:
             await client.chat.completions.create(
-                model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}], stream=True
+                model="gpt-3.5-turbo",
+                messages=[{"role": "user", "content": "hi"}],
+                stream_options={"include_usage": True},
             )
-        assert streamed.value.param == "stream" and "stream=true is not supported" in streamed.value.message
+        assert streamed.value.param == "stream_options" and "only allowed when 'stream'" in streamed.value.message
 
         with pytest.raises(openai.BadRequestError) as unknown:
             await client.chat.completions.create(
@@ -304,7 +306,9 @@ def test_a_client_key_user_cannot_be_overridden_by_the_body() -> None:
 @pytest.mark.parametrize(
     ("body", "param", "text"),
     [
-        ({"stream": True}, "stream", "stream=true is not supported yet"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is enabled"),
+        ({"stream": "yes"}, "stream", "'stream' must be a boolean"),
+        ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options", "supports only"),
         ({"n": 2}, "n", "parameter 'n' is not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "'tools' is not supported"),
         ({"foo": 1}, "foo", "Unrecognized request argument supplied: foo"),
@@ -354,6 +358,8 @@ def test_every_error_type_has_a_status() -> None:
         "server_error": 502,
         "all_providers_failed": 503,
         "service_unavailable": 503,
+        "stream_interrupted": 502,
+        "cancelled": 499,
     }
     ctx = OpenAIHTTPError.for_type("context_length_exceeded", "too long").body()["error"]
     assert ctx == {
@@ -451,3 +457,81 @@ async def test_an_unexpected_error_is_a_500_with_the_request_id_and_a_logged_tra
     assert "Traceback" not in response.text
     [record] = [r for r in caplog.records if rid in r.getMessage()]
     assert record.exc_info is not None and isinstance(record.exc_info[1], KeyError)
+
+
+# --- streaming (DESIGN A9) ---------------------------------------------------------------------
+
+
+async def test_sdk_streams_chunks_with_usage_and_done(emulator: EmulatorServer) -> None:
+    emulator.faults.load({"reply_words": 30})
+    async with serving(emulator, "serve-stream.") as (manager, server):
+        stream = await sdk(server).chat.completions.create(
+            model="gpt-3.5-turbo",
+            messages=[{"role": "user", "content": "stream through serve"}],
+            max_tokens=400,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, models, finish, usage, ids = "", set(), None, None, set()
+        async for chunk in stream:
+            ids.add(chunk.id)
+            models.add(chunk.model)
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                usage = chunk.usage
+        (rid,) = ids
+        answer: AIResponse = await read_keyed(bus_of(manager), manager.settings.topics.responses, rid, AIResponse)
+        assert answer.status == "ok" and text == answer.content and answer.stream_chunks
+        assert models == {"@cf/meta/llama-3.1-8b-instruct"} and finish == "stop"
+        assert usage is not None and usage.completion_tokens == answer.usage.completion_tokens > 0
+        # this replica's chunks went to its own topic, not to ai.stream
+        assert manager.client.stream_topic.startswith(f"{manager.settings.topics.stream}.serve-")
+
+
+async def test_a_stream_cut_after_text_ends_with_an_in_band_error_and_no_done(emulator: EmulatorServer) -> None:
+    emulator.faults.load({"reply_words": 30, "providers": {"cloudflare": {"default": {"stream_cut_after": 4}}}})
+    async with serving(emulator, "serve-cut.") as (_manager, server):
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "cut"}], "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert "data: [DONE]" not in lines
+    last = msgspec.json.decode(lines[-1][6:])
+    assert last["error"]["code"] == "stream_interrupted" and last["error"]["type"] == "server_error"
+    text = "".join(
+        msgspec.json.decode(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in lines[:-1]
+        if msgspec.json.decode(line[6:]).get("choices")
+    )
+    assert len(text.split()) == 4
+
+
+async def test_a_stream_that_fails_before_any_text_is_an_http_error(emulator: EmulatorServer) -> None:
+    emulator.faults.load({"providers": {p: {"default": {"status": 500}} for p in ("openai", "cloudflare")}})
+    async with serving(emulator, "serve-fail.") as (_manager, server):
+        with pytest.raises(openai.APIStatusError) as failed:
+            stream = await sdk(server).chat.completions.create(
+                model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+            async for _ in stream:
+                pass
+        assert failed.value.status_code == 503 and failed.value.code == "all_providers_failed"
+
+
+async def test_a_client_that_disconnects_cancels_the_provider_call(emulator: EmulatorServer) -> None:
+    emulator.faults.load({"reply_words": 60, "providers": {"cloudflare": {"default": {"chunk_interval_ms": 50}}}})
+    async with serving(emulator, "serve-gone.") as (manager, server):
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "bye"}], "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                rid = response.headers[HEADER_REQUEST_ID]
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # read one event, then hang up
+        (call,) = await emulator.wait_for_calls(1, finished=True, timeout_s=10)
+        assert call.outcome == "client_disconnected" and call.chunks_sent < 60
+        answer: AIResponse = await read_keyed(bus_of(manager), manager.settings.topics.responses, rid, AIResponse)
+        assert answer.status == "error" and answer.error is not None and answer.error.type == "cancelled"
