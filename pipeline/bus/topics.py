@@ -108,14 +108,16 @@ class Topics:
         )
 
     def short(self, name: str) -> str:
-        """Full topic name for a short name such as ``responses`` or ``deadletter`` (or the full name).
+        """Full topic name for a short name (``responses``, ``deadletter``, ``stream.<name>``) or the full name.
 
         Raises:
             ValueError: for an unknown short name.
         """
         mapping = {t.removeprefix(self.prefix): t for t in self.all()}
-        if name in mapping.values():  # the full name (``ai.responses``) is fine too
+        if name in mapping.values() or self.is_stream_topic(name):  # the full name (``ai.responses``) is fine too
             return name
+        if self.is_stream_topic(self.prefix + name):  # a private stream topic: ``stream.serve-host-8000``
+            return self.prefix + name
         if name not in mapping:
             raise ValueError(f"unknown topic {name!r}; one of: {', '.join(sorted(mapping))}")
         return mapping[name]

@@ -28,6 +28,7 @@ from schemas.events import (
     CacheClear,
     CacheStats,
     CacheStatsRequest,
+    CancelRequest,
     CircuitSnapshot,
     CircuitTransition,
     ControlEvent,
@@ -36,12 +37,14 @@ from schemas.events import (
     SetBudget,
     SetStrategy,
 )
+from schemas.stream import StreamChunk
 
 #: Characters of a prompt or an answer a line shows.
 TEXT_CHARS = 60
 
 _RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
 _DEADLETTER_DECODER = msgspec.json.Decoder(DeadLetter)
+_CHUNK_DECODER = msgspec.json.Decoder(StreamChunk)
 
 
 def _clip(text: str | None) -> str:
@@ -77,6 +80,8 @@ def _response(value: AIResponse) -> str:
     where = f"{value.provider or '-'}/{value.model or '-'}"
     money = f"${value.cost_usd:.8f}{' cached' if value.cached else ''}"
     head = f"response {value.id} {value.status} {where} {money} {value.latency_ms:.0f}ms"
+    if value.stream_chunks is not None:
+        head += f" streamed={value.stream_chunks}"
     if value.error is not None:
         return f"{head} {value.error.type}: {_clip(value.error.message)}"
     return f"{head} {_clip(value.content)}"
@@ -90,6 +95,8 @@ def _cost(value: CostEvent) -> str:
             ("cached", value.cached),
             (f"price={value.price_source}", value.price_source != "table"),
             ("usage=estimated", value.usage_source == "estimated"),
+            (value.status, value.status != "ok"),
+            (f"lines={len(value.lines)}", len(value.lines) > 1),
         )
         if on
     )
@@ -97,6 +104,13 @@ def _cost(value: CostEvent) -> str:
         f"cost     {value.id} {value.provider}/{value.model} ${value.cost_usd:.10f} "
         f"tokens={value.usage.total_tokens}{user}{flags}"
     )
+
+
+def _chunk(value: StreamChunk) -> str:
+    where = f"{value.provider or '-'}/{value.model or '-'}"
+    cached = " cached" if value.cached else ""
+    head = f"chunk    {value.id} gen={value.generation} #{value.seq} {where} attempt={value.attempt}{cached}"
+    return f"{head} {value.delta!r}"
 
 
 def _dead(value: DeadLetter) -> str:
@@ -139,6 +153,13 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def printable_text(text: str) -> str:
+    r"""An answer's text for a terminal: newlines and tabs kept, every other control character escaped (``\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def formatter(topics: Topics, topic: str) -> Callable[[Record], str]:
     """The line maker for records of ``topic`` (any topic of ``topics``): one printable line per record."""
     line = _formatter(topics, topic)
@@ -156,6 +177,8 @@ def _formatter(topics: Topics, topic: str) -> Callable[[Record], str]:
         return _format(_DEADLETTER_DECODER.decode, _dead)
     if topic == topics.control:
         return _control
+    if topics.is_stream_topic(topic):
+        return _format(_CHUNK_DECODER.decode, _chunk)
     return _format(ENVELOPE_DECODER.decode, _envelope)
 
 
@@ -205,6 +228,8 @@ def _control_body(event: ControlEvent) -> str:
         case CacheClear():
             origin = f" ({event.request_id})" if event.request_id else ""
             return f"command  cache_clear{origin}"
+        case CancelRequest():
+            return f"command  cancel_request {event.request_id}"
         case CacheStatsRequest():
             origin = f" ({event.request_id})" if event.request_id else ""
             return f"command  cache_stats_request{origin}"

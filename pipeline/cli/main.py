@@ -27,7 +27,7 @@ from pipeline.bus.protocol import BusError
 from pipeline.cli.cache_commands import add_cache_parser
 from pipeline.cli.cost_commands import add_cost_parsers
 from pipeline.cli.demo.tour import run_demo
-from pipeline.cli.lines import formatter
+from pipeline.cli.lines import formatter, printable_text
 from pipeline.cli.status_command import add_status_parser
 from pipeline.cli.strategy_commands import add_strategy_parser
 from pipeline.client.pipeline_client import PipelineClient, new_request_id
@@ -126,6 +126,10 @@ async def _send(args: argparse.Namespace) -> int:
         data["providers"] = args.provider
     if args.no_cache:
         data["cache"] = {"bypass": True}
+    if args.stream or args.resume:
+        data["stream"] = True
+    if args.resume:
+        data["stream_resume"] = True
     try:
         request = msgspec.convert(data, AIRequest)
     except msgspec.ValidationError as exc:
@@ -135,12 +139,18 @@ async def _send(args: argparse.Namespace) -> int:
         await opened.bus.ensure_topics(settings.topics.all())
         client = PipelineClient(opened.bus, settings.topics)
         await tg.start(client.run)
-        response = await client.request(request)
-        client.stop()
+        try:
+            if request.stream:
+                response = await _print_stream(client, request, quiet=args.json)
+            else:
+                response = await client.request(request)
+        finally:
+            client.stop()
     if args.json:
         print(msgspec.json.encode(response).decode())
     elif response.status == "ok":
-        print(response.content)
+        if not request.stream:
+            print(response.content)
         print(
             f"-- {response.provider}/{response.model}  cached={response.cached}  cost=${response.cost_usd:.8f}  "
             f"tokens={response.usage.total_tokens}  latency={response.latency_ms:.0f} ms  "
@@ -151,6 +161,35 @@ async def _send(args: argparse.Namespace) -> int:
         err = response.error
         print(f"error: {err.type if err else '?'}: {err.message if err else ''}", file=sys.stderr)
     return EXIT_OK if response.status == "ok" else EXIT_FAIL
+
+
+async def _print_stream(client: PipelineClient, request: AIRequest, *, quiet: bool) -> AIResponse:
+    """Print a streamed answer's text as it arrives (unless ``quiet``) and return the final response.
+
+    A stream that stops after text was printed ends the line and the response
+    says why; leaving early (Ctrl-C) cancels the request.
+    """
+    handle = await client.stream(request)
+    try:
+        async for chunk in handle:
+            if not quiet:
+                sys.stdout.write(printable_text(chunk.delta))
+                sys.stdout.flush()
+    except AIProviderError as exc:
+        if handle.response is None:
+            raise
+        if not quiet and handle.text:
+            print(file=sys.stdout, flush=True)
+        log.debug("stream of %s ended with %s", request.id, exc.error_type)
+        return handle.response
+    finally:
+        if handle.response is None:
+            with anyio.CancelScope(shield=True):
+                await handle.aclose()
+    if not quiet:
+        print(flush=True)
+    assert handle.response is not None
+    return handle.response
 
 
 # --- tail ------------------------------------------------------------------------------------
@@ -430,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="request id (default: generated)")
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
     p.add_argument("--json", action="store_true", help="print the whole AIResponse as JSON")
+    p.add_argument("--stream", action="store_true", help="print the answer as it arrives (stream: true)")
+    p.add_argument(
+        "--resume", action="store_true", help="with --stream: let the next provider continue a stream cut mid-answer"
+    )
     p.set_defaults(func=_send, is_async=True)
 
     p = sub.add_parser("tail", help="print messages of a topic as they arrive")

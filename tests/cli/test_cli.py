@@ -108,6 +108,26 @@ def test_send_gets_its_answer_from_a_running_pipeline(running: dict[str, str]) -
     assert value["status"] == "ok" and value["provider"] == "cloudflare" and value["content"]
 
 
+def test_send_stream_prints_the_answer_and_tail_shows_its_chunks(running: dict[str, str]) -> None:
+    plain = subprocess.run(
+        [*AIPIPE, "send", "Stream me rivers.", "--model", "chat-small", "--json", "--no-cache"],
+        env=running, capture_output=True, timeout=90,
+    )
+    assert plain.returncode == 0, plain.stderr.decode()
+    out = subprocess.run(
+        [*AIPIPE, "send", "Stream me rivers.", "--model", "chat-small", "--stream", "--no-cache", "--id", "cli-st-1"],
+        env=running, capture_output=True, timeout=90,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode() == json.loads(plain.stdout)["content"] + "\n"
+    assert b"-- cloudflare/" in out.stderr
+    tail = subprocess.run(
+        [*AIPIPE, "tail", "stream", "--from-beginning", "--limit", "1"], env=running, capture_output=True, timeout=60
+    )
+    assert tail.returncode == 0, tail.stderr.decode()
+    assert "chunk    cli-st-1 gen=" in tail.stdout.decode() and "#0 cloudflare/" in tail.stdout.decode()
+
+
 def test_send_with_an_unknown_model_exits_1_with_the_reason(running: dict[str, str]) -> None:
     out = subprocess.run([*AIPIPE, "send", "hi", "--model", "no-such-model"], env=running,
                          capture_output=True, timeout=90)
