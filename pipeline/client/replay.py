@@ -25,6 +25,7 @@ import msgspec
 from pipeline.bus.protocol import Bus, Record
 from schemas.events import CostEvent
 from schemas.response import AIResponse
+from stages.rules.ledger import provider_shares
 from stages.rules.pricing import PriceTable, round_usd
 
 log = logging.getLogger("aipipe.replay")
@@ -146,20 +147,26 @@ def reprice(
 ) -> RepriceReport:
     """Re-compute each cost event's cost from its recorded usage with ``prices``.
 
-    Cache hits cost 0 under any price table (they made no provider call). A
+    Cache hits cost 0 under any price table (they made no provider call). An
+    event with cost ``lines`` is repriced per line (each counted as an event of
+    its provider and model). A
     model missing from ``prices`` is charged at its provider's entry of
     ``default_cost_per_token`` (USD per token), as the recorder does.
     """
     report = RepriceReport()
     for event in events:
-        key = (event.provider, event.model)
-        line = report.lines.setdefault(key, RepriceLine(event.provider, event.model))
-        line.events += 1
-        line.old_usd += Decimal(str(event.cost_usd))
-        if not event.cached:
-            default = (default_cost_per_token or {}).get(event.provider)
-            costing = prices.cost(event.provider, event.model, event.usage, default_cost_per_token=default)
-            line.new_usd += costing.cost_usd
+        # an answer continued by a second provider is repriced line by line (DESIGN A9)
+        parts = [(x.provider, x.model, x.usage, x.cost_usd) for x in event.lines] or [
+            (event.provider, event.model, event.usage, event.cost_usd)
+        ]
+        for provider, model, usage, cost_usd in parts:
+            line = report.lines.setdefault((provider, model), RepriceLine(provider, model))
+            line.events += 1
+            line.old_usd += Decimal(str(cost_usd))
+            if not event.cached:
+                default = (default_cost_per_token or {}).get(provider)
+                costing = prices.cost(provider, model, usage, default_cost_per_token=default)
+                line.new_usd += costing.cost_usd
     return report
 
 
@@ -186,9 +193,11 @@ class AuditReport:
     ``missing_responses``: request ids with no response. ``conflicting``: ids
     whose responses differ (status, content, provider or error type).
     ``duplicate_responses``: ids answered more than once identically (allowed
-    by at-least-once delivery). ``missing_costs``: ``status: ok`` ids without a
-    cost event; ``extra_costs``: ids with more than one cost event;
-    ``orphan_costs``: cost events for ids with no ok response in the period.
+    by at-least-once delivery). ``missing_costs``: ``status: ok`` ids (and
+    interrupted or cancelled streams that cost something) without a cost
+    event; ``extra_costs``: ids with more than one cost event;
+    ``orphan_costs``: cost events for ids with no ok response (or ended stream) in the period.
+    ``totals_usd`` splits an answer continued by a second provider by its cost lines.
     ``reused_ids``: ids sent with two different request bodies (ids must be
     unique: the second request got the first one's answer).
     ``totals_usd``: cost per provider (USD, 10 decimal places).
@@ -262,6 +271,8 @@ def audit(
         by_id[response.id].append(response)
     report.responses = len(by_id)
     ok_ids: set[str] = set()
+    ended_streams: set[str] = set()  # streams that ended early: they may cost something (DESIGN A9)
+    billed_errors: set[str] = set()  # ... and those that did
     for rid, answers in by_id.items():
         first = answers[0]
         if len({_signature(a) for a in answers}) > 1:
@@ -274,6 +285,10 @@ def audit(
             report.cache_hits += int(first.cached)
         else:
             report.errors += 1
+            if first.error is not None and first.error.type in ("stream_interrupted", "cancelled"):
+                ended_streams.add(rid)
+                if first.cost_usd:
+                    billed_errors.add(rid)
     report.missing_responses = sorted(request_ids - set(by_id))
 
     counts: Counter[str] = Counter()
@@ -282,10 +297,11 @@ def audit(
         counts[event.id] += 1
         report.cost_events += 1
         if counts[event.id] == 1:
-            totals[event.provider] += Decimal(str(event.cost_usd))
-    report.missing_costs = sorted(ok_ids - set(counts))
+            for provider, share in provider_shares(event):
+                totals[provider] += share
+    report.missing_costs = sorted((ok_ids | billed_errors) - set(counts))
     report.extra_costs = sorted(rid for rid, n in counts.items() if n > 1)
-    report.orphan_costs = sorted(set(counts) - ok_ids)
+    report.orphan_costs = sorted(set(counts) - ok_ids - ended_streams)
     report.totals_usd = {p: round_usd(v) for p, v in sorted(totals.items())}
     report.conflicting.sort()
     report.duplicate_responses.sort()

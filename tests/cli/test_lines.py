@@ -19,6 +19,7 @@ from schemas.events import (
     CacheClear,
     CacheStats,
     CacheStatsRequest,
+    CancelRequest,
     CircuitSnapshot,
     CircuitTransition,
     ControlEvent,
@@ -28,6 +29,7 @@ from schemas.events import (
     SetStrategy,
 )
 from schemas.response import ErrorInfo, Usage
+from schemas.stream import StreamChunk
 
 AT = datetime(2026, 12, 6, 7, 0, 0, tzinfo=UTC)
 TOPICS = Topics()
@@ -48,6 +50,7 @@ CONTROL_SAMPLES: dict[type, object] = {
     SetBudget: SetBudget(scope="global", daily_usd=5.0, monthly_usd=None),
     CacheClear: CacheClear(request_id="q-2"),
     CacheStatsRequest: CacheStatsRequest(request_id="q-3", at=AT),
+    CancelRequest: CancelRequest(request_id="r-5", at=AT),
 }
 
 
@@ -74,6 +77,7 @@ def test_every_control_event_type_has_a_readable_line() -> None:
     assert "set_strategy weighted anthropic=1,openai=2" in lines["SetStrategy"]
     assert "hits=3 misses=4" in lines["CacheStats"]
     assert "release  r-2 global $0.002000" in lines["ReservationRelease"]
+    assert lines["CancelRequest"].endswith("command  cancel_request r-5")
     assert lines["CacheClear"].endswith("cache_clear (q-2)")  # no `at`: the record's time leads the line
 
 
@@ -100,6 +104,8 @@ def test_every_topic_has_a_line_and_an_unreadable_value_is_shown_as_text(topic: 
                                       reason="not JSON", stage="cache", raw=b"\xff" * 10, at=AT),
         TOPICS.responses: AIResponse(id="r-1", status="ok", content="hi"),
         TOPICS.control: CONTROL_SAMPLES[Health],
+        TOPICS.stream: StreamChunk(id="r-1", seq=3, generation="g1", delta="Danube", provider="openai",
+                                   model="gpt-4o", attempt=1, at=AT),
     }
     value = samples.get(topic, Envelope(id="r-1", received_at_ms=0, deadline_at_ms=1))
     line = formatter(TOPICS, topic)
@@ -109,6 +115,8 @@ def test_every_topic_has_a_line_and_an_unreadable_value_is_shown_as_text(topic: 
         assert "ai.requests@1/9 key=r-9 stage=cache 10 bytes" in text
     elif topic == TOPICS.control:
         assert "openai/gpt-4o rate_limit 429" in text
+    elif topic == TOPICS.stream:
+        assert "chunk    r-1 gen=g1 #3 openai/gpt-4o attempt=1 'Danube'" in text
     else:
         assert "r-1" in text
     bad = line(_record(topic, b"\xffnot json at all"))

@@ -16,6 +16,8 @@ import pytest
 from pipeline.bus.protocol import Record
 from pipeline.client.replay import audit, parse_time, read_range, reprice
 from schemas import AIRequest, AIResponse, CostEvent, Usage
+from schemas.events import CostLine
+from schemas.response import ErrorInfo
 from stages.rules.pricing import PriceTable
 from tests.harness import Harness
 
@@ -93,6 +95,25 @@ def test_audit_finds_missing_conflicting_and_cost_problems() -> None:
     again = audit([_rec("a", b'{"prompt": "one"}'), _rec("a", b'{"prompt": "one"}'), _rec("b", b'{"prompt": "x"}'),
                    _rec("b", b'{"prompt": "y"}')], [ok], [])
     assert again.reused_ids == ["b"]
+
+
+def test_audit_counts_interrupted_streams_and_splits_continued_answers_by_line() -> None:
+    cut = AIResponse(id="s1", status="error", content="part", cost_usd=0.1,
+                     error=ErrorInfo(type="stream_interrupted", message="cut"))
+    resumed = AIResponse(id="s2", status="ok", content="whole", provider="openai", model="m", cost_usd=0.3)
+    unbilled = AIResponse(id="s3", status="error", content="part", cost_usd=0.2,
+                          error=ErrorInfo(type="cancelled", message="gone"))
+    lines = [CostLine(provider="cloudflare", model="c", usage=Usage(), cost_usd=0.1),
+             CostLine(provider="openai", model="m", usage=Usage(), cost_usd=0.2)]
+    costs = [
+        msgspec.structs.replace(_event("s1", "cloudflare", "c", 1, 1, 0.1), status="stream_interrupted"),
+        msgspec.structs.replace(_event("s2", "openai", "m", 1, 1, 0.3), lines=lines),
+        _event("zz", "openai", "m", 1, 1, 0.5),  # no response at all: an orphan
+    ]
+    report = audit([_rec(i) for i in ("s1", "s2", "s3")], [cut, resumed, unbilled], costs)
+    assert report.orphan_costs == ["zz"]
+    assert report.missing_costs == ["s3"]  # a cancelled stream that cost something has no cost event
+    assert report.totals_usd == {"cloudflare": 0.2, "openai": 0.7}
 
 
 def test_parse_time_accepts_dates_and_zones() -> None:
