@@ -224,6 +224,7 @@ class Pipeline:
                     deadletter_topic=t.deadletter,
                     keyed_by_request_id=t.keyed_by_request_id(stage.input_topic),
                     carries_request_key=t.carries_request_key,
+                    beside_path=t.is_stream_topic,
                     max_in_flight=self.settings.max_in_flight,
                     grace_s=self.settings.drain_grace_s,
                 )

@@ -77,8 +77,8 @@ from pipeline.emulator import wire
 from pipeline.emulator.spec import ErrorKind, FaultStep, Provider, Wire, decode_profile_json
 from pipeline.emulator.state import TARGET_NAME, CallRecord, EmulatorState, summarize, wait_first
 from pipeline.emulator.streams import StreamCut, StreamPlan, stream_body
-from stages.providers.base import CONTINUE_INSTRUCTION
 from stages.rules.catalog import known_models, model_info
+from stages.rules.continuation import CONTINUE_INSTRUCTION
 
 #: Scope key under which the server's own ``send`` is kept (to reach the transport for resets).
 RAW_SEND_KEY = "aipipe.emulator.raw_send"

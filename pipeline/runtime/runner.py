@@ -196,6 +196,9 @@ class StageRunner:
             verbatim (so a response is keyed exactly as its request was, whatever
             the bytes); ``None``: none. Applies only when ``keyed_by_request_id``
             and the input has a key; other outputs keep the stage's own key.
+        beside_path: output topics beside the request's path (stream chunks): one
+            that cannot be published is dead-lettered, but does not answer the
+            request, whose own outcome still follows; ``None``: none.
         max_in_flight: messages handled at once.
         commit_interval_s: how often offsets are committed (s).
         grace_s: time given to in-flight work on stop (s).
@@ -210,6 +213,7 @@ class StageRunner:
         deadletter_topic: str,
         keyed_by_request_id: bool = True,
         carries_request_key: Callable[[str], bool] | None = None,
+        beside_path: Callable[[str], bool] | None = None,
         max_in_flight: int = 256,
         commit_interval_s: float = 0.2,
         grace_s: float = 10.0,
@@ -221,6 +225,7 @@ class StageRunner:
         self.deadletter_topic = deadletter_topic
         self.keyed_by_request_id = keyed_by_request_id
         self.carries_request_key = carries_request_key
+        self.beside_path = beside_path
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
         self.grace_s = grace_s
@@ -617,7 +622,8 @@ class StageRunner:
             max_message_bytes(self.bus),
         )
         outs = [Outgoing(topic=self.deadletter_topic, value=_ENCODER.encode(letter), key=message.key, headers=headers)]
-        if self.keyed_by_request_id and key is not None:
+        answers = self.beside_path is None or not self.beside_path(message.topic)
+        if self.keyed_by_request_id and key is not None and answers:
             error = ErrorInfo(
                 type="invalid_request",
                 message=f"the request grew past the largest message the bus takes ({len(message.value)} bytes "

@@ -321,6 +321,11 @@ class Telemetry:
         self.request_duration = meter.create_histogram(
             "aipipe.request.duration", "ms", "End-to-end latency of a request, cache lookup to response (ms)"
         )
+        self.first_chunk = meter.create_histogram(
+            "aipipe.stream.time_to_first_chunk",
+            "ms",
+            "Time to first token of a streamed provider call: request sent to its first content delta (ms)",
+        )
         meter.create_observable_counter(
             "aipipe.tokens", [self.tokens.observe], "{token}", "Tokens billed by providers (input, output)"
         )
@@ -539,6 +544,11 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, error_type))
             span.set_attributes(attributes)
         span.end()
+
+    def record_first_chunk(self, provider: str, model: str, ms: float) -> None:
+        """Record a streamed call's time to first token (ms), from sending it to its first content delta."""
+        if self.metering:
+            self.first_chunk.record(ms, {"provider": provider, "model": model})
 
     # --- final outcomes (recorder) -------------------------------------------------------------
 

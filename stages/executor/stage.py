@@ -609,6 +609,8 @@ class ExecutorStage:
                 now=now_utc,
             )
         latency_ms = (time.perf_counter() - started) * 1000
+        if got is not None and got.first_chunk_ms is not None:
+            tel.record_first_chunk(candidate.provider, candidate.model, got.first_chunk_ms)
         prompt_tokens = estimate_messages_tokens(call.messages)
         if got is None or got.stop == "cancelled":
             part = self._add_part(run, candidate, got.end if got else None, prompt_tokens, got.text if got else "")

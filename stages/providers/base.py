@@ -10,14 +10,9 @@ from msgspec import Struct
 
 from schemas.request import Message
 from schemas.response import Usage
+from stages.rules.continuation import CONTINUE_INSTRUCTION
 
-#: The turn that asks a model without a prefill to go on with a partial answer (DESIGN A9 resume).
-#: OpenAI and Workers AI document no way to continue an assistant turn, so their adapters send the
-#: partial answer as an ``assistant`` turn followed by this ``user`` turn; the emulator recognises it.
-CONTINUE_INSTRUCTION = (
-    "Your previous answer was cut off. Continue it exactly from where it stopped, "
-    "without repeating any of it and without any preamble."
-)
+__all__ = ["CONTINUE_INSTRUCTION", "ProviderAdapter", "ProviderCall", "ProviderResult", "StreamDelta", "StreamEnd"]
 
 
 class ProviderCall(Struct, kw_only=True, frozen=True):

@@ -453,3 +453,25 @@ async def test_get_metrics_per_provider_from_the_topics() -> None:
         assert m.total_cost_usd == m.total_cost == pytest.approx(sum(r.cost_usd for r in answered), abs=1e-9)
         assert m.total_tokens == sum(r.usage.total_tokens for r in answered)
     assert set(config.enabled_providers()) <= set(metrics)
+
+
+async def test_streamed_calls_record_their_time_to_first_chunk(pipe: Harness, emu: Any) -> None:
+    tel = Telemetry.from_env({}, metrics_port=0, metrics_host="127.0.0.1")
+    assert tel.metrics_url is not None
+    with installed(tel):
+        handle = await pipe.client.stream(
+            msgspec.convert(
+                {"id": f"ttft-{pipe.kind}", "model": "gpt-3.5-turbo", "prompt": "ttft", "stream": True,
+                 "cache": {"bypass": True}},
+                AIRequest,
+            )
+        )
+        with anyio.fail_after(20):
+            async for _ in handle:
+                pass
+        after = await anyio.to_thread.run_sync(_scrape, tel.metrics_url)
+    assert handle.response is not None and handle.response.status == "ok"
+    first_ms = handle.response.attempts[-1].first_chunk_ms
+    hist = "aipipe_stream_time_to_first_chunk_milliseconds"
+    assert _total(after, f"{hist}_count", provider="cloudflare") == 1
+    assert _total(after, f"{hist}_sum", provider="cloudflare") == pytest.approx(first_ms, abs=0.01)

@@ -90,7 +90,7 @@ def test_response_json_field_names_and_seed_aliases() -> None:
     data = json.loads(msgspec.json.encode(resp))
     assert set(data) == {
         "id", "status", "content", "provider", "model", "usage", "cost_usd", "latency_ms", "cached", "attempts",
-        "error",
+        "error", "generation", "stream_chunks",
     }
     assert set(data["usage"]) == {
         "prompt_tokens", "completion_tokens", "total_tokens", "cached_prompt_tokens", "cache_creation_prompt_tokens",

@@ -88,7 +88,9 @@ def is_hit(outputs: list[Emit]) -> bool:
 
 def test_the_key_covers_every_request_field_but_the_listed_non_generation_ones() -> None:
     fields = set(AIRequest.__struct_fields__)
-    assert NON_GENERATION_FIELDS == {"id", "user", "metadata", "cache", "timeout_ms"}
+    assert NON_GENERATION_FIELDS == {
+        "id", "user", "metadata", "cache", "timeout_ms", "stream", "stream_resume", "stream_topic"
+    }
     assert set(canonical_fields(req())) == fields - NON_GENERATION_FIELDS - {"prompt"}
     # pinned: the recipe of KEY_VERSION 1 must not drift (a change needs a new version)
     assert cache_key(msgspec.convert({"id": "a", "model": "gpt-3.5-turbo", "prompt": "hello"}, AIRequest)) == (
