@@ -241,6 +241,15 @@ class EmulatorProcess:
         profile = {"providers": dict.fromkeys(("openai", "anthropic", "cloudflare"), latency)}
         (await self._admin.post("/_emulator/faults", json=profile)).raise_for_status()
 
+    async def set_profile(self, profile: dict[str, Any]) -> None:
+        """Replace the emulator's whole fault profile (``pipeline.emulator.spec``), e.g. stream pacing.
+
+        Raises:
+            httpx.HTTPError: when the admin endpoint refuses (an invalid profile is a 400).
+        """
+        assert self._admin is not None
+        (await self._admin.post("/_emulator/faults", json=profile)).raise_for_status()
+
 
 # --- measuring ----------------------------------------------------------------------------------
 
