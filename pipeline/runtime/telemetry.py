@@ -321,6 +321,16 @@ class Telemetry:
         self.request_duration = meter.create_histogram(
             "aipipe.request.duration", "ms", "End-to-end latency of a request, cache lookup to response (ms)"
         )
+        self.streams = LocalCounter("provider", "outcome")
+        meter.create_observable_counter(
+            "aipipe.streams",
+            [self.streams.observe],
+            "{stream}",
+            "Streamed requests by how they ended: completed, resumed, interrupted, cancelled",
+        )
+        self.stream_chunks = meter.create_histogram(
+            "aipipe.stream.chunks", "{chunk}", "Chunks published per streamed request"
+        )
         self.first_chunk = meter.create_histogram(
             "aipipe.stream.time_to_first_chunk",
             "ms",
@@ -549,6 +559,15 @@ class Telemetry:
         """Record a streamed call's time to first token (ms), from sending it to its first content delta."""
         if self.metering:
             self.first_chunk.record(ms, {"provider": provider, "model": model})
+
+    def record_stream(self, provider: str | None, outcome: str, chunks: int) -> None:
+        """Count one ended streamed request by outcome, and record its number of published chunks.
+
+        ``outcome``: ``completed``, ``resumed``, ``interrupted`` or ``cancelled``.
+        """
+        if self.metering:
+            self.streams.add(1, (_low(provider), outcome))
+            self.stream_chunks.record(chunks, {"outcome": outcome})
 
     # --- final outcomes (recorder) -------------------------------------------------------------
 

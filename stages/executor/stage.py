@@ -179,7 +179,16 @@ class ExecutorStage:
         run = self._stream_run(envelope)
         try:
             outcome = await self._chain(envelope, ctx, run)
-            return outcome if run is None else self._stream_outcome(run, outcome)
+            if run is None:
+                return outcome
+            outcome = self._stream_outcome(run, outcome)
+            ended = outcome.error.type if outcome.error is not None else None
+            kind = {"stream_interrupted": "interrupted", "cancelled": "cancelled"}.get(ended or "", None)
+            if kind is None:
+                kind = "resumed" if any(a.resumed for a in outcome.attempts) else "completed"
+            if outcome.status == "ok" or kind in ("interrupted", "cancelled"):
+                telemetry.current().record_stream(outcome.provider, kind, run.seq)
+            return outcome
         finally:
             self._last_errors.pop(envelope.id, None)
             if run is not None:

@@ -475,3 +475,6 @@ async def test_streamed_calls_record_their_time_to_first_chunk(pipe: Harness, em
     hist = "aipipe_stream_time_to_first_chunk_milliseconds"
     assert _total(after, f"{hist}_count", provider="cloudflare") == 1
     assert _total(after, f"{hist}_sum", provider="cloudflare") == pytest.approx(first_ms, abs=0.01)
+    assert _total(after, "aipipe_streams_total", provider="cloudflare", outcome="completed") == 1
+    chunks = handle.response.stream_chunks
+    assert _total(after, "aipipe_stream_chunks_sum", outcome="completed") == chunks and chunks
