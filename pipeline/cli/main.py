@@ -31,7 +31,7 @@ from pipeline.cli.lines import formatter, printable_text
 from pipeline.cli.status_command import add_status_parser
 from pipeline.cli.strategy_commands import add_strategy_parser
 from pipeline.client.pipeline_client import PipelineClient, new_request_id
-from pipeline.client.replay import audit, decode_all, parse_time, read_range, reprice
+from pipeline.client.replay import audit, decode_all, parse_time, read_range, reprice, stream_topics_of
 from pipeline.emulator import load_profile, serve_forever
 from pipeline.errors import AIProviderError
 from pipeline.runtime import telemetry
@@ -42,6 +42,7 @@ from pipeline.serve.openai_server import run_server
 from schemas.events import CostEvent
 from schemas.request import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TIMEOUT_MS, AIRequest
 from schemas.response import AIResponse
+from schemas.stream import StreamChunk
 from stages.rules.pricing import PriceTable
 
 log = logging.getLogger("aipipe.cli")
@@ -348,7 +349,13 @@ async def _audit(args: argparse.Namespace) -> int:
             await read_range(opened.bus, t.responses, since, None, idle_s=args.idle_s), AIResponse
         )
         costs, _ = decode_all(await read_range(opened.bus, t.costs, since, None, idle_s=args.idle_s), CostEvent)
-    report = audit(requests, responses, costs)
+        chunks: list[StreamChunk] = []
+        topics = sorted(stream_topics_of(requests, t))  # ai.stream and the private topics requests named
+        await opened.bus.ensure_topics(topics)
+        for topic in topics:
+            found, _ = decode_all(await read_range(opened.bus, topic, since, None, idle_s=args.idle_s), StreamChunk)
+            chunks.extend(found)
+    report = audit(requests, responses, costs, chunks)
     if args.json:
         print(json.dumps(report.to_dict()))
         return EXIT_OK if report.clean else EXIT_FAIL
@@ -368,6 +375,8 @@ async def _audit(args: argparse.Namespace) -> int:
         ("ok without cost event", len(report.missing_costs), report.missing_costs),
         ("more than one cost event", len(report.extra_costs), report.extra_costs),
         ("ids reused for a different request", len(report.reused_ids), report.reused_ids),
+        ("streams checked", report.streams, []),
+        ("streams whose chunks differ from the answer", len(report.stream_mismatches), report.stream_mismatches),
     ]
     for name, count, ids in rows:
         table.add_row(name, str(count), ", ".join(ids[:10]))

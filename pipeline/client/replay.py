@@ -23,8 +23,10 @@ import anyio
 import msgspec
 
 from pipeline.bus.protocol import Bus, Record
+from pipeline.bus.topics import Topics
 from schemas.events import CostEvent
 from schemas.response import AIResponse
+from schemas.stream import StreamChunk
 from stages.rules.ledger import provider_shares
 from stages.rules.pricing import PriceTable, round_usd
 
@@ -201,6 +203,10 @@ class AuditReport:
     ``reused_ids``: ids sent with two different request bodies (ids must be
     unique: the second request got the first one's answer).
     ``totals_usd``: cost per provider (USD, 10 decimal places).
+    ``streams``: streamed responses checked against their chunks;
+    ``stream_mismatches``: ids whose final generation's chunks, in ``seq``
+    order, do not concatenate to the response's content or do not number
+    ``stream_chunks`` (DESIGN A9).
     """
 
     requests: int = 0
@@ -217,12 +223,19 @@ class AuditReport:
     orphan_costs: list[str] = field(default_factory=list)
     reused_ids: list[str] = field(default_factory=list)
     totals_usd: dict[str, float] = field(default_factory=dict)
+    streams: int = 0
+    stream_mismatches: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        """No missing, conflicting or extra item."""
+        """No missing, conflicting or extra item, and every stream matches its response."""
         return not (
-            self.missing_responses or self.conflicting or self.missing_costs or self.extra_costs or self.reused_ids
+            self.missing_responses
+            or self.conflicting
+            or self.missing_costs
+            or self.extra_costs
+            or self.reused_ids
+            or self.stream_mismatches
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,9 +256,12 @@ def _signature(response: AIResponse) -> tuple[Any, ...]:
 
 
 def audit(
-    request_records: Iterable[Record], responses: Iterable[AIResponse], costs: Iterable[CostEvent]
+    request_records: Iterable[Record],
+    responses: Iterable[AIResponse],
+    costs: Iterable[CostEvent],
+    chunks: Iterable[StreamChunk] = (),
 ) -> AuditReport:
-    """Reconcile requests (by record key, else the value's id) against responses and cost events."""
+    """Reconcile requests (by record key, else the value's id) against responses, cost events and stream chunks."""
     report = AuditReport()
     request_ids: set[str] = set()
     bodies: dict[str, bytes] = {}
@@ -303,6 +319,44 @@ def audit(
     report.extra_costs = sorted(rid for rid, n in counts.items() if n > 1)
     report.orphan_costs = sorted(set(counts) - ok_ids - ended_streams)
     report.totals_usd = {p: round_usd(v) for p, v in sorted(totals.items())}
+    _check_streams(report, by_id, chunks)
     report.conflicting.sort()
     report.duplicate_responses.sort()
     return report
+
+
+class _StreamTopicOnly(msgspec.Struct):
+    stream_topic: str | None = None
+
+
+_STREAM_TOPIC_DECODER = msgspec.json.Decoder(_StreamTopicOnly)
+
+
+def stream_topics_of(request_records: Iterable[Record], topics: Topics) -> set[str]:
+    """``topics.stream`` and every other stream topic the requests of ``request_records`` named."""
+    found = {topics.stream}
+    for record in request_records:
+        try:
+            topic = _STREAM_TOPIC_DECODER.decode(record.value).stream_topic
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if topic is not None and topics.is_stream_topic(topic):
+            found.add(topic)
+    return found
+
+
+def _check_streams(report: AuditReport, by_id: dict[str, list[AIResponse]], chunks: Iterable[StreamChunk]) -> None:
+    """Each streamed response's final generation: its chunks (repeats counted once) against its content."""
+    pieces: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    for chunk in chunks:
+        pieces[(chunk.id, chunk.generation)].setdefault(chunk.seq, chunk.delta)
+    for rid, answers in by_id.items():
+        first = answers[0]
+        if first.generation is None or first.stream_chunks is None:
+            continue
+        report.streams += 1
+        got = pieces.get((rid, first.generation), {})
+        text = "".join(got[seq] for seq in sorted(got))
+        if len(got) != first.stream_chunks or sorted(got) != list(range(len(got))) or text != (first.content or ""):
+            report.stream_mismatches.append(rid)
+    report.stream_mismatches.sort()

@@ -14,21 +14,25 @@ import msgspec
 import pytest
 
 from pipeline.bus.protocol import Record
-from pipeline.client.replay import audit, parse_time, read_range, reprice
+from pipeline.bus.topics import Topics
+from pipeline.client.replay import audit, parse_time, read_range, reprice, stream_topics_of
 from schemas import AIRequest, AIResponse, CostEvent, Usage
 from schemas.events import CostLine
 from schemas.response import ErrorInfo
+from schemas.stream import StreamChunk
 from stages.rules.pricing import PriceTable
 from tests.harness import Harness
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-def _event(rid: str, provider: str, model: str, prompt: int, completion: int, cost: float,
-           cached: bool = False) -> CostEvent:
+def _event(
+    rid: str, provider: str, model: str, prompt: int, completion: int, cost: float, cached: bool = False
+) -> CostEvent:
     usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-    return CostEvent(id=rid, user=None, provider=provider, model=model, usage=usage, cost_usd=cost, cached=cached,
-                     at=AT)
+    return CostEvent(
+        id=rid, user=None, provider=provider, model=model, usage=usage, cost_usd=cost, cached=cached, at=AT
+    )
 
 
 PRICES = """
@@ -81,8 +85,11 @@ def test_audit_finds_missing_conflicting_and_cost_problems() -> None:
         AIResponse(id="c", status="ok", content="z", provider="anthropic", model="m", cached=True),
         AIResponse(id="d", status="error"),
     ]
-    costs = [_event("a", "openai", "m", 1, 1, 0.5), _event("b", "openai", "m", 1, 1, 0.25),
-             _event("b", "openai", "m", 1, 1, 0.25)]
+    costs = [
+        _event("a", "openai", "m", 1, 1, 0.5),
+        _event("b", "openai", "m", 1, 1, 0.25),
+        _event("b", "openai", "m", 1, 1, 0.25),
+    ]
     report = audit(requests, responses, costs)
     assert report.requests == 5 and report.responses == 4
     assert report.missing_responses == ["e"]
@@ -92,19 +99,31 @@ def test_audit_finds_missing_conflicting_and_cost_problems() -> None:
     assert report.extra_costs == ["b"]
     assert report.totals_usd == {"openai": 0.75}
     assert not report.clean
-    again = audit([_rec("a", b'{"prompt": "one"}'), _rec("a", b'{"prompt": "one"}'), _rec("b", b'{"prompt": "x"}'),
-                   _rec("b", b'{"prompt": "y"}')], [ok], [])
+    again = audit(
+        [
+            _rec("a", b'{"prompt": "one"}'),
+            _rec("a", b'{"prompt": "one"}'),
+            _rec("b", b'{"prompt": "x"}'),
+            _rec("b", b'{"prompt": "y"}'),
+        ],
+        [ok],
+        [],
+    )
     assert again.reused_ids == ["b"]
 
 
 def test_audit_counts_interrupted_streams_and_splits_continued_answers_by_line() -> None:
-    cut = AIResponse(id="s1", status="error", content="part", cost_usd=0.1,
-                     error=ErrorInfo(type="stream_interrupted", message="cut"))
+    cut = AIResponse(
+        id="s1", status="error", content="part", cost_usd=0.1, error=ErrorInfo(type="stream_interrupted", message="cut")
+    )
     resumed = AIResponse(id="s2", status="ok", content="whole", provider="openai", model="m", cost_usd=0.3)
-    unbilled = AIResponse(id="s3", status="error", content="part", cost_usd=0.2,
-                          error=ErrorInfo(type="cancelled", message="gone"))
-    lines = [CostLine(provider="cloudflare", model="c", usage=Usage(), cost_usd=0.1),
-             CostLine(provider="openai", model="m", usage=Usage(), cost_usd=0.2)]
+    unbilled = AIResponse(
+        id="s3", status="error", content="part", cost_usd=0.2, error=ErrorInfo(type="cancelled", message="gone")
+    )
+    lines = [
+        CostLine(provider="cloudflare", model="c", usage=Usage(), cost_usd=0.1),
+        CostLine(provider="openai", model="m", usage=Usage(), cost_usd=0.2),
+    ]
     costs = [
         msgspec.structs.replace(_event("s1", "cloudflare", "c", 1, 1, 0.1), status="stream_interrupted"),
         msgspec.structs.replace(_event("s2", "openai", "m", 1, 1, 0.3), lines=lines),
@@ -114,6 +133,30 @@ def test_audit_counts_interrupted_streams_and_splits_continued_answers_by_line()
     assert report.orphan_costs == ["zz"]
     assert report.missing_costs == ["s3"]  # a cancelled stream that cost something has no cost event
     assert report.totals_usd == {"cloudflare": 0.2, "openai": 0.7}
+
+
+def test_audit_checks_each_stream_against_its_final_generation() -> None:
+    def chunk(rid: str, gen: str, seq: int, delta: str) -> StreamChunk:
+        return StreamChunk(id=rid, seq=seq, generation=gen, delta=delta, at=AT)
+
+    good = AIResponse(id="g", status="ok", content="Hello world", generation="B", stream_chunks=2)
+    short = AIResponse(id="s", status="ok", content="abc", generation="A", stream_chunks=2)
+    plain = AIResponse(id="p", status="ok", content="not streamed")
+    chunks = [
+        chunk("g", "A", 0, "Hel"),  # an earlier generation (a redelivery): not the record
+        chunk("g", "B", 0, "Hello "),
+        chunk("g", "B", 0, "Hello "),  # a repeat: counted once
+        chunk("g", "B", 1, "world"),
+        chunk("s", "A", 0, "ab"),  # its second chunk never arrived
+    ]
+    report = audit([_rec(i) for i in "gsp"], [good, short, plain], [], chunks)
+    assert report.streams == 2 and report.stream_mismatches == ["s"] and not report.clean
+    topics = Topics("ai.")
+    records = [
+        _rec("x", b'{"id": "x", "stream_topic": "ai.stream.serve-h-1"}'),
+        _rec("y", b'{"stream_topic": "ai.control"}'),
+    ]
+    assert stream_topics_of(records, topics) == {"ai.stream", "ai.stream.serve-h-1"}
 
 
 def test_parse_time_accepts_dates_and_zones() -> None:
@@ -135,21 +178,31 @@ async def test_replay_and_audit_over_the_live_topics(pipe: Harness, emu: Any, tm
     mine = [r for r in records if r.key and r.key.decode() in ids]
     assert len(mine) == len(ids)
     # nothing before `since`: a window in the past is empty
-    assert await read_range(pipe.bus, pipe.topics.costs, start - timedelta(days=2), start - timedelta(days=1),
-                            idle_s=0.5) == []
+    assert (
+        await read_range(pipe.bus, pipe.topics.costs, start - timedelta(days=2), start - timedelta(days=1), idle_s=0.5)
+        == []
+    )
 
-    env = {"AIPIPE_KAFKA_BOOTSTRAP": pipe.bootstrap or "", "AIPIPE_TOPIC_PREFIX": pipe.topics.prefix,
-           "PATH": "/usr/bin:/bin", "AIPIPE_HOME": str(tmp_path)}
+    env = {
+        "AIPIPE_KAFKA_BOOTSTRAP": pipe.bootstrap or "",
+        "AIPIPE_TOPIC_PREFIX": pipe.topics.prefix,
+        "PATH": "/usr/bin:/bin",
+        "AIPIPE_HOME": str(tmp_path),
+    }
     out_file = anyio.Path(tmp_path / "costs.jsonl")
     cli = [sys.executable, "-m", "pipeline.cli"]
-    replay = await anyio.run_process([*cli, "replay", "costs", "--since", start.isoformat(), "--out",
-                                      str(out_file), "--idle-s", "0.5", "--json"], env=env, check=False)
+    replay = await anyio.run_process(
+        [*cli, "replay", "costs", "--since", start.isoformat(), "--out", str(out_file), "--idle-s", "0.5", "--json"],
+        env=env,
+        check=False,
+    )
     assert replay.returncode == 0, replay.stderr.decode()
     lines = [json.loads(x) for x in (await out_file.read_text()).splitlines()]
     assert {x["id"] for x in lines} >= set(ids)
 
-    result = await anyio.run_process([*cli, "audit", "--since", start.isoformat(), "--idle-s", "0.5", "--json"],
-                                     env=env, check=False)
+    result = await anyio.run_process(
+        [*cli, "audit", "--since", start.isoformat(), "--idle-s", "0.5", "--json"], env=env, check=False
+    )
     report = json.loads(result.stdout)
     assert report["missing_responses"] == [] and report["missing_costs"] == [] and report["extra_costs"] == []
     assert report["clean"] is True and result.returncode == 0

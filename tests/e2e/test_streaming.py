@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from pipeline.client.replay import audit
 from pipeline.client.stream_handle import StreamHandle
 from pipeline.emulator.wire import full_reply
 from pipeline.errors import StreamInterruptedError
@@ -259,3 +260,21 @@ async def test_a_healthy_stream_longer_than_the_attempt_timeout_is_never_cut(tim
     assert response.status == "ok" and response.provider == "cloudflare"
     assert response.attempts[0].latency_ms > 600  # longer than timeout_ms, gaps below the idle timeout
     assert "".join(c.delta for c in chunks) == response.content
+
+
+async def test_the_audit_finds_every_stream_equal_to_its_answer(pipe: Harness, long_answers: Any) -> None:
+    long_answers.faults.schedule("cloudflare", {"stream_cut_after": 5})  # the first resumed, the others whole
+    ids = [rid(f"audit{i}", pipe.kind) for i in range(3)]
+    for request_id in ids:
+        await collect(await pipe.client.stream(request(request_id, stream_resume=True)))
+    wanted = {i.encode() for i in ids}
+    responses = pipe.decode(
+        await pipe.read_all(pipe.topics.responses, until=lambda rs: wanted <= {r.key for r in rs}), AIResponse
+    )
+    chunks = pipe.decode(await pipe.read_all(pipe.topics.stream), StreamChunk)
+    mine = [r for r in responses if r.id in ids]
+    report = audit([], mine, [], [c for c in chunks if c.id in ids])
+    assert report.streams == 3 and report.stream_mismatches == []
+    assert any(a.resumed for r in mine for a in r.attempts)
+    broken = msgspec.structs.replace(mine[0], content=(mine[0].content or "") + " extra")
+    assert audit([], [broken], [], chunks).stream_mismatches == [broken.id]
