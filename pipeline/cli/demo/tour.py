@@ -7,6 +7,9 @@ this process, then sends MT-Bench questions (``pipeline/data/``) and shows:
   ``Retry-After: 60``, longer than ``retry.max_delay_ms`` allows, so those
   requests fall back to the next provider at once;
 * cache hits: a few questions are asked again and answered from the cache;
+* streaming: one answer streamed to the terminal as it is generated, and one
+  stream cut by the emulator mid-answer and resumed on the next provider
+  (``pipeline.cli.demo.stream_moment``);
 * a circuit that opens and closes: Anthropic answers 529 twice, its circuit
   opens, the next request skips it, the health monitor's probes close it
   after a 1 s cool-off (``pipeline.cli.demo.circuit_moment``);
@@ -39,6 +42,7 @@ from pipeline.assembly.build import ALL_STAGES, Pipeline
 from pipeline.assembly.process import open_bus
 from pipeline.cli.demo.budget_moment import budget_moment
 from pipeline.cli.demo.circuit_moment import DEMO_CIRCUIT_CONFIG, circuit_moment
+from pipeline.cli.demo.stream_moment import FoldedWriter, stream_moment
 from pipeline.client.pipeline_client import PipelineClient
 from pipeline.client.strategy_control import publish_strategy, wait_applied
 from pipeline.data.prompts import load_prompts, spread_by_category
@@ -185,6 +189,19 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
                 for request in repeats:
                     batch.start_soon(ask, "repeat", request)
 
+            console.print("streaming: one answer as it arrives, then one cut mid-answer and resumed ...")
+            status.stop()  # the spinner would redraw over a half-written line
+            streamed = await stream_moment(
+                client,
+                emulator,
+                pool[3:5],
+                FoldedWriter(
+                    lambda text: console.print(text, end="", soft_wrap=True, highlight=False, markup=False),
+                    console.width,
+                ),
+            )
+            status.start()
+
             async def ask_one(phase: str, request: AIRequest) -> AIResponse:
                 response = await client.request(request)
                 rows.append((phase, request, response))
@@ -237,6 +254,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
     for line in moment.lines() or ["  (no transition seen)"]:
         console.print(line, highlight=False)
     console.print(budget.line())
+    console.print(streamed.line())
     shown = (
         len(ok) == len(rows) - len(budget.refused)
         and budget.shown
@@ -244,6 +262,7 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
         and fallbacks
         and len(rotated) >= 2
         and moment.shown
+        and streamed.shown
         and all(r.cost_usd > 0 for r in ok if not r.cached)
     )
     return 0 if shown else 1
