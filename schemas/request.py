@@ -93,8 +93,10 @@ class AIRequest(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
             raise ValueError("exactly one of `prompt` or `messages` is required")
         if self.messages is not None and not any(m.role != "system" for m in self.messages):
             raise ValueError("`messages` needs at least one user or assistant message")
-        if not self.stream and (self.stream_topic is not None or self.stream_resume):
-            raise ValueError("`stream_topic` and `stream_resume` need `stream: true`")
+        if not self.stream and self.stream_resume:
+            raise ValueError("`stream_resume` needs `stream: true`")
+        if not self.stream and self.stream_topic is not None:
+            raise ValueError("`stream_topic` needs `stream: true`")
 
     def chat_messages(self) -> list[Message]:
         """The request as chat turns: a ``prompt`` becomes one user message."""

@@ -14,9 +14,10 @@ class StreamChunk(Struct, kw_only=True):
     redelivered request runs as a new one). ``delta`` is the new text (several
     provider deltas coalesced for at most ``stream.flush_ms``); ``provider``
     and ``model`` name who produced it; ``attempt`` is the index in the
-    response's ``attempts`` of the call that produced it. ``cached`` marks a
-    cache hit replayed as a chunk. ``tool_call_deltas`` is reserved for tool
-    calls (DESIGN A4) and empty for text.
+    response's ``attempts`` of the call that produced it (``None`` for a
+    cache hit, which made no call). ``cached`` marks a cache hit replayed as
+    a chunk. ``tool_call_deltas`` is reserved for tool calls (DESIGN A4) and
+    empty for text.
     """
 
     id: str
@@ -25,7 +26,7 @@ class StreamChunk(Struct, kw_only=True):
     delta: str
     provider: str | None = None
     model: str | None = None
-    attempt: int = 0
+    attempt: int | None = None
     cached: bool = False
     tool_call_deltas: list[dict[str, object]] = []
     at: datetime

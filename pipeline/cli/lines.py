@@ -108,8 +108,8 @@ def _cost(value: CostEvent) -> str:
 
 def _chunk(value: StreamChunk) -> str:
     where = f"{value.provider or '-'}/{value.model or '-'}"
-    cached = " cached" if value.cached else ""
-    head = f"chunk    {value.id} gen={value.generation} #{value.seq} {where} attempt={value.attempt}{cached}"
+    origin = "cached" if value.cached or value.attempt is None else f"attempt={value.attempt}"
+    head = f"chunk    {value.id} gen={value.generation} #{value.seq} {where} {origin}"
     return f"{head} {value.delta!r}"
 
 

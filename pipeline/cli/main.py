@@ -33,7 +33,7 @@ from pipeline.cli.strategy_commands import add_strategy_parser
 from pipeline.client.pipeline_client import PipelineClient, new_request_id
 from pipeline.client.replay import audit, decode_all, parse_time, read_range, reprice, stream_topics_of
 from pipeline.emulator import load_profile, serve_forever
-from pipeline.errors import AIProviderError
+from pipeline.errors import AIProviderError, StreamInterruptedError
 from pipeline.runtime import telemetry
 from pipeline.runtime.logs import setup_logging
 from pipeline.runtime.settings import Settings
@@ -127,7 +127,9 @@ async def _send(args: argparse.Namespace) -> int:
         data["providers"] = args.provider
     if args.no_cache:
         data["cache"] = {"bypass": True}
-    if args.stream or args.resume:
+    if args.resume and not args.stream:
+        raise UsageError("--resume needs --stream (it lets the next provider continue a stream cut mid-answer)")
+    if args.stream:
         data["stream"] = True
     if args.resume:
         data["stream_resume"] = True
@@ -142,7 +144,11 @@ async def _send(args: argparse.Namespace) -> int:
         await tg.start(client.run)
         try:
             if request.stream:
-                response = await _print_stream(client, request, quiet=args.json)
+                try:
+                    response = await _print_stream(client, request, quiet=args.json)
+                except StreamInterruptedError as exc:  # run again (a new generation) after text was shown
+                    print(f"error: {exc.error_type}: {exc}", file=sys.stderr)
+                    return EXIT_FAIL
             else:
                 response = await client.request(request)
         finally:
@@ -177,10 +183,10 @@ async def _print_stream(client: PipelineClient, request: AIRequest, *, quiet: bo
                 sys.stdout.write(printable_text(chunk.delta))
                 sys.stdout.flush()
     except AIProviderError as exc:
-        if handle.response is None:
-            raise
         if not quiet and handle.text:
             print(file=sys.stdout, flush=True)
+        if handle.response is None:
+            raise
         log.debug("stream of %s ended with %s", request.id, exc.error_type)
         return handle.response
     finally:

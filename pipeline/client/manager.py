@@ -487,7 +487,7 @@ class ContentStream:
                 await self._manager.start()
             assert self._manager._client is not None
             try:
-                req = as_request(self._request)
+                req = as_request(self._request, stream=True)
             except msgspec.ValidationError as exc:
                 raise InvalidRequestError(f"invalid request: {exc}") from exc
             self._handle = await self._manager._client.stream(req)

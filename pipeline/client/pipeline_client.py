@@ -46,8 +46,10 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:24]}"
 
 
-def as_request(request: AIRequest | Mapping[str, Any]) -> AIRequest:
+def as_request(request: AIRequest | Mapping[str, Any], *, stream: bool = False) -> AIRequest:
     """An ``AIRequest`` from a struct or a dict of its JSON fields (an ``id`` is generated when absent).
+
+    ``stream`` makes a dict without a ``stream`` field a streamed request (``stream_content``).
 
     Raises:
         msgspec.ValidationError: when the dict is not a valid request.
@@ -56,6 +58,8 @@ def as_request(request: AIRequest | Mapping[str, Any]) -> AIRequest:
         return request
     data = dict(request)
     data.setdefault("id", new_request_id())
+    if stream:
+        data.setdefault("stream", True)
     return msgspec.convert(data, AIRequest)
 
 

@@ -286,9 +286,8 @@ def create_app(state: ServeState) -> Starlette:
                 OpenAIHTTPError.for_type("server_error", message),
                 _pipeline_headers(response) if response else id_header,
             )
+        # the provider, cost and cache flag are known only when the stream ends: not headers here
         headers = {**id_header, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        if first.provider:
-            headers[HEADER_PROVIDER] = first.provider
         events = _events(handle, first, ai_request, usage=usage, created=int(time.time()))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 

@@ -53,7 +53,7 @@ ERROR_STATUS: dict[str, tuple[int, str]] = {
 _PARAM_OF: dict[str, str] = {"model_not_found": "model", "context_length_exceeded": "messages"}
 #: The request field an ``invalid_request`` message from the pipeline is about (the first one it names).
 _FIELD_NAMED = re.compile(
-    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model|stream_topic)\b"
+    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model|stream_resume)\b"
 )
 
 
@@ -251,7 +251,10 @@ def include_usage(body: dict[str, Any]) -> bool:
         )
     if not isinstance(options, dict) or any(k != "include_usage" for k in options):
         raise OpenAIHTTPError.invalid("'stream_options' supports only {\"include_usage\": bool}", "stream_options")
-    return options.get("include_usage") is True
+    value = options.get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        raise OpenAIHTTPError.invalid("'stream_options.include_usage' must be a boolean", "stream_options")
+    return value is True
 
 
 def chunk_body(

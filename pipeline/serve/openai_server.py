@@ -219,6 +219,11 @@ async def run_server(env: Mapping[str, str], *, host: str = DEFAULT_HOST, port: 
         signals.start_soon(drain_on_signal, stopping.set, "in-flight calls")
         async with manager, OpenAIServer(manager, host=host, port=port) as server:
             where = f"broker {manager.bootstrap}" if manager.pipeline is None else "in-process stages"
-            print(f"aipipe serve: {server.base_url} ({where}; Ctrl-C to stop)", file=sys.stderr, flush=True)
+            print(
+                f"aipipe serve: {server.base_url} ({where}; streamed chunks on {manager.client.stream_topic}; "
+                "Ctrl-C to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
             await stopping.wait()
         signals.cancel_scope.cancel()

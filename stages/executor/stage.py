@@ -43,7 +43,7 @@ import httpx
 from cachetools import TTLCache
 
 from pipeline.bus.topics import Topics
-from pipeline.errors import AIProviderError
+from pipeline.errors import AIProviderError, ProviderTimeoutError
 from pipeline.runtime import telemetry
 from pipeline.runtime.config import PipelineConfig, ProviderConfig
 from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, new_generation, now_ms, to_record
@@ -707,7 +707,16 @@ class ExecutorStage:
             limit = first_chunk_timeout_s if got.stop == "first_chunk_timeout" else run.idle_timeout_s
             error = timeout_error(candidate.provider, got.stop, limit)
         elif got.stop in ("deadline", "max_duration"):
-            error = timeout_error(candidate.provider, got.stop, max(0.0, latency_ms / 1000))
+            what = (
+                "the request's deadline"
+                if got.stop == "deadline"
+                else "the longest stream allowed ([stream] max_duration_ms)"
+            )
+            error = ProviderTimeoutError(
+                f"{candidate.provider}: the stream reached {what} "
+                f"after {got.chunks} chunks ({latency_ms / 1000:.1f} s)",
+                provider=candidate.provider,
+            )
         elif got.stop == "complete":
             error = stream_cut(candidate.provider, "an answer without text")
         else:
@@ -752,10 +761,11 @@ class ExecutorStage:
             error.error_type,
             got.stop,
         )
-        await self._health(
-            envelope, candidate, False, error.error_type, error.status_code, latency_ms, ctx, error.retry_after_s
-        )
         ends = got.stop in ("deadline", "max_duration")
+        if not (ends and got.first_chunk_ms is not None):  # a caller's limit on a flowing stream is no provider fault
+            await self._health(
+                envelope, candidate, False, error.error_type, error.status_code, latency_ms, ctx, error.retry_after_s
+            )
         if run.started and (not run.resume or ends):
             return Outcome(
                 status="error",

@@ -421,6 +421,7 @@ def classify_transport_error(
     names = [type(e).__name__ for e in chain]
     inner = chain[-1]
     detail = redact(f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__, secrets)
+    detail = " ".join(detail.split())  # one line: some client errors carry newlines
 
     # The most specific (innermost) cause decides.
     for err, name in zip(reversed(chain), reversed(names), strict=True):

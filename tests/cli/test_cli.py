@@ -128,6 +128,12 @@ def test_send_stream_prints_the_answer_and_tail_shows_its_chunks(running: dict[s
     assert "chunk    cli-st-1 gen=" in tail.stdout.decode() and "#0 cloudflare/" in tail.stdout.decode()
 
 
+def test_send_resume_without_stream_is_a_usage_error(home: Path) -> None:
+    out = subprocess.run([*AIPIPE, "send", "hi", "--model", "gpt-3.5-turbo", "--resume"],
+                         env=_env(AIPIPE_HOME=str(home)), capture_output=True, timeout=30)
+    assert out.returncode == 2 and b"--resume needs --stream" in out.stderr
+
+
 def test_send_with_an_unknown_model_exits_1_with_the_reason(running: dict[str, str]) -> None:
     out = subprocess.run([*AIPIPE, "send", "hi", "--model", "no-such-model"], env=running,
                          capture_output=True, timeout=90)

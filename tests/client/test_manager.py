@@ -84,3 +84,17 @@ async def test_kafka_manager_runs_stages_in_process_on_the_embedded_broker(tmp_p
 
 def test_strategies_and_unbuilt_capabilities_are_named() -> None:
     assert set(LOAD_BALANCING_STRATEGIES) == {"round_robin", "weighted", "least_latency", "cost_optimized", "priority"}
+
+
+async def test_stream_content_streams_a_dict_and_leaves_response_after() -> None:
+    async with create_ai_provider_manager("development", _env(AIPIPE_TOPIC_PREFIX="mgr-stream.")) as manager:
+        stream = manager.stream_content(
+            {"model": "gpt-3.5-turbo", "prompt": "stream me", "stream_resume": True, "cache": {"bypass": True}}
+        )
+        deltas = [chunk.delta async for chunk in stream]
+        assert stream.response is not None and stream.response.status == "ok"
+        assert "".join(deltas) == stream.text == stream.response.content
+        assert stream.response.generation and stream.response.stream_chunks == len(deltas)
+        with pytest.raises(InvalidRequestError, match="max_tokens"):
+            async for _ in manager.stream_content({"model": "gpt-3.5-turbo", "prompt": "x", "max_tokens": 0}):
+                pass

@@ -17,7 +17,7 @@ from pipeline.client.stream_handle import StreamHandle
 from pipeline.emulator.wire import full_reply
 from pipeline.errors import StreamInterruptedError
 from schemas import AIRequest
-from schemas.events import CostEvent
+from schemas.events import ControlEvent, CostEvent, Health
 from schemas.response import AIResponse
 from schemas.stream import StreamChunk
 from tests.conftest import in_own_task
@@ -176,6 +176,7 @@ async def test_a_cached_answer_for_a_streaming_request_is_one_chunk_with_usage(p
     chunks, response = await collect(await pipe.client.stream(request(rid("c2", pipe.kind), prompt=prompt, cache=None)))
     assert response.cached and response.content == first.content and response.usage == first.usage
     assert len(chunks) == 1 and chunks[0].cached and chunks[0].delta == first.content
+    assert chunks[0].attempt is None and response.attempts == []  # no call produced it
     assert response.stream_chunks == 1 and chunks[0].generation == response.generation
 
 
@@ -250,6 +251,21 @@ async def test_a_stall_after_text_is_interrupted_by_the_idle_timeout(timed: Harn
     assert handle.response is not None and handle.response.error is not None
     assert handle.response.error.reason == "idle_timeout"
     assert called(timed.emulator) == {"cloudflare": 1}
+
+
+async def test_a_deadline_that_cuts_a_flowing_stream_is_not_the_providers_failure(timed: Harness) -> None:
+    timed.emulator.reset()
+    timed.emulator.faults.load({"reply_words": 60, "providers": {"cloudflare": {"default": {"chunk_interval_ms": 50}}}})
+    req = request(rid("deadline", "mem"), timeout_ms=1500)
+    handle = await timed.client.stream(req)
+    with pytest.raises(StreamInterruptedError):
+        await collect(handle)
+    response = handle.response
+    assert response is not None and response.error is not None and response.error.reason == "deadline"
+    assert "reached the request's deadline after" in response.error.message
+    assert called(timed.emulator) == {"cloudflare": 1}
+    control = timed.decode(await timed.read_all(timed.topics.control, timeout_s=2), ControlEvent)
+    assert not [e for e in control if isinstance(e, Health) and e.request_id == req.id]  # nothing for the breaker
 
 
 async def test_a_healthy_stream_longer_than_the_attempt_timeout_is_never_cut(timed: Harness) -> None:

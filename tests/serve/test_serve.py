@@ -309,6 +309,8 @@ def test_a_client_key_user_cannot_be_overridden_by_the_body() -> None:
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is enabled"),
         ({"stream": "yes"}, "stream", "'stream' must be a boolean"),
         ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options", "supports only"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", "must be a boolean"),
+        ({"stream_resume": True}, "stream_resume", "`stream_resume` needs `stream: true`"),
         ({"n": 2}, "n", "parameter 'n' is not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "'tools' is not supported"),
         ({"foo": 1}, "foo", "Unrecognized request argument supplied: foo"),
