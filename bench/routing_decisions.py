@@ -34,8 +34,9 @@ def bench_strategies(n: int) -> None:
     info = RouteInfo(prompt_tokens=120, max_tokens=256)
     for name in ("priority", "round_robin", "weighted", "least_latency", "cost_optimized"):
         weights = {"openai": 0.6, "anthropic": 0.3, "cloudflare": 0.1} if name == "weighted" else None
-        state = StrategyState(StrategySpec(name, weights), providers=config.providers, prices=prices,
-                              rng=random.Random(1))
+        state = StrategyState(
+            StrategySpec(name, weights), providers=config.providers, prices=prices, rng=random.Random(1)
+        )
         for c in CANDS:
             state.tracker.observe(c.provider, 100.0, ok=True, error_type=None, timeout_ms=30_000)
         started = time.perf_counter()
@@ -64,8 +65,11 @@ async def main() -> None:
     if args.redis:
         from pipeline.stores.rate_limit_store import RedisRateLimiter
 
-        await bench_limiter("redis", RedisRateLimiter.from_url(args.redis, namespace=f"bench-{secrets.token_hex(3)}:"),
-                            min(args.n, 2_000))
+        await bench_limiter(
+            "redis",
+            RedisRateLimiter.from_url(args.redis, namespace=f"bench-{secrets.token_hex(3)}:"),
+            min(args.n, 2_000),
+        )
 
 
 if __name__ == "__main__":

@@ -171,9 +171,10 @@ async def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="aipipe-stream-bench-"))
     n, width = args.streams, args.concurrency
     async with EmulatorProcess() as emulator:
-        chunked = {"latency": {"dist": "fixed", "ms": args.latency_ms}, "default": {"chunk_interval_ms": 5}}
+        pace = {"chunk_interval_ms": args.interval_ms}
+        chunked = {"latency": {"dist": "fixed", "ms": args.latency_ms}, "default": pace}
         await emulator.set_profile(
-            {"reply_words": 40, "providers": dict.fromkeys(("openai", "anthropic", "cloudflare"), chunked)}
+            {"reply_words": args.words, "providers": dict.fromkeys(("openai", "anthropic", "cloudflare"), chunked)}
         )
         async with ProviderHttpClient(max_connections=512, timeout=30) as http:
             for stream in (True, False):
@@ -200,7 +201,10 @@ async def main(args: argparse.Namespace) -> int:
         assert isinstance(value, dict)
         return float(value[key])
 
-    print(f"latency {args.latency_ms:g} ms, 40 words at 5 ms each, {n} requests per mode, {width} at once")
+    print(
+        f"latency {args.latency_ms:g} ms, {args.words} words at {args.interval_ms:g} ms each, "
+        f"{n} requests per mode, {width} at once"
+    )
     print(
         f"{'target':<8} {'mode':<11} {'TTFT p50':>9} {'p99':>7} {'over p50':>9} {'over p99':>9} "
         f"{'plain over p50':>15} {'ratio':>6} {'chunks':>7} {'per flush':>9}"
@@ -229,5 +233,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="provider time to first token (ms)")
+    parser.add_argument("--words", type=int, default=40, help="words per answer (one content delta each)")
+    parser.add_argument("--interval-ms", type=float, default=5.0, help="gap between deltas (ms)")
     sys.exit(anyio.run(main, parser.parse_args()))

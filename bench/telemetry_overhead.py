@@ -93,8 +93,16 @@ def _records(tel: Telemetry, n: int) -> float:
     started = time.perf_counter()
     for _ in range(n):
         tel.finish_attempt(None, "openai", "gpt-4o-mini", ok=True, status_code=200, error_type=None, latency_ms=12.5)
-        tel.record_outcome(provider="openai", model="gpt-4o-mini", status="ok", cached=False, error_type=None,
-                           latency_ms=20.0, usage=usage, cost_usd=Decimal("0.00001"))
+        tel.record_outcome(
+            provider="openai",
+            model="gpt-4o-mini",
+            status="ok",
+            cached=False,
+            error_type=None,
+            latency_ms=20.0,
+            usage=usage,
+            cost_usd=Decimal("0.00001"),
+        )
     return (time.perf_counter() - started) / n * 1e6
 
 
