@@ -40,6 +40,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 from cachetools import TTLCache
 
 from pipeline.bus.topics import Topics
@@ -601,6 +602,9 @@ class ExecutorStage:
         )
         resumed = run.started
         call = provider_call(request, candidate.model, run.text if resumed else None)
+        if resumed:  # the continuation may only generate what is left of max_tokens (tokens)
+            generated = sum(p.usage.completion_tokens for p in run.parts)
+            call = msgspec.structs.replace(call, max_tokens=max(1, request.max_tokens - generated))
         index = len(attempts)
         started = time.perf_counter()
         client_timeout_s = max(1.0, run.ends_at - time.monotonic())

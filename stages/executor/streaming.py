@@ -27,6 +27,10 @@ from schemas.stream import StreamChunk
 from stages.providers.base import StreamDelta, StreamEnd, StreamEvent
 from stages.rules.tokens import estimate_tokens
 
+#: How long (s) a chunk's publish may go on after its stream was stopped or cancelled (a shutdown): long
+#: enough for a broker's acknowledgement, short enough that a broker outage never holds the process.
+CHUNK_PUBLISH_SHIELD_S = 5.0
+
 #: Why an attempt's stream stopped.
 StopReason = Literal[
     "complete", "provider_error", "first_chunk_timeout", "idle_timeout", "deadline", "max_duration", "cancelled"
@@ -136,7 +140,7 @@ async def read_stream(
         chunk = run.chunk(text, provider, model, attempt, now())
         out.chunks += 1
         last_flush[0] = time.monotonic()
-        with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(CHUNK_PUBLISH_SHIELD_S, shield=True):
             await publish(chunk)
 
     async def flusher() -> None:
@@ -165,7 +169,7 @@ async def read_stream(
             tg.cancel_scope.cancel()
         await flush()
     finally:
-        with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(CHUNK_PUBLISH_SHIELD_S, shield=True):
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 try:
