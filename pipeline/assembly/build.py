@@ -189,6 +189,7 @@ class Pipeline:
                     secrets=self.settings.secret_values(
                         tuple(c.api_key_env for c in self.config.providers.values() if c.api_key_env)
                     ),
+                    control_ready=self.control_feed.caught_up,
                 )
                 self.control_feed.subscribe(stage.on_control)  # cancel_request of streams (DESIGN A9)
                 if self.circuits.apply not in self.control_feed.listeners:

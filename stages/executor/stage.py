@@ -75,6 +75,8 @@ HUNG_FRACTION = 0.5
 
 #: How long (s) a ``cancel_request`` for a request not (yet) running here is remembered, and how many.
 CANCEL_MEMORY_S = 600.0
+#: Longest wait (s) of a streamed request for the control feed's replay after a (re)start.
+CONTROL_REPLAY_WAIT_S = 5.0
 CANCEL_MEMORY_IDS = 10_000
 
 
@@ -127,8 +129,11 @@ class ExecutorStage:
         prices: PriceTable | None = None,
         budgets: ProviderBudgets | None = None,
         secrets: tuple[str, ...] = (),
+        control_ready: anyio.Event | None = None,
     ) -> None:
         self.topics = topics
+        # set once the control feed has replayed ai.control: cancel_request events sent while no executor ran
+        self.control_ready = control_ready
         self.budgets = budgets  # provider budgets, held per attempt (``stages.executor.budgets``)
         self.latencies = LatencyWindow()
         self._last_errors: dict[str, str] = {}  # request id -> its last failure's message, while it runs
@@ -178,6 +183,11 @@ class ExecutorStage:
     async def execute(self, envelope: Envelope, ctx: MessageContext) -> Outcome:
         """Run the skip/retry/fallback chain for one request and return its outcome (module docstring)."""
         run = self._stream_run(envelope)
+        if run is not None and self.control_ready is not None and not self.control_ready.is_set():
+            with anyio.move_on_after(CONTROL_REPLAY_WAIT_S):  # a cancel sent while no executor ran applies
+                await self.control_ready.wait()
+            if self._cancelled.get(envelope.id):
+                run.cancelled.set()
         try:
             outcome = await self._chain(envelope, ctx, run)
             if run is None:

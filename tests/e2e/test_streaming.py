@@ -15,7 +15,7 @@ import pytest_asyncio
 from pipeline.client.replay import audit
 from pipeline.client.stream_handle import StreamHandle
 from pipeline.emulator.wire import full_reply
-from pipeline.errors import StreamInterruptedError
+from pipeline.errors import StreamCancelledError, StreamInterruptedError
 from schemas import AIRequest
 from schemas.events import ControlEvent, CostEvent, Health
 from schemas.response import AIResponse
@@ -296,3 +296,16 @@ async def test_the_audit_finds_every_stream_equal_to_its_answer(pipe: Harness, l
     assert any(a.resumed for r in mine for a in r.attempts)
     broken = msgspec.structs.replace(mine[0], content=(mine[0].content or "") + " extra")
     assert audit([], [broken], [], chunks).stream_mismatches == [broken.id]
+
+
+async def test_a_cancel_sent_before_the_executor_took_the_request_stops_it_before_any_call(
+    pipe: Harness, long_answers: Any
+) -> None:
+    req = request(rid("early-cancel", pipe.kind))
+    await pipe.client.cancel(req.id)  # e.g. a reader that left while no executor ran
+    control = await pipe.read_all(pipe.topics.control, until=lambda rs: any(req.id.encode() in r.value for r in rs))
+    assert any(req.id.encode() in r.value for r in control)
+    handle = await pipe.client.stream(req)
+    with pytest.raises(StreamCancelledError):
+        await collect(handle)
+    assert called(long_answers) == {}  # no provider generated anything for nobody
