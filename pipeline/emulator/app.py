@@ -411,6 +411,8 @@ class _StreamResponse(Response):
                 else ("stream_stall" if step.stream_stall_after is not None else "stream_cut")
             )
             _abort(scope.get(RAW_SEND_KEY))
+            # let the server see the connection gone before returning, or it logs an unfinished response
+            await wait_first(gone.wait(), timeout_s=1.0)
         except OSError:
             outcome = "client_disconnected"
         finally:
