@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -121,49 +121,47 @@ class PipelineClient:
         self._tg = None
 
     async def _read_responses(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        consumer = await self.bus.consumer([self.topics.responses], group=None, from_beginning=False)
-        task_status.started()
-        try:
-            while not self._stop.is_set():
-                try:
-                    records = await consumer.getmany(100, max_records=1000)
-                except BusError as exc:
-                    log.warning("response reader: fetch failed (%s); retrying", exc, extra=OUTAGE)
-                    with anyio.move_on_after(1.0):
-                        await self._stop.wait()
-                    continue
-                for record in records:
-                    try:
-                        response = _RESPONSE_DECODER.decode(record.value)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        continue
-                    self._deliver(response)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await consumer.stop()
+        await self._follow(self.topics.responses, _RESPONSE_DECODER, self._deliver, "response reader", task_status)
 
     async def _read_chunks(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.stream_topic != self.topics.stream:
             await self.bus.ensure_topics([self.stream_topic])
-        consumer = await self.bus.consumer([self.stream_topic], group=None, from_beginning=False)
+        await self._follow(self.stream_topic, _CHUNK_DECODER, self._feed, "stream reader", task_status)
+
+    def _feed(self, chunk: StreamChunk) -> None:
+        handle = self._streams.get(chunk.id)
+        if handle is not None:
+            handle.feed(chunk)
+
+    async def _follow(
+        self,
+        topic: str,
+        decoder: msgspec.json.Decoder[Any],
+        deliver: Callable[[Any], None],
+        what: str,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
+        """Read ``topic`` from its end as a broadcast until ``stop()``, handing each decodable value to ``deliver``.
+
+        Values that do not decode are skipped; a failed fetch is retried every second.
+        """
+        consumer = await self.bus.consumer([topic], group=None, from_beginning=False)
         task_status.started()
         try:
             while not self._stop.is_set():
                 try:
                     records = await consumer.getmany(100, max_records=1000)
                 except BusError as exc:
-                    log.warning("stream reader: fetch failed (%s); retrying", exc, extra=OUTAGE)
+                    log.warning("%s: fetch failed (%s); retrying", what, exc, extra=OUTAGE)
                     with anyio.move_on_after(1.0):
                         await self._stop.wait()
                     continue
                 for record in records:
                     try:
-                        chunk = _CHUNK_DECODER.decode(record.value)
+                        value = decoder.decode(record.value)
                     except (msgspec.DecodeError, msgspec.ValidationError):
                         continue
-                    handle = self._streams.get(chunk.id)
-                    if handle is not None:
-                        handle.feed(chunk)
+                    deliver(value)
         finally:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()

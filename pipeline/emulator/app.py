@@ -347,17 +347,19 @@ class _TruncatedResponse(Response):
         await send({"type": "http.response.body", "body": b'{"id": "trunc', "more_body": True})
 
 
-def _abort(send: Any) -> None:
-    """Abort the TCP connection under uvicorn's ``send`` (RST), if it can be reached."""
+def _abort(send: Any) -> bool:
+    """Abort the TCP connection under uvicorn's ``send`` with an RST; ``False`` when it cannot be reached."""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if isinstance(transport, asyncio.Transport):
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        transport.abort()
+    if not isinstance(transport, asyncio.Transport):
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+    return True
 
 
 class _StreamResponse(Response):
@@ -422,17 +424,8 @@ class _StreamResponse(Response):
 
 async def _reset_connection(request: Request) -> Response:
     """Drop the client's TCP connection with an RST and no HTTP answer (see module docstring)."""
-    send = request.scope.get(RAW_SEND_KEY)
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if not isinstance(transport, asyncio.Transport):
+    if not _abort(request.scope.get(RAW_SEND_KEY)):
         return _TruncatedResponse()
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    transport.abort()
     await wait_first(_wait_disconnect(request.receive), timeout_s=1.0)
     return Response(status_code=204)  # never reaches the client: the connection is gone
 

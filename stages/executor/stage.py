@@ -31,10 +31,11 @@ request ends ``cancelled`` with the cost of what was generated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -523,17 +524,6 @@ class ExecutorStage:
                 await charge.settle_failure(exc)
             if not isinstance(exc, AIProviderError):
                 raise
-            self._last_errors[envelope.id] = redact(exc.message, self._secrets)
-            attempts.append(
-                Attempt(
-                    provider=candidate.provider,
-                    model=candidate.model,
-                    outcome="error",
-                    error_type=exc.error_type,
-                    status_code=exc.status_code,
-                    latency_ms=round(latency_ms, 3),
-                )
-            )
             log.info(
                 "request %s: %s/%s failed: %s (%s)",
                 envelope.id,
@@ -542,9 +532,7 @@ class ExecutorStage:
                 exc.error_type,
                 exc.status_code,
             )
-            await self._health(
-                envelope, candidate, False, exc.error_type, exc.status_code, latency_ms, ctx, exc.retry_after_s
-            )
+            await self._failed(envelope, candidate, exc, attempts, latency_ms, ctx)
             return exc
         latency_ms = (time.perf_counter() - started) * 1000
         self.latencies.add(candidate.provider, latency_ms)
@@ -634,7 +622,8 @@ class ExecutorStage:
         latency_ms = (time.perf_counter() - started) * 1000
         if got is not None and got.first_chunk_ms is not None:
             tel.record_first_chunk(candidate.provider, candidate.model, got.first_chunk_ms)
-        prompt_tokens = estimate_messages_tokens(call.messages)
+        # counted only for a part whose provider reported no usage (tokenizing is not free)
+        prompt_tokens = functools.partial(estimate_messages_tokens, call.messages)
         if got is None or got.stop == "cancelled":
             part = self._add_part(run, candidate, got.end if got else None, prompt_tokens, got.text if got else "")
             if charge is not None:
@@ -751,21 +740,6 @@ class ExecutorStage:
             error_type=error.error_type,
             latency_ms=latency_ms,
         )
-        self._last_errors[envelope.id] = redact(error.message, self._secrets)
-        attempts.append(
-            Attempt(
-                provider=candidate.provider,
-                model=candidate.model,
-                outcome="error",
-                error_type=error.error_type,
-                status_code=error.status_code,
-                latency_ms=round(latency_ms, 3),
-                reason=got.stop if got.stop not in ("provider_error", "complete") else None,
-                first_chunk_ms=got.first_chunk_ms,
-                chunks=got.chunks,
-                resumed=resumed,
-            )
-        )
         log.info(
             "request %s: %s/%s stream failed after %d chunks: %s (%s)",
             envelope.id,
@@ -776,10 +750,20 @@ class ExecutorStage:
             got.stop,
         )
         ends = got.stop in ("deadline", "max_duration")
-        if not (ends and got.first_chunk_ms is not None):  # a caller's limit on a flowing stream is no provider fault
-            await self._health(
-                envelope, candidate, False, error.error_type, error.status_code, latency_ms, ctx, error.retry_after_s
-            )
+        await self._failed(
+            envelope,
+            candidate,
+            error,
+            attempts,
+            latency_ms,
+            ctx,
+            reason=got.stop if got.stop not in ("provider_error", "complete") else None,
+            first_chunk_ms=got.first_chunk_ms,
+            chunks=got.chunks,
+            resumed=resumed,
+            # a caller's limit on a flowing stream is no provider fault: nothing for its breaker
+            health=not (ends and got.first_chunk_ms is not None),
+        )
         if run.started and (not run.resume or ends):
             return Outcome(
                 status="error",
@@ -792,14 +776,56 @@ class ExecutorStage:
                     message=f"{candidate.provider} stream interrupted after {run.seq} chunks: "
                     f"{redact(error.message, self._secrets)}",
                     provider=candidate.provider,
-                    reason=got.stop if got.stop != "provider_error" else "provider_error",
+                    reason=got.stop,
                 ),
             )
         return error
 
+    async def _failed(
+        self,
+        envelope: Envelope,
+        candidate: Candidate,
+        error: AIProviderError,
+        attempts: list[Attempt],
+        latency_ms: float,
+        ctx: MessageContext,
+        *,
+        reason: str | None = None,
+        first_chunk_ms: float | None = None,
+        chunks: int | None = None,
+        resumed: bool = False,
+        health: bool = True,
+    ) -> None:
+        """Record a failed call: its attempt (with a stream's fields), its message, its health event (``health``)."""
+        self._last_errors[envelope.id] = redact(error.message, self._secrets)
+        attempts.append(
+            Attempt(
+                provider=candidate.provider,
+                model=candidate.model,
+                outcome="error",
+                error_type=error.error_type,
+                status_code=error.status_code,
+                latency_ms=round(latency_ms, 3),
+                reason=reason,
+                first_chunk_ms=first_chunk_ms,
+                chunks=chunks,
+                resumed=resumed,
+            )
+        )
+        if health:
+            await self._health(
+                envelope, candidate, False, error.error_type, error.status_code, latency_ms, ctx, error.retry_after_s
+            )
+
     @staticmethod
     def _add_part(
-        run: StreamRun, candidate: Candidate, end: Any, prompt_tokens: int, text: str, *, model: str | None = None
+        run: StreamRun,
+        candidate: Candidate,
+        end: Any,
+        prompt_tokens: Callable[[], int],
+        text: str,
+        *,
+        model: str | None = None,
     ) -> OutcomePart | None:
         """Record what one attempt generated (``None`` when it generated nothing billable)."""
         if not text and (end is None or end.usage is None):

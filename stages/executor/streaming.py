@@ -235,19 +235,18 @@ def timeout_error(provider: str, stop: StopReason, limit_s: float) -> ProviderTi
     return ProviderTimeoutError(f"{provider}: {what} within {limit_s:g} s", provider=provider)
 
 
-def part_usage(end: StreamEnd | None, prompt_tokens: int, text: str) -> tuple[Usage, bool]:
+def part_usage(end: StreamEnd | None, prompt_tokens: Callable[[], int], text: str) -> tuple[Usage, bool]:
     """The usage (tokens) of one attempt's part and whether it was estimated.
 
     The provider's own usage when its stream reported one; otherwise the
-    prompt estimate plus the counted tokens of the text it generated
-    (``stages.rules.tokens``), flagged estimated.
+    prompt estimate (``prompt_tokens()``, called only then) plus the counted
+    tokens of the text it generated (``stages.rules.tokens``), flagged estimated.
     """
     if end is not None and end.usage is not None:
         return end.usage, False
     completion = estimate_tokens(text) if text else 0
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
-    ), True
+    prompt = prompt_tokens()
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion), True
 
 
 def total_usage(parts: list[OutcomePart]) -> Usage:

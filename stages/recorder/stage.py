@@ -128,6 +128,35 @@ class RecorderStage:
         costing = self.prices.cost(provider, model, priced.usage, default_cost_per_token=default)
         return costing.cost_usd, costing.price_source
 
+    def _billed(self, request_id: str, user: str | None, outcome: Outcome) -> tuple[CostEvent, Decimal]:
+        """The cost event of an outcome that generated billable tokens, and its cost (USD).
+
+        A streamed outcome is priced per part (one line each; its provider and
+        model are the last part's, the one that answered last); any other
+        from its provider, model and usage. ``status`` names how it ended.
+        """
+        lines: list[CostLine] = []
+        if outcome.parts:
+            lines, cost, source = self._lines(outcome)
+            provider, model = outcome.parts[-1].provider, outcome.parts[-1].model
+        else:
+            cost, source = self._price(outcome)
+            provider, model = outcome.provider or "", outcome.model or ""
+        event = CostEvent(
+            id=request_id,
+            user=user,
+            provider=provider,
+            model=model,
+            usage=outcome.usage,
+            cost_usd=round_usd(cost),
+            price_source=source,  # type: ignore[arg-type]
+            usage_source=outcome.usage_source,
+            at=now_utc(),
+            lines=lines,
+            status=outcome.error.type if outcome.error is not None else "ok",  # type: ignore[arg-type]
+        )
+        return event, cost
+
     def _lines(self, outcome: Outcome) -> tuple[list[CostLine], Decimal, str]:
         """One cost line per part of a streamed outcome: the lines, their total (USD) and the last price source."""
         lines: list[CostLine] = []
@@ -166,9 +195,10 @@ class RecorderStage:
         user = envelope.request.user if envelope.request else None
         outputs: list[Emit] = []
         cost_usd = Decimal(0)
+        event: CostEvent | None = None
         if outcome.status == "ok" and outcome.provider and outcome.model:
-            priced, source = self._price(outcome)
             if outcome.cached:
+                priced, source = self._price(outcome)
                 # what the call would cost now, at the price table; the stored cost when the model has no price
                 saved = priced if source != "none" or not outcome.saved_usd else Decimal(str(outcome.saved_usd))
                 event = CostEvent(
@@ -184,49 +214,16 @@ class RecorderStage:
                     at=now_utc(),
                 )
             else:
-                lines: list[CostLine] = []
-                if outcome.parts:
-                    lines, priced, source = self._lines(outcome)
-                cost_usd = priced
-                event = CostEvent(
-                    id=envelope.id,
-                    user=user,
-                    provider=outcome.provider,
-                    model=outcome.model,
-                    usage=outcome.usage,
-                    cost_usd=round_usd(priced),
-                    saved_usd=0.0,
-                    cached=False,
-                    price_source=source,  # type: ignore[arg-type]
-                    usage_source=outcome.usage_source,
-                    at=now_utc(),
-                    lines=lines,
-                )
-                await self._store(envelope, outcome, priced)
+                event, cost_usd = self._billed(envelope.id, user, outcome)
+                await self._store(envelope, outcome, cost_usd)
+        elif outcome.parts and outcome.error is not None and outcome.error.type in ("stream_interrupted", "cancelled"):
+            # a stream that ended early still generated tokens someone is billed for (DESIGN A9)
+            event, cost_usd = self._billed(envelope.id, user, outcome)
+        if event is not None:
             if envelope.id not in self._costed:  # one CostEvent per id, also for a redelivered record
                 self._costed.add(envelope.id, event.at.timestamp())
                 outputs.append(Emit(self.topics.costs, envelope.id, event))
-        elif outcome.parts and outcome.error is not None and outcome.error.type in ("stream_interrupted", "cancelled"):
-            # a stream that ended early still generated tokens someone is billed for (DESIGN A9)
-            lines, cost_usd, source = self._lines(outcome)
-            last = outcome.parts[-1]
-            event = CostEvent(
-                id=envelope.id,
-                user=user,
-                provider=last.provider,
-                model=last.model,
-                usage=outcome.usage,
-                cost_usd=round_usd(cost_usd),
-                price_source=source,  # type: ignore[arg-type]
-                usage_source=outcome.usage_source,
-                at=now_utc(),
-                lines=lines,
-                status=outcome.error.type,
-            )
-            if envelope.id not in self._costed:
-                self._costed.add(envelope.id, event.at.timestamp())
-                outputs.append(Emit(self.topics.costs, envelope.id, event))
-        elif envelope.reserved_usd > 0:
+        elif envelope.reserved_usd > 0:  # an outcome with no cost event gives its reservation back
             release = ReservationRelease(
                 request_id=envelope.id,
                 scope=",".join(envelope.reservation_scopes) or "global",
