@@ -6,8 +6,8 @@ from typing import Literal
 
 from msgspec import Struct
 
-from schemas.request import AIRequest
-from schemas.response import Attempt, ErrorInfo, Usage
+from schemas.request import AIRequest, ToolCall
+from schemas.response import Attempt, ErrorInfo, FinishReason, Usage
 
 
 class Candidate(Struct, kw_only=True, frozen=True):
@@ -54,6 +54,8 @@ class Outcome(Struct, kw_only=True):
     parts: list[OutcomePart] = []
     generation: str | None = None
     stream_chunks: int | None = None
+    tool_calls: list[ToolCall] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class Envelope(Struct, kw_only=True):

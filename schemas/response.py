@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from schemas.request import ToolCall
+
 NonNeg = Annotated[int, Meta(ge=0)]
 
 #: Every ``error.type`` a response may carry (DESIGN A4).
@@ -23,7 +25,10 @@ ErrorType = Literal[
     "service_unavailable",
     "stream_interrupted",
     "cancelled",
+    "invalid_response",
 ]
+#: Why an answer ended, in OpenAI's words (DESIGN A4).
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 ERROR_TYPES: tuple[str, ...] = ErrorType.__args__  # type: ignore[attr-defined]
 
 
@@ -92,6 +97,8 @@ class AIResponse(Struct, kw_only=True):
     error: ErrorInfo | None = None
     generation: str | None = None
     stream_chunks: int | None = None
+    tool_calls: list[ToolCall] | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def cost(self) -> float:

@@ -61,7 +61,7 @@ def _request(value: AIRequest) -> str:
     text = (
         value.prompt
         if value.prompt is not None
-        else next((m.content for m in reversed(value.chat_messages()) if m.role == "user"), "")
+        else next((m.text() for m in reversed(value.chat_messages()) if m.role == "user"), "")
     )
     user = f" user={value.user}" if value.user else ""
     return f"request  {value.id} {value.model}{user} max_tokens={value.max_tokens} {_clip(text)}"

@@ -49,6 +49,7 @@ ERROR_STATUS: dict[str, tuple[int, str]] = {
     "stream_interrupted": (502, "server_error"),
     # 499: nginx's "client closed request"; the client that would read it has gone
     "cancelled": (499, "invalid_request_error"),
+    "invalid_response": (502, "server_error"),
 }
 _PARAM_OF: dict[str, str] = {"model_not_found": "model", "context_length_exceeded": "messages"}
 #: The request field an ``invalid_request`` message from the pipeline is about (the first one it names).

@@ -120,15 +120,15 @@ def to_anthropic_messages(
     Raises:
         InvalidRequestError: when no non-empty user or assistant turn is left.
     """
-    system_parts = [m.content for m in messages if m.role == "system" and m.content.strip()]
+    system_parts = [m.text() for m in messages if m.role == "system" and m.text().strip()]
     turns: list[dict[str, str]] = []
     for m in messages:
-        if m.role == "system" or not m.content.strip():
+        if m.role == "system" or not m.text().strip():
             continue
         if turns and turns[-1]["role"] == m.role:
-            turns[-1]["content"] += "\n\n" + m.content
+            turns[-1]["content"] += "\n\n" + m.text()
         else:
-            turns.append({"role": m.role, "content": m.content})
+            turns.append({"role": m.role, "content": m.text()})
     if not turns:
         raise InvalidRequestError(
             f"{provider}: the request has no non-empty user or assistant message", provider=provider
@@ -149,7 +149,7 @@ def build_payload(call: ProviderCall, *, provider: str = PROVIDER) -> dict[str, 
     messages = list(call.messages)
     if call.continuation:
         if messages and messages[-1].role == "assistant":  # the caller's own prefill, continued by the partial
-            messages[-1] = Message(role="assistant", content=messages[-1].content + call.continuation)
+            messages[-1] = Message(role="assistant", content=messages[-1].text() + call.continuation)
         else:
             messages.append(Message(role="assistant", content=call.continuation))
     system, turns = to_anthropic_messages(messages, provider=provider)

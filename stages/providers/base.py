@@ -8,11 +8,19 @@ from typing import Protocol
 import httpx
 from msgspec import Struct
 
-from schemas.request import Message
+from schemas.request import Message, ResponseFormat, Tool, ToolCall, ToolChoice
 from schemas.response import Usage
 from stages.rules.continuation import CONTINUE_INSTRUCTION
 
-__all__ = ["CONTINUE_INSTRUCTION", "ProviderAdapter", "ProviderCall", "ProviderResult", "StreamDelta", "StreamEnd"]
+__all__ = [
+    "CONTINUE_INSTRUCTION",
+    "ProviderAdapter",
+    "ProviderCall",
+    "ProviderResult",
+    "StreamDelta",
+    "StreamEnd",
+    "StreamToolDelta",
+]
 
 
 class ProviderCall(Struct, kw_only=True, frozen=True):
@@ -21,6 +29,10 @@ class ProviderCall(Struct, kw_only=True, frozen=True):
     ``max_tokens`` in tokens, ``temperature`` 0..2, ``top_p`` 0..1, ``stop`` up to 4 strings.
     ``continuation`` is a partial answer (from an interrupted stream) the call
     must continue rather than repeat; each adapter documents its method.
+    ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``
+    are the request's (DESIGN A4, OpenAI's shapes), translated by each adapter.
+    Image parts of ``messages`` hold an https URL or a ``data:`` URI (a blob
+    reference is resolved by the executor before the call).
     """
 
     model: str
@@ -31,6 +43,10 @@ class ProviderCall(Struct, kw_only=True, frozen=True):
     stop: list[str] | None = None
     user: str | None = None
     continuation: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class StreamDelta(Struct, kw_only=True, frozen=True):
@@ -50,7 +66,22 @@ class StreamEnd(Struct, kw_only=True, frozen=True):
     finish_reason: str | None = None
 
 
-StreamEvent = StreamDelta | StreamEnd
+class StreamToolDelta(Struct, kw_only=True, frozen=True):
+    """A piece of a tool call from a provider's stream.
+
+    ``index`` is the call's 0-based position among the answer's tool calls;
+    the first piece of a call carries its ``id`` (sanitised,
+    ``stages.rules.tool_ids``) and function ``name``; ``arguments`` is the
+    next fragment of the JSON arguments string (may be empty).
+    """
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+StreamEvent = StreamDelta | StreamToolDelta | StreamEnd
 
 
 class ProviderResult(Struct, kw_only=True, frozen=True):
@@ -58,6 +89,8 @@ class ProviderResult(Struct, kw_only=True, frozen=True):
 
     ``status_code`` is the HTTP status (200); ``request_id`` the provider's own id header, if any;
     ``usage_estimated`` is true when the provider reported no usage and the tokens were counted.
+    ``tool_calls`` are the calls the model asked for (ids sanitised); with them
+    ``content`` may be empty.
     """
 
     content: str
@@ -67,6 +100,7 @@ class ProviderResult(Struct, kw_only=True, frozen=True):
     request_id: str | None = None
     finish_reason: str | None = None
     usage_estimated: bool = False
+    tool_calls: list[ToolCall] | None = None
 
 
 class ProviderAdapter(Protocol):

@@ -11,7 +11,12 @@ long to wait or how to cache, never the answer). Today that is:
   conversation share a key);
 * ``max_tokens``, ``temperature``, ``top_p``;
 * ``stop`` (a single string counts as a one-element list);
-* ``providers``: the allow-list changes which model answers.
+* ``providers``: the allow-list changes which model answers;
+* ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``
+  (DESIGN A4), each only when set, so keys of requests without them are the
+  same as before; a message's ``tool_calls`` and ``tool_call_id`` likewise;
+  an image by its SHA-256 reference (``stages.rules.images``), so a ``data:``
+  URI and its blob reference share a key and the bytes are hashed once.
 
 Because the key is built from *all but* an exclusion list, a generation
 parameter added to ``AIRequest`` later (``seed``, ``presence_penalty``...)
@@ -31,7 +36,8 @@ from typing import Any
 
 import msgspec
 
-from schemas.request import AIRequest
+from schemas.request import AIRequest, ImagePart, Message
+from stages.rules.images import canonical_image_url
 
 KEY_VERSION = 1
 
@@ -40,7 +46,25 @@ NON_GENERATION_FIELDS: frozenset[str] = frozenset(
     {"id", "user", "metadata", "cache", "timeout_ms", "stream", "stream_resume", "stream_topic"}
 )
 
+#: Generation fields added after key version 1 (DESIGN A4): in the key only when set.
+OPTIONAL_GENERATION_FIELDS: tuple[str, ...] = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+
 _ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+def _canonical_message(message: Message) -> list[Any]:
+    """``[role, content]``, plus ``tool_calls`` and ``tool_call_id`` when set; images by their hash reference."""
+    content: Any = message.content
+    if isinstance(content, list):
+        content = [
+            {"type": "image_url", "url": canonical_image_url(p.image_url.url), "detail": p.image_url.detail}
+            if isinstance(p, ImagePart)
+            else {"type": "text", "text": p.text}
+            for p in content
+        ]
+    if message.tool_calls is None and message.tool_call_id is None:
+        return [message.role, content]
+    return [message.role, content, message.tool_calls, message.tool_call_id]
 
 
 def canonical_fields(request: AIRequest) -> dict[str, Any]:
@@ -57,7 +81,10 @@ def canonical_fields(request: AIRequest) -> dict[str, Any]:
         if name in NON_GENERATION_FIELDS or name in ("prompt", "messages"):
             continue
         fields[name] = getattr(request, name)
-    fields["messages"] = [[m.role, m.content] for m in request.chat_messages()]
+    for name in OPTIONAL_GENERATION_FIELDS:  # absent unless set, so older keys do not drift
+        if fields.get(name) is None:
+            fields.pop(name, None)
+    fields["messages"] = [_canonical_message(m) for m in request.chat_messages()]
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
     return fields

@@ -20,6 +20,34 @@ Facts read on 2026-11-29 from the providers' model pages:
   model id in the Workers AI catalog; the ``-fp8`` and ``-fast`` variants are
   listed instead.
 
+Capabilities (DESIGN A4), read 2026-12-06: ``tools`` (function calling),
+``vision`` (image input), ``json_schema`` (an answer held to a JSON Schema),
+``streaming``, and ``image_urls`` (the API takes an https image URL; without
+it the image bytes must be sent):
+
+* OpenAI: every model above takes tools and streams
+  (https://platform.openai.com/docs/guides/function-calling); image input on
+  gpt-4o, gpt-4o-mini, gpt-4.1* and gpt-4-turbo, by URL or base64
+  (https://platform.openai.com/docs/guides/images-vision); Structured Outputs
+  (``response_format: json_schema``) on gpt-4o-2024-08-06 and later, gpt-4o-mini
+  and gpt-4.1*, not on gpt-4-turbo or gpt-3.5-turbo
+  (https://platform.openai.com/docs/guides/structured-outputs#supported-models).
+* Anthropic: every Claude 3 and later model takes tools, images (base64 and
+  URL sources) and streams (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/overview,
+  https://docs.anthropic.com/en/docs/build-with-claude/vision); a JSON Schema
+  answer is obtained by forcing a tool whose ``input_schema`` is the schema
+  (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use#json-mode).
+* Workers AI: traditional function calling on the models the function-calling
+  page names (https://developers.cloudflare.com/workers-ai/features/function-calling/traditional/:
+  hermes-2-pro-mistral-7b, llama-3.3-70b-instruct-fp8-fast, llama-4-scout);
+  JSON Mode on the models listed at
+  https://developers.cloudflare.com/workers-ai/features/json-mode/ ; image input
+  on llama-3.2-11b-vision-instruct and llama-4-scout-17b-16e-instruct, as bytes
+  only (a base64 ``data:`` URI; no URL fetching), per their model pages.
+
+A model the catalog does not list is assumed able (never skipped for a
+capability): an ``openai_compatible`` deployment's server knows its models.
+
 The catalog is consulted by the executor (does a fallback candidate's window fit
 the prompt?) and by the emulator (which models exist, and their limits).
 """
@@ -28,9 +56,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta, Struct
 
 from pipeline.runtime.config import PipelineConfig
+from schemas.request import AIRequest
 
 OPENAI_MODELS_URL = "https://platform.openai.com/docs/models"
 ANTHROPIC_MODELS_URL = "https://docs.anthropic.com/en/docs/about-claude/models/overview"
@@ -52,11 +82,67 @@ class ModelInfo(Struct, kw_only=True, frozen=True):
     context_window: Annotated[int, Meta(gt=0)]
     max_output_tokens: Annotated[int, Meta(gt=0)]
     source: str
+    tools: bool = True
+    vision: bool = False
+    json_schema: bool = False
+    streaming: bool = True
+    image_urls: bool = False
+
+    def lacks(self, needs: frozenset[str], *, image_urls: bool = False) -> str | None:
+        """The first capability of ``needs`` this model lacks (``None``: it has them all).
+
+        ``image_urls`` is true when the request holds an https image URL, which a
+        model taking image bytes only cannot use (aipipe never fetches URLs);
+        that lack is reported as ``"image_urls"``.
+        """
+        for capability in ("tools", "vision", "json_schema", "streaming"):
+            if capability in needs and not getattr(self, capability):
+                return capability
+        if image_urls and "vision" in needs and not self.image_urls:
+            return "image_urls"
+        return None
+
+
+#: The capabilities a model may have (DESIGN A4), in the order they are checked.
+CAPABILITIES: tuple[str, ...] = ("tools", "vision", "json_schema", "streaming")
+
+_VISION_URL = {"vision": True, "image_urls": True}
+_ALL = {"tools": True, "vision": True, "json_schema": True, "image_urls": True}
+#: Per-model capabilities that differ from the defaults (tools, streaming; no vision, no json_schema).
+_CAPABILITIES: dict[str, dict[str, dict[str, bool]]] = {
+    "openai": {
+        **{m: _ALL for m in ("gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18")},
+        **{m: _ALL for m in ("gpt-4.1", "gpt-4.1-2025-04-14", "gpt-4.1-mini", "gpt-4.1-mini-2025-04-14")},
+        **{m: _ALL for m in ("gpt-4.1-nano", "gpt-4.1-nano-2025-04-14")},
+        "gpt-4-turbo": _VISION_URL,
+    },
+    "anthropic": {},  # every Claude model: _ALL (set below)
+    "cloudflare": {
+        "@cf/meta/llama-3.1-8b-instruct": {"tools": False, "json_schema": True},
+        "@cf/meta/llama-3.1-8b-instruct-fp8": {"tools": False},
+        "@cf/meta/llama-3.1-8b-instruct-fast": {"tools": False, "json_schema": True},
+        "@cf/meta/llama-3.2-3b-instruct": {"tools": False},
+        "@cf/meta/llama-3.3-70b-instruct-fp8-fast": {"tools": True, "json_schema": True},
+        "@cf/mistral/mistral-7b-instruct-v0.1": {"tools": False},
+        "@hf/nousresearch/hermes-2-pro-mistral-7b": {"tools": True},
+        "@cf/meta/llama-3.2-11b-vision-instruct": {"tools": False, "vision": True},
+        "@cf/meta/llama-4-scout-17b-16e-instruct": {"tools": True, "vision": True, "json_schema": True},
+    },
+}
 
 
 def _entries(provider: str, source: str, rows: dict[str, tuple[int, int]]) -> dict[str, ModelInfo]:
+    caps = _CAPABILITIES.get(provider, {})
+    every = _ALL if provider == "anthropic" else {}
     return {
-        model: ModelInfo(provider=provider, model=model, context_window=window, max_output_tokens=out, source=source)
+        model: ModelInfo(
+            provider=provider,
+            model=model,
+            context_window=window,
+            max_output_tokens=out,
+            source=source,
+            **{**every, **caps.get(model, {})},
+        )
         for model, (window, out) in rows.items()
     }
 
@@ -103,6 +189,9 @@ _CLOUDFLARE: dict[str, tuple[int, int]] = {
     "@cf/meta/llama-3.2-3b-instruct": (128_000, 128_000),
     "@cf/meta/llama-3.3-70b-instruct-fp8-fast": (24_000, 24_000),
     "@cf/mistral/mistral-7b-instruct-v0.1": (2_824, 2_824),
+    "@hf/nousresearch/hermes-2-pro-mistral-7b": (24_000, 24_000),
+    "@cf/meta/llama-3.2-11b-vision-instruct": (128_000, 128_000),
+    "@cf/meta/llama-4-scout-17b-16e-instruct": (131_000, 131_000),
 }
 
 _CATALOG: dict[str, dict[str, ModelInfo]] = {
@@ -160,13 +249,50 @@ def deployment_model_info(config: PipelineConfig, deployment: str, model: str) -
     if cfg.context_window is None:
         return info
     window = cfg.context_window
-    return ModelInfo(
+    if info is None:
+        return ModelInfo(
+            provider=deployment,
+            model=model,
+            context_window=window,
+            max_output_tokens=window,
+            source=f"the configuration of deployment {deployment}",
+            **_ALL,
+        )
+    return msgspec.structs.replace(
+        info,
         provider=deployment,
-        model=model,
         context_window=window,
-        max_output_tokens=min(info.max_output_tokens, window) if info is not None else window,
+        max_output_tokens=min(info.max_output_tokens, window),
         source=f"the configuration of deployment {deployment}",
     )
+
+
+def deployment_lacks(config: PipelineConfig, deployment: str, model: str, request: AIRequest) -> str | None:
+    """The capability ``request`` needs that ``model`` at ``deployment`` lacks (``None``: it can serve it).
+
+    A capability is lacking when the catalog marks the model without it
+    (``ModelInfo.lacks``; an unlisted model lacks nothing), or when the
+    deployment's ``capabilities`` setting (the seed's) names at least one of
+    ``CAPABILITIES`` and not this one: a list such as the seed's default
+    ``["text-generation", "chat"]`` restricts nothing. Returns ``"tools"``,
+    ``"vision"``, ``"json_schema"``, ``"streaming"`` or ``"image_urls"``
+    (an https image URL for a model that takes image bytes only).
+    """
+    needs = request.needs()
+    if not needs:
+        return None
+    cfg = config.providers.get(deployment)
+    if cfg is not None:
+        named = set(cfg.capabilities) & set(CAPABILITIES)
+        if named:
+            for capability in CAPABILITIES:
+                if capability in needs and capability not in named:
+                    return capability
+    info = deployment_model_info(config, deployment, model)
+    if info is None:
+        return None
+    urls = any(image.url.startswith("https://") for m in request.messages or () for image in m.images())
+    return info.lacks(needs, image_urls=urls)
 
 
 def known_models(provider: str) -> list[str]:

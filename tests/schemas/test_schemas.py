@@ -89,11 +89,28 @@ def test_response_json_field_names_and_seed_aliases() -> None:
     )
     data = json.loads(msgspec.json.encode(resp))
     assert set(data) == {
-        "id", "status", "content", "provider", "model", "usage", "cost_usd", "latency_ms", "cached", "attempts",
-        "error", "generation", "stream_chunks",
+        "id",
+        "status",
+        "content",
+        "provider",
+        "model",
+        "usage",
+        "cost_usd",
+        "latency_ms",
+        "cached",
+        "attempts",
+        "error",
+        "generation",
+        "stream_chunks",
+        "tool_calls",
+        "finish_reason",
     }
     assert set(data["usage"]) == {
-        "prompt_tokens", "completion_tokens", "total_tokens", "cached_prompt_tokens", "cache_creation_prompt_tokens",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_prompt_tokens",
+        "cache_creation_prompt_tokens",
     }
     assert resp.cost == 0.0000123
     assert resp.tokens_used == 15
@@ -108,8 +125,9 @@ def test_control_events_are_a_tagged_union() -> None:
     assert data["at"] == "2026-01-02T03:04:05Z"
     decoded = msgspec.json.decode(raw, type=ControlEvent)
     assert decoded == event
-    cmd = msgspec.json.decode(b'{"type": "set_strategy", "name": "weighted", "weights": {"openai": 1}}',
-                              type=ControlEvent)
+    cmd = msgspec.json.decode(
+        b'{"type": "set_strategy", "name": "weighted", "weights": {"openai": 1}}', type=ControlEvent
+    )
     assert isinstance(cmd, SetStrategy) and cmd.weights == {"openai": 1.0}
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(b'{"type": "nonsense"}', type=ControlEvent)
@@ -121,8 +139,9 @@ def test_cost_event_and_dead_letter_shapes() -> None:
     at = datetime(2026, 1, 2, tzinfo=UTC)
     cost = CostEvent(id="r", user=None, provider="openai", model="m", usage=Usage(), cost_usd=0.001, at=at)
     assert json.loads(msgspec.json.encode(cost))["price_source"] == "table"
-    letter = DeadLetter(source_topic="ai.requests", partition=1, offset=7, key="k", reason="bad", stage="cache",
-                        raw=b"\xff\x00", at=at)
+    letter = DeadLetter(
+        source_topic="ai.requests", partition=1, offset=7, key="k", reason="bad", stage="cache", raw=b"\xff\x00", at=at
+    )
     data = json.loads(msgspec.json.encode(letter))
     assert data["raw"] == "/wA="
     assert msgspec.json.decode(msgspec.json.encode(letter), type=DeadLetter).raw == b"\xff\x00"

@@ -362,6 +362,7 @@ def test_every_error_type_has_a_status() -> None:
         "service_unavailable": 503,
         "stream_interrupted": 502,
         "cancelled": 499,
+        "invalid_response": 502,
     }
     ctx = OpenAIHTTPError.for_type("context_length_exceeded", "too long").body()["error"]
     assert ctx == {

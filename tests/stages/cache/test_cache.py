@@ -39,7 +39,7 @@ from schemas.cache import CachedAnswer
 from schemas.response import AIResponse, Attempt, ErrorInfo
 from stages.cache.stage import CacheLookupStage
 from stages.recorder.stage import RecorderStage
-from stages.rules.cache_key import NON_GENERATION_FIELDS, cache_key, canonical_fields
+from stages.rules.cache_key import NON_GENERATION_FIELDS, OPTIONAL_GENERATION_FIELDS, cache_key, canonical_fields
 from stages.rules.pricing import PriceTable
 from tests.harness import fast_config
 
@@ -89,9 +89,17 @@ def is_hit(outputs: list[Emit]) -> bool:
 def test_the_key_covers_every_request_field_but_the_listed_non_generation_ones() -> None:
     fields = set(AIRequest.__struct_fields__)
     assert NON_GENERATION_FIELDS == {
-        "id", "user", "metadata", "cache", "timeout_ms", "stream", "stream_resume", "stream_topic"
+        "id",
+        "user",
+        "metadata",
+        "cache",
+        "timeout_ms",
+        "stream",
+        "stream_resume",
+        "stream_topic",
     }
-    assert set(canonical_fields(req())) == fields - NON_GENERATION_FIELDS - {"prompt"}
+    optional = set(OPTIONAL_GENERATION_FIELDS)
+    assert set(canonical_fields(req())) == fields - NON_GENERATION_FIELDS - {"prompt"} - optional
     # pinned: the recipe of KEY_VERSION 1 must not drift (a change needs a new version)
     assert cache_key(msgspec.convert({"id": "a", "model": "gpt-3.5-turbo", "prompt": "hello"}, AIRequest)) == (
         "v1:7decf6974cf83c759bf6cbd2eec2f88f161839ff3012f88e6acf28d443e7aa5c"
