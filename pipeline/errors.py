@@ -150,6 +150,17 @@ class StreamInterruptedError(AIProviderError):
         self.response = response
 
 
+class InvalidResponseError(AIProviderError):
+    """An answer did not hold to the request's ``response_format`` (DESIGN A4).
+
+    Not JSON, or not valid against its JSON Schema. The request falls back to
+    the next candidate without counting toward any circuit breaker; when no
+    candidate's answer validates, the request ends with this error.
+    """
+
+    error_type = "invalid_response"
+
+
 class StreamCancelledError(AIProviderError):
     """The reader of a streamed request went away and the call was stopped (DESIGN A9)."""
 
@@ -172,6 +183,7 @@ ERROR_CLASSES: dict[str, type[AIProviderError]] = {
         ServiceUnavailableError,
         StreamInterruptedError,
         StreamCancelledError,
+        InvalidResponseError,
     )
 }
 

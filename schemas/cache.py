@@ -5,11 +5,16 @@ from __future__ import annotations
 from msgspec import Struct
 
 from schemas.events import CacheStats
-from schemas.response import Usage
+from schemas.request import ToolCall
+from schemas.response import FinishReason, Usage
 
 
 class CachedAnswer(Struct, kw_only=True):
-    """A cached answer: its text, who produced it, its usage (tokens), what it cost (USD), when (Unix ms)."""
+    """A cached answer: its text, who produced it, its usage (tokens), what it cost (USD), when (Unix ms).
+
+    ``tool_calls`` and ``finish_reason`` are the answer's (DESIGN A4): an answer
+    of tool calls with empty ``content`` is cached like any other.
+    """
 
     content: str
     provider: str
@@ -17,6 +22,8 @@ class CachedAnswer(Struct, kw_only=True):
     usage: Usage
     cost_usd: float
     stored_at_ms: int
+    tool_calls: list[ToolCall] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class CacheStatsSummary(Struct, kw_only=True):

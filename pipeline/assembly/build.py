@@ -26,6 +26,7 @@ from pipeline.runtime.http_client import ProviderHttpClient
 from pipeline.runtime.messages import CONTROL_DECODER, COST_DECODER
 from pipeline.runtime.runner import Emit, Stage, StageRunner
 from pipeline.runtime.settings import Settings
+from pipeline.stores.blob_store import BlobStore, open_blob_store
 from pipeline.stores.budget_store import BudgetStore, open_budget_store
 from pipeline.stores.cache_store import build_cache_store
 from pipeline.stores.rate_limit_store import open_rate_limiter
@@ -117,6 +118,7 @@ class Pipeline:
         self._cache_shared = self.cache_store.kind == "redis" or {"cache", "recorder"} <= set(self.stage_names)
         self.ledger = BudgetLedger(settled=RecentIds(settings.dedup_window_s, settings.dedup_max_ids))
         self._budgets: BudgetStore | None = None
+        self._blobs: BlobStore | None = None
         self._run_beside: list[Callable[[Callable[[Emit], Awaitable[None]]], Coroutine[Any, Any, None]]] = []
         self.circuits = CircuitView()
         self.provider_budgets = ProviderBudgetView()
@@ -134,6 +136,13 @@ class Pipeline:
         self._stopped = anyio.Event()
         self._background = anyio.CancelScope()
         self.drain_grace_s = settings.drain_grace_s
+
+    def blob_store(self) -> BlobStore:
+        """The process's image blob store (DESIGN A4): Redis when configured, else ``$AIPIPE_HOME/blobs``."""
+        if self._blobs is None:
+            self._blobs = open_blob_store(self.settings.redis_url, self.settings.home, prefix=self.topics.prefix)
+            self._exit.push_async_callback(self._blobs.aclose)
+        return self._blobs
 
     def _budget_store(self) -> BudgetStore:
         """The process's one budget store, shared by the gate and the executor (Redis when configured)."""
@@ -190,6 +199,7 @@ class Pipeline:
                         tuple(c.api_key_env for c in self.config.providers.values() if c.api_key_env)
                     ),
                     control_ready=self.control_feed.caught_up,
+                    blobs=self.blob_store(),
                 )
                 self.control_feed.subscribe(stage.on_control)  # cancel_request of streams (DESIGN A9)
                 if self.circuits.apply not in self.control_feed.listeners:

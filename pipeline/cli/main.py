@@ -39,6 +39,7 @@ from pipeline.runtime.logs import setup_logging
 from pipeline.runtime.settings import Settings
 from pipeline.runtime.signals import drain_on_signal
 from pipeline.serve.openai_server import run_server
+from pipeline.stores.blob_store import open_blob_store
 from schemas.events import CostEvent
 from schemas.request import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TIMEOUT_MS, AIRequest
 from schemas.response import AIResponse
@@ -140,7 +141,8 @@ async def _send(args: argparse.Namespace) -> int:
     telemetry.install(telemetry.Telemetry.from_env(env))  # the request's root span, when tracing
     async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
         await opened.bus.ensure_topics(settings.topics.all())
-        client = PipelineClient(opened.bus, settings.topics)
+        blobs = open_blob_store(settings.redis_url, settings.home, prefix=settings.topics.prefix)
+        client = PipelineClient(opened.bus, settings.topics, blobs=blobs)
         await tg.start(client.run)
         try:
             if request.stream:

@@ -36,6 +36,7 @@ from pipeline.runtime import telemetry
 from pipeline.runtime.config import PROVIDER_NAMES, STRATEGY_NAMES, PipelineConfig, config_from_mapping, preset
 from pipeline.runtime.runner import now_utc
 from pipeline.runtime.settings import Settings
+from pipeline.stores.blob_store import open_blob_store
 from schemas.request import AIRequest
 from schemas.response import AIResponse
 from schemas.stream import StreamChunk
@@ -157,7 +158,11 @@ class AIProviderManager:
                 self._pipeline = await self._stack.enter_async_context(
                     Pipeline(self.settings, resolved, opened.bus, stages=ALL_STAGES)
                 )
-            client = PipelineClient(opened.bus, self.settings.topics)
+            blobs = open_blob_store(self.settings.redis_url, self.settings.home, prefix=self.settings.topics.prefix)
+            self._stack.push_async_callback(blobs.aclose)
+            client = PipelineClient(
+                opened.bus, self.settings.topics, blobs=blobs, max_image_bytes=self.config.images.max_bytes
+            )
             await tg.start(client.run)
             self._stack.callback(client.stop)
             self._client = client

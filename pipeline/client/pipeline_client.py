@@ -21,15 +21,17 @@ from cachetools import LRUCache, TTLCache
 from pipeline.bus.protocol import Bus, BusError, Outgoing
 from pipeline.bus.topics import Topics
 from pipeline.client.stream_handle import StreamHandle
-from pipeline.errors import ProviderTimeoutError, ServiceUnavailableError
+from pipeline.errors import InvalidRequestError, ProviderTimeoutError, ServiceUnavailableError
 from pipeline.runtime import telemetry
 from pipeline.runtime.logs import OUTAGE
 from pipeline.runtime.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
+from pipeline.stores.blob_store import BlobStore, offload_images
 from schemas import SCHEMA_VERSION
 from schemas.events import CancelRequest
 from schemas.request import AIRequest
 from schemas.response import AIResponse
 from schemas.stream import StreamChunk
+from stages.rules.images import DEFAULT_MAX_IMAGE_BYTES, ImageError
 
 log = logging.getLogger("aipipe.client")
 
@@ -86,13 +88,27 @@ class PipelineClient:
         topics: topic names.
         slack_ms: extra wait beyond a request's ``timeout_ms`` before giving up (ms).
         stream_topic: the topic this client's streamed requests use (under ``topics.stream``).
+        blobs: the image blob store (DESIGN A4): a request's ``data:`` images are stored there
+            and replaced by references before it is published (``None``: they travel inline).
+        max_image_bytes: the largest image accepted (decoded bytes), the ``[images] max_bytes`` setting.
 
     Raises:
         ValueError: when ``stream_topic`` is not ``topics.stream`` or a topic under it.
     """
 
-    def __init__(self, bus: Bus, topics: Topics, *, slack_ms: int = 5_000, stream_topic: str | None = None) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        *,
+        slack_ms: int = 5_000,
+        stream_topic: str | None = None,
+        blobs: BlobStore | None = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    ) -> None:
         self.bus = bus
+        self.blobs = blobs
+        self.max_image_bytes = max_image_bytes
         self.topics = topics
         self.slack_ms = slack_ms
         self.stream_topic = stream_topic or topics.stream
@@ -198,7 +214,22 @@ class PipelineClient:
         waiter.event.set()
 
     async def publish(self, request: AIRequest, *, headers: tuple[tuple[str, bytes], ...] = ()) -> None:
-        """Publish ``request`` to ``ai.requests`` keyed by its id."""
+        """Publish ``request`` to ``ai.requests`` keyed by its id, its ``data:`` images by claim check first.
+
+        Raises:
+            InvalidRequestError: an image that is not a valid base64 ``data:`` URI of a PNG, JPEG,
+                GIF or WebP image, or is over ``max_image_bytes``.
+            ServiceUnavailableError: the blob store cannot be written.
+        """
+        if self.blobs is not None:
+            try:
+                request = await offload_images(request, self.blobs, max_bytes=self.max_image_bytes)
+            except ImageError as exc:
+                raise InvalidRequestError(str(exc), request_id=request.id) from exc
+            except Exception as exc:  # a full disk, Redis down
+                raise ServiceUnavailableError(
+                    f"the image blob store could not be written: {type(exc).__name__}", request_id=request.id
+                ) from exc
         await publish_with_retry(
             self.bus,
             Outgoing(

@@ -264,6 +264,16 @@ class StreamConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
     resume: bool = False
 
 
+class ImagesConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Images (DESIGN A4), ``[images]``: ``max_bytes``, the largest image a request may carry (decoded bytes).
+
+    Default 20 MiB, OpenAI's documented per-image limit
+    (https://platform.openai.com/docs/guides/images-vision, read 2026-12-06).
+    """
+
+    max_bytes: Pos = 20 * 1024 * 1024
+
+
 class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The whole configuration: deployments, model groups, routing strategy, cache, budgets.
 
@@ -284,6 +294,7 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     allow_content_filter_fallback: bool = False
     health: HealthConfig = HealthConfig()
     stream: StreamConfig = StreamConfig()
+    images: ImagesConfig = ImagesConfig()
 
     def __post_init__(self) -> None:
         """Check cross-field rules.

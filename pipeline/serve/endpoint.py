@@ -19,6 +19,7 @@ event and no ``[DONE]``. A client that disconnects cancels the request.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from pipeline.serve.openai_format import (
     OpenAIHTTPError,
     chunk_body,
     completion_body,
+    finish_reason,
     include_usage,
     model_list,
     new_completion_id,
@@ -52,9 +54,11 @@ from schemas.stream import StreamChunk
 
 log = logging.getLogger("aipipe.serve")
 
-#: Largest request body accepted (bytes): the pipeline's request limit; larger ones get 413 before anything
-#: is published (``schemas.request.MAX_REQUEST_BYTES``).
-MAX_BODY_BYTES = MAX_REQUEST_BYTES
+#: Largest request body accepted (bytes): the pipeline's request limit (``schemas.request.MAX_REQUEST_BYTES``)
+#: for the request without its images, plus room for images as base64 ``data:`` URIs (64 MiB: three images
+#: at the 20 MiB default of ``[images] max_bytes``); larger bodies get 413 before anything is published.
+IMAGE_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = MAX_REQUEST_BYTES + IMAGE_BODY_BYTES
 #: Response headers the endpoint adds.
 HEADER_REQUEST_ID = "x-aipipe-request-id"
 HEADER_PROVIDER = "x-aipipe-provider"
@@ -97,6 +101,14 @@ def _too_large() -> OpenAIHTTPError:
         type_="invalid_request_error",
         code="request_too_large",
     )
+
+
+_DATA_URI = re.compile(rb'"data:image/[^"]*"')
+
+
+def _data_uri_bytes(raw: bytes) -> int:
+    """Bytes of the body that are image ``data:`` URIs (not counted toward the request limit, DESIGN A4)."""
+    return sum(len(m) for m in _DATA_URI.findall(raw))
 
 
 async def _read_body(request: Request) -> bytes:
@@ -147,9 +159,11 @@ async def _events(
         role_sent = False
         while chunk is not None:
             model = chunk.model or model
-            delta: dict[str, Any] = {"content": chunk.delta}
+            delta: dict[str, Any] = {"content": chunk.delta} if chunk.delta or not chunk.tool_call_deltas else {}
+            if chunk.tool_call_deltas:
+                delta["tool_calls"] = msgspec.to_builtins(chunk.tool_call_deltas)
             if not role_sent:
-                delta = {"role": "assistant", "content": chunk.delta}
+                delta = {"role": "assistant", "content": chunk.delta or None, **delta}
                 role_sent = True
             yield _sse(chunk_body(request.id, created=created, model=model, delta=delta, with_usage_field=usage))
             try:
@@ -160,7 +174,7 @@ async def _events(
         response = handle.response
         assert response is not None
         model = response.model or model
-        reason = "length" if response.usage.completion_tokens >= request.max_tokens else "stop"
+        reason = finish_reason(response, request)
         yield _sse(
             chunk_body(request.id, created=created, model=model, delta={}, finish_reason=reason, with_usage_field=usage)
         )
@@ -227,12 +241,15 @@ def create_app(state: ServeState) -> Starlette:
         try:
             user = authenticate(request)
             raw = await _read_body(request)
+            if len(raw) > MAX_REQUEST_BYTES and len(raw) - _data_uri_bytes(raw) > MAX_REQUEST_BYTES:
+                raise _too_large()
             try:
                 body = msgspec.json.decode(raw)
             except msgspec.DecodeError:
                 raise OpenAIHTTPError.invalid("We could not parse the JSON body of your request.") from None
             ai_request = to_ai_request(body, request_id=request_id, key_user=user)
-            size = len(_ENCODER.encode(ai_request))
+            images = sum(len(i.url) for m in ai_request.messages or () for i in m.images() if i.url.startswith("data:"))
+            size = len(_ENCODER.encode(ai_request)) - images  # the request without its images (DESIGN A4)
             if size > MAX_REQUEST_BYTES:
                 raise OpenAIHTTPError(
                     413,

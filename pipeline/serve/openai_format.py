@@ -1,9 +1,11 @@
 """The OpenAI chat-completions wire format of ``aipipe serve`` (pure: no I/O).
 
 Requests: an OpenAI chat-completions body becomes one ``AIRequest``
-(``to_ai_request``): ``model``, ``messages`` (text content; ``developer`` is
-read as ``system``), ``max_tokens``/``max_completion_tokens``, ``temperature``,
-``top_p``, ``stop``, ``user``, ``metadata`` map onto it; the aipipe extensions
+(``to_ai_request``): ``model``, ``messages`` (text and ``image_url`` parts,
+assistant ``tool_calls``, ``tool`` turns; ``developer`` is read as
+``system``), ``max_tokens``/``max_completion_tokens``, ``temperature``,
+``top_p``, ``stop``, ``user``, ``metadata``, ``tools``, ``tool_choice``,
+``parallel_tool_calls`` and ``response_format`` (DESIGN A4) map onto it; the aipipe extensions
 ``providers``, ``cache`` and ``timeout_ms`` (the SDK's ``extra_body``) pass
 through. Parameters aipipe cannot honour are accepted only at their no-op
 value (``n: 1``, ``presence_penalty: 0``, ...), hints that do
@@ -54,7 +56,8 @@ ERROR_STATUS: dict[str, tuple[int, str]] = {
 _PARAM_OF: dict[str, str] = {"model_not_found": "model", "context_length_exceeded": "messages"}
 #: The request field an ``invalid_request`` message from the pipeline is about (the first one it names).
 _FIELD_NAMED = re.compile(
-    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model|stream_resume)\b"
+    r"\b(max_tokens|messages|temperature|top_p|stop|providers|timeout_ms|user|metadata|prompt|model|stream_resume"
+    r"|tool_choice|tools|parallel_tool_calls|response_format)\b"
 )
 
 
@@ -100,11 +103,8 @@ NOOP_PARAMS: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,),
     "top_logprobs": (0,),
     "logit_bias": ({},),
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -113,9 +113,7 @@ NOOP_PARAMS: dict[str, tuple[Any, ...]] = {
     "verbosity": (),
 }
 #: OpenAI parameters that do not change the answer's content or shape; accepted and ignored.
-IGNORED_PARAMS: frozenset[str] = frozenset(
-    {"seed", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
-)
+IGNORED_PARAMS: frozenset[str] = frozenset({"seed", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 #: Parameters mapped onto the ``AIRequest`` (the aipipe extensions last).
 MAPPED_PARAMS: frozenset[str] = frozenset(
     {
@@ -134,32 +132,44 @@ MAPPED_PARAMS: frozenset[str] = frozenset(
         "stream",
         "stream_options",
         "stream_resume",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
     }
 )
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_MESSAGE_KEYS_IGNORED = frozenset({"name", "refusal"})
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_MESSAGE_KEYS_IGNORED = frozenset({"name", "refusal", "audio", "annotations"})
+_MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
+_PART_TYPES = frozenset({"text", "image_url"})
 
 
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
+def _content(content: Any, role: str, where: str) -> Any:
+    """A message's content for the ``AIRequest``: text and image parts kept, other part types refused.
+
+    Content of text parts only is joined into one string (the same answer, and the same cache key, as
+    the string); images stay parts (``user`` turns only, as OpenAI has it).
+    """
+    if content is None or isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise OpenAIHTTPError.invalid(
-                    f"only text content is supported; {where}.content[{i}] is {kind!r}", f"{where}.content"
-                )
-            parts.append(part["text"])
-        return "".join(parts)
-    raise OpenAIHTTPError.invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+    if not isinstance(content, list):
+        raise OpenAIHTTPError.invalid(f"{where}.content must be a string or a list of parts", f"{where}.content")
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in _PART_TYPES:
+            raise OpenAIHTTPError.invalid(
+                f"{where}.content[{i}] of type {kind!r} is not supported; use 'text' or 'image_url' parts",
+                f"{where}.content",
+            )
+    if all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    return content
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise OpenAIHTTPError.invalid("'messages' must be a non-empty array", "messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -167,13 +177,19 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in _ROLES:
             raise OpenAIHTTPError.invalid(
-                f"{where}.role {role!r} is not supported; use system, developer, user or assistant", f"{where}.role"
+                f"{where}.role {role!r} is not supported; use system, developer, user, assistant or tool",
+                f"{where}.role",
             )
+        kept: dict[str, Any] = {"role": _ROLES[role]}
         for key, value in message.items():
-            if key in ("role", "content") or key in _MESSAGE_KEYS_IGNORED or value in (None, []):
+            if key == "role" or key in _MESSAGE_KEYS_IGNORED or (key not in _MESSAGE_KEYS and value in (None, [])):
                 continue
-            raise OpenAIHTTPError.invalid(f"{where}.{key} is not supported (text chat only)", f"{where}.{key}")
-        out.append({"role": _ROLES[role], "content": _text(message.get("content"), where)})
+            if key not in _MESSAGE_KEYS:
+                raise OpenAIHTTPError.invalid(f"{where}.{key} is not supported", f"{where}.{key}")
+            if key == "tool_calls" and value in (None, []):
+                continue
+            kept[key] = _content(value, _ROLES[role], where) if key == "content" else value
+        out.append(kept)
     return out
 
 
@@ -213,7 +229,20 @@ def to_ai_request(body: Any, *, request_id: str, key_user: str | None = None) ->
         data["max_tokens"] = max_completion if max_completion is not None else max_tokens
     if body.get("stream") is True:
         data["stream"] = True
-    for name in ("temperature", "top_p", "stop", "metadata", "providers", "cache", "timeout_ms", "stream_resume"):
+    for name in (
+        "temperature",
+        "top_p",
+        "stop",
+        "metadata",
+        "providers",
+        "cache",
+        "timeout_ms",
+        "stream_resume",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+    ):
         if body.get(name) is not None:
             data[name] = body[name]
     body_user = body.get("user")
@@ -230,7 +259,7 @@ def to_ai_request(body: Any, *, request_id: str, key_user: str | None = None) ->
         message = str(exc)
         param = None
         if "`$." in message:
-            param = message.split("`$.", 1)[1].split("`", 1)[0].split("[", 1)[0]
+            param = message.split("`$.", 1)[1].split("`", 1)[0]
         raise OpenAIHTTPError.invalid(f"invalid request: {message}", param) from None
 
 
@@ -301,11 +330,26 @@ def usage_chunk_body(response: AIResponse, *, created: int, model: str) -> dict[
 
 
 def finish_reason(response: AIResponse, request: AIRequest) -> str:
-    """``length`` when the answer used the whole ``max_tokens`` budget, else ``stop``.
+    """The answer's ``finish_reason``: the response's own, else inferred from the token counts.
 
-    ``AIResponse`` carries no provider finish reason, so this is inferred from the token counts.
+    ``tool_calls`` when the answer has tool calls; without a reported reason,
+    ``length`` when the answer used the whole ``max_tokens`` budget, else ``stop``.
     """
+    if response.tool_calls:
+        return "tool_calls"
+    if response.finish_reason is not None:
+        return response.finish_reason
     return "length" if response.usage.completion_tokens >= request.max_tokens else "stop"
+
+
+def tool_calls_json(response: AIResponse) -> list[dict[str, Any]] | None:
+    """The response's tool calls in OpenAI's ``message.tool_calls`` shape (``None`` when it has none)."""
+    if not response.tool_calls:
+        return None
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        for c in response.tool_calls
+    ]
 
 
 def completion_body(response: AIResponse, request: AIRequest, *, created: int) -> dict[str, Any]:
@@ -331,7 +375,7 @@ def completion_body(response: AIResponse, request: AIRequest, *, created: int) -
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": response.content or "", "refusal": None},
+                "message": _message(response),
                 "logprobs": None,
                 "finish_reason": finish_reason(response, request),
             }
@@ -344,6 +388,13 @@ def completion_body(response: AIResponse, request: AIRequest, *, created: int) -
         },
         "system_fingerprint": None,
     }
+
+
+def _message(response: AIResponse) -> dict[str, Any]:
+    calls = tool_calls_json(response)
+    if calls is None:
+        return {"role": "assistant", "content": response.content or "", "refusal": None}
+    return {"role": "assistant", "content": response.content or None, "refusal": None, "tool_calls": calls}
 
 
 def model_list(config: PipelineConfig) -> list[dict[str, Any]]:

@@ -76,7 +76,7 @@ from stages.rules.ledger import (
 )
 from stages.rules.pricing import PriceTable, worst_case_cost
 from stages.rules.routing import resolve, serving_providers
-from stages.rules.tokens import estimate_messages_tokens
+from stages.rules.tokens import estimate_messages_tokens, prompt_messages
 
 log = logging.getLogger("aipipe.budget")
 
@@ -186,7 +186,7 @@ class BudgetGateStage:
         request = envelope.request
         if request is None:
             return Decimal(0)
-        prompt_tokens = estimate_messages_tokens(request.chat_messages()) * PROMPT_ESTIMATE_MARGIN
+        prompt_tokens = estimate_messages_tokens(prompt_messages(request)) * PROMPT_ESTIMATE_MARGIN
         worst = Decimal(0)
         candidates = resolve(self.config, request).candidates or serving_providers(self.config, request.model)
         for cand in candidates:

@@ -47,6 +47,7 @@ from schemas.request import MAX_REQUEST_BYTES, AIRequest
 from schemas.response import ErrorInfo
 from schemas.stream import StreamChunk
 from stages.rules.cache_key import cache_key
+from stages.rules.tool_ids import whole_call_deltas
 
 log = logging.getLogger("aipipe.cache")
 
@@ -159,6 +160,7 @@ class CacheLookupStage:
                 provider=answer.provider,
                 model=answer.model,
                 cached=True,
+                tool_call_deltas=whole_call_deltas(answer.tool_calls),
                 at=now_utc(),
             )
             await ctx.emit_now(Emit(request.stream_topic or self.topics.stream, request.id, chunk))
@@ -189,12 +191,14 @@ class CacheLookupStage:
     def _hit(self, envelope: Envelope, answer: CachedAnswer) -> Emit:
         envelope.outcome = Outcome(
             status="ok",
-            content=answer.content,
+            content=answer.content if answer.content or not answer.tool_calls else None,
             provider=answer.provider,
             model=answer.model,
             usage=answer.usage,
             cached=True,
             saved_usd=answer.cost_usd,
+            tool_calls=answer.tool_calls,
+            finish_reason=answer.finish_reason,
         )
         return to_record(self.topics.stage_record, envelope)
 

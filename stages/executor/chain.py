@@ -78,6 +78,12 @@ def final_error(attempts: list[Attempt], last_message: str | None = None) -> Err
         last = failures[-1]
         skipped = f"; skipped: {_skips_text(skips)}" if skips else ""
         detail = f"; last error: {last_message}" if last_message else ""
+        if all(a.error_type == "invalid_response" for a in failures):  # DESIGN A4: no answer validated
+            return ErrorInfo(
+                type="invalid_response",
+                message=f"no answer held to the response format after {len(failures)} attempt(s){detail}{skipped}",
+                provider=last.provider,
+            )
         if len(providers) == 1:
             return ErrorInfo(
                 type=last.error_type or "server_error",  # type: ignore[arg-type]

@@ -19,7 +19,11 @@ from pipeline.runtime.config import RetryPolicy
 #: Errors that end the request at once: the caller's mistake fails everywhere.
 FAIL_NOW: frozenset[str] = frozenset({"invalid_request"})
 #: Errors that move on to the next candidate without retrying this one.
-FALLBACK_NOW: frozenset[str] = frozenset({"authentication", "model_not_found", "context_length_exceeded"})
+#: ``invalid_response`` (an answer that broke the request's response format) is in this set: asking the
+#: same model again mostly gives the same answer (DESIGN A4).
+FALLBACK_NOW: frozenset[str] = frozenset(
+    {"authentication", "model_not_found", "context_length_exceeded", "invalid_response"}
+)
 
 Action = Literal["retry", "fallback", "fail"]
 

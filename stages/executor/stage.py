@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, cast
 
 import anyio
 import httpx
@@ -45,15 +45,16 @@ import msgspec
 from cachetools import TTLCache
 
 from pipeline.bus.topics import Topics
-from pipeline.errors import AIProviderError, ProviderTimeoutError
+from pipeline.errors import AIProviderError, InvalidResponseError, ProviderTimeoutError
 from pipeline.runtime import telemetry
 from pipeline.runtime.config import PipelineConfig, ProviderConfig
 from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, new_generation, now_ms, to_record
 from pipeline.runtime.runner import Emit, MessageContext, decode_or_invalid, now_utc
+from pipeline.stores.blob_store import BlobStore, MissingBlobError, resolve_images
 from schemas.envelope import Candidate, Envelope, Outcome, OutcomePart
 from schemas.events import CancelRequest, Health
-from schemas.request import AIRequest
-from schemas.response import Attempt, ErrorInfo, Usage
+from schemas.request import AIRequest, Message, ToolCall
+from schemas.response import Attempt, ErrorInfo, FinishReason, Usage
 from stages.executor.budgets import Hold, ProviderBudgets
 from stages.executor.chain import LatencyWindow, attempt_timeout_s, final_error, reserve_s
 from stages.executor.retry import Decision, decide
@@ -61,11 +62,12 @@ from stages.executor.streaming import StreamRun, part_usage, read_stream, timeou
 from stages.providers import ProviderAdapter, ProviderCall
 from stages.providers.classify import redact
 from stages.providers.sse import stream_cut
-from stages.rules.catalog import deployment_model_info
+from stages.rules.catalog import capability_reason, deployment_lacks, deployment_model_info
 from stages.rules.circuit_view import CircuitView
 from stages.rules.pricing import PriceTable
 from stages.rules.rate_limits import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
-from stages.rules.tokens import PromptTokens, estimate_messages_tokens
+from stages.rules.structured import answer_problem, check_schema
+from stages.rules.tokens import PromptTokens, estimate_messages_tokens, prompt_messages
 
 log = logging.getLogger("aipipe.executor")
 
@@ -81,19 +83,44 @@ CONTROL_REPLAY_WAIT_S = 5.0
 CANCEL_MEMORY_IDS = 10_000
 
 
-def provider_call(request: AIRequest, model: str, continuation: str | None = None) -> ProviderCall:
-    """The provider-neutral call for ``request`` on concrete ``model``, continuing ``continuation`` if given."""
+def provider_call(
+    request: AIRequest, model: str, continuation: str | None = None, messages: list[Message] | None = None
+) -> ProviderCall:
+    """The provider-neutral call for ``request`` on concrete ``model``, continuing ``continuation`` if given.
+
+    ``messages`` replaces the request's turns (its images resolved from the blob store).
+    """
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     return ProviderCall(
         model=model,
-        messages=request.chat_messages(),
+        messages=messages if messages is not None else request.chat_messages(),
         max_tokens=request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         stop=stop,
         user=request.user,
         continuation=continuation or None,
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        response_format=request.response_format,
     )
+
+
+_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+
+
+def finish_reason(raw: str | None, tool_calls: list[ToolCall] | None) -> FinishReason | None:
+    """The answer's ``finish_reason`` in OpenAI's words (DESIGN A4).
+
+    ``tool_calls`` when it has tool calls, else the provider's when it is one of
+    the four, ``stop`` for any other ending it named, ``None`` when it named none.
+    """
+    if tool_calls:
+        return "tool_calls"
+    if raw is None:
+        return None
+    return cast(FinishReason, raw) if raw in _FINISH_REASONS else "stop"
 
 
 def fits_context(config: PipelineConfig, candidate: Candidate, prompt_tokens: int, max_tokens: int) -> bool:
@@ -131,8 +158,12 @@ class ExecutorStage:
         budgets: ProviderBudgets | None = None,
         secrets: tuple[str, ...] = (),
         control_ready: anyio.Event | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.topics = topics
+        self.blobs = blobs  # the image claim check's store (DESIGN A4); None: references cannot be resolved
+        self._messages: dict[str, list[Message]] = {}  # request id -> its turns with images resolved, while it runs
+        self._invalid_parts: dict[str, list[OutcomePart]] = {}  # request id -> answers that broke its format
         # set once the control feed has replayed ai.control: cancel_request events sent while no executor ran
         self.control_ready = control_ready
         self.budgets = budgets  # provider budgets, held per attempt (``stages.executor.budgets``)
@@ -203,6 +234,8 @@ class ExecutorStage:
             return outcome
         finally:
             self._last_errors.pop(envelope.id, None)
+            self._messages.pop(envelope.id, None)
+            self._invalid_parts.pop(envelope.id, None)
             if run is not None:
                 self._streams.pop(envelope.id, None)
 
@@ -241,7 +274,7 @@ class ExecutorStage:
             outcome.parts = list(run.parts)
         if outcome.status == "error" and run.started:
             error = outcome.error
-            if error is None or error.type not in ("stream_interrupted", "cancelled"):
+            if error is None or error.type not in ("stream_interrupted", "cancelled", "invalid_response"):
                 reason = error.type if error is not None else "provider_error"
                 outcome.error = ErrorInfo(
                     type="stream_interrupted",
@@ -263,8 +296,11 @@ class ExecutorStage:
         request = envelope.request
         assert request is not None  # checked by handle
         attempts: list[Attempt] = []
-        prompt = PromptTokens(request.chat_messages())
-        prompt_estimate = estimate_messages_tokens(request.chat_messages())  # RPM/TPM charges, corrected after
+        refused = await self._prepare(envelope)
+        if refused is not None:
+            return refused
+        prompt = PromptTokens(prompt_messages(request))
+        prompt_estimate = estimate_messages_tokens(prompt_messages(request))  # RPM/TPM charges, corrected after
         remaining = list(envelope.candidates)
         calls: dict[str, int] = {}  # calls made per provider, kept across rate-limit waits
         saturated: list[tuple[Candidate, float]] = []  # no room yet: (candidate, wait s)
@@ -308,9 +344,55 @@ class ExecutorStage:
                 raise
             if turn is not None:
                 return turn
-        return Outcome(
+        outcome = Outcome(
             status="error", attempts=attempts, error=final_error(attempts, self._last_errors.pop(envelope.id, None))
         )
+        return self._with_invalid_parts(envelope, outcome)
+
+    async def _prepare(self, envelope: Envelope) -> Outcome | None:
+        """Check what only the executor can and resolve the request's images; an error outcome, or ``None`` to go on.
+
+        A JSON Schema that is not a valid schema is ``invalid_request``; an
+        image reference missing from the blob store is ``invalid_request``; a
+        blob store that cannot be read is ``service_unavailable``.
+        """
+        request = envelope.request
+        assert request is not None
+        problem = check_schema(request.response_format)
+        if problem is None:
+            try:
+                self._messages[envelope.id] = await resolve_images(request.chat_messages(), self.blobs)
+                return None
+            except MissingBlobError as exc:
+                problem = str(exc)
+            except Exception as exc:  # the store is down: the request cannot be sent with its images
+                log.warning("request %s: blob store unreadable: %s", envelope.id, type(exc).__name__)
+                return Outcome(
+                    status="error",
+                    error=ErrorInfo(
+                        type="service_unavailable",
+                        message=f"the image blob store could not be read ({type(exc).__name__}); try again",
+                    ),
+                )
+        return Outcome(status="error", error=ErrorInfo(type="invalid_request", message=problem))
+
+    def _with_invalid_parts(self, envelope: Envelope, outcome: Outcome) -> Outcome:
+        """Bill answers that broke the response format (one cost line each, DESIGN A4) with the outcome's own."""
+        invalid = self._invalid_parts.get(envelope.id)
+        if not invalid or outcome.parts:
+            return outcome
+        parts = list(invalid)
+        if outcome.status == "ok" and outcome.provider and outcome.model:
+            parts.append(
+                OutcomePart(
+                    provider=outcome.provider,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                    usage_source=outcome.usage_source,
+                )
+            )
+        outcome.parts = parts
+        return outcome
 
     async def _candidate_turn(
         self,
@@ -362,6 +444,7 @@ class ExecutorStage:
                     envelope, candidate, timeout_s, attempts, ctx, charge, attempt_number=attempt_number
                 )
             if isinstance(result, Outcome):
+                result = self._with_invalid_parts(envelope, result)
                 if hold is not None and self.budgets is not None:
                     usage = result.usage if run is None else total_usage(run.attempt_parts(candidate.provider))
                     await self.budgets.settle(hold, result.model or candidate.model, usage)
@@ -411,11 +494,15 @@ class ExecutorStage:
     def _skip_reason(self, candidate: Candidate, request: AIRequest, prompt: PromptTokens) -> tuple[str, str] | None:
         """Why ``candidate`` cannot serve ``request`` without a call (``(error type, reason)``), or ``None``.
 
-        Its circuit is not ``CLOSED``, or its context window cannot hold the
-        prompt's token count plus ``max_tokens`` (DESIGN A8).
+        Its circuit is not ``CLOSED``, its model lacks a capability the request
+        needs (``invalid_request``, DESIGN A4), or its context window cannot
+        hold the prompt's token count plus ``max_tokens`` (DESIGN A8).
         """
         if not self.circuits.allows_traffic(candidate.provider):
             return "all_providers_failed", f"circuit {self.circuits.state(candidate.provider)}"
+        lacking = deployment_lacks(self.config, candidate.provider, candidate.model, request)
+        if lacking is not None:
+            return "invalid_request", capability_reason(candidate.model, lacking)
         info = deployment_model_info(self.config, candidate.provider, candidate.model)
         if info is not None and not prompt.fits(info.context_window, request.max_tokens):
             return (
@@ -507,8 +594,9 @@ class ExecutorStage:
             candidate.provider, candidate.model, request, attempt_number, getattr(adapter, "type", None)
         )
         started = time.perf_counter()
+        call = provider_call(request, candidate.model, messages=self._messages.get(envelope.id))
         try:
-            result = await adapter.complete(self.client, provider_call(request, candidate.model), timeout_s)
+            result = await adapter.complete(self.client, call, timeout_s)
         except Exception as exc:
             latency_ms = (time.perf_counter() - started) * 1000
             tel.finish_attempt(
@@ -561,14 +649,30 @@ class ExecutorStage:
             )
         )
         await self._health(envelope, candidate, True, None, result.status_code, latency_ms, ctx, None)
+        source: Literal["provider", "estimated"] = "estimated" if result.usage_estimated else "provider"
+        problem = answer_problem(request.response_format, result.content) if not result.tool_calls else None
+        if problem is not None:  # the provider is healthy (its health event says so); the answer is unusable
+            attempts[-1] = msgspec.structs.replace(
+                attempts[-1], outcome="error", error_type="invalid_response", reason=problem
+            )
+            self._invalid_parts.setdefault(envelope.id, []).append(
+                OutcomePart(provider=candidate.provider, model=answered_model, usage=result.usage, usage_source=source)
+            )
+            message = (
+                f"{candidate.provider}/{answered_model}: the answer does not hold to the response format: {problem}"
+            )
+            self._last_errors[envelope.id] = message
+            return InvalidResponseError(message, provider=candidate.provider, status_code=result.status_code)
         return Outcome(
             status="ok",
-            content=result.content,
+            content=result.content if result.content or not result.tool_calls else None,
             provider=candidate.provider,
-            model=result.model or candidate.model,
+            model=answered_model,
             usage=result.usage,
-            usage_source="estimated" if result.usage_estimated else "provider",
+            usage_source=source,
             attempts=attempts,
+            tool_calls=result.tool_calls,
+            finish_reason=finish_reason(result.finish_reason, result.tool_calls),
         )
 
     async def _stream_attempt(
@@ -599,7 +703,7 @@ class ExecutorStage:
             candidate.provider, candidate.model, request, attempt_number, getattr(adapter, "type", None)
         )
         resumed = run.started
-        call = provider_call(request, candidate.model, run.text if resumed else None)
+        call = provider_call(request, candidate.model, run.text if resumed else None, self._messages.get(envelope.id))
         if resumed:  # the continuation may only generate what is left of max_tokens (tokens)
             generated = sum(p.usage.completion_tokens for p in run.parts)
             call = msgspec.structs.replace(call, max_tokens=max(1, request.max_tokens - generated))
@@ -661,7 +765,7 @@ class ExecutorStage:
                     provider=candidate.provider,
                 ),
             )
-        if got.stop == "complete" and got.end is not None and (got.text or resumed):
+        if got.stop == "complete" and got.end is not None and (got.produced or resumed):
             answered_model = got.end.model or candidate.model
             part = self._add_part(run, candidate, got.end, prompt_tokens, got.text, model=answered_model)
             usage = part.usage if part else Usage()
@@ -693,16 +797,32 @@ class ExecutorStage:
                 )
             )
             await self._health(envelope, candidate, True, None, 200, latency_ms, ctx, None)
-            return Outcome(
+            tool_calls = run.tool_calls()
+            outcome = Outcome(
                 status="ok",
-                content=run.text,
+                content=run.text if run.text or not tool_calls else None,
                 provider=candidate.provider,
                 model=answered_model,
                 usage=total_usage(run.parts),
                 usage_source="estimated" if any(p.usage_source == "estimated" for p in run.parts) else "provider",
                 attempts=attempts,
                 parts=list(run.parts),
+                tool_calls=tool_calls,
+                finish_reason=finish_reason(got.end.finish_reason, tool_calls),
             )
+            problem = answer_problem(request.response_format, run.text) if not tool_calls else None
+            if problem is not None:  # shown already, so not sent elsewhere: the request ends invalid (DESIGN A4)
+                attempts[-1] = msgspec.structs.replace(
+                    attempts[-1], outcome="error", error_type="invalid_response", reason=problem
+                )
+                outcome.status = "error"
+                outcome.error = ErrorInfo(
+                    type="invalid_response",
+                    message=f"{candidate.provider}/{answered_model}: the streamed answer breaks the response "
+                    f"format: {problem}",
+                    provider=candidate.provider,
+                )
+            return outcome
         # a failure: a provider error, a time limit, or a stream that ended without text
         if got.error is not None:
             error: AIProviderError = got.error

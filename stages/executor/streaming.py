@@ -9,6 +9,13 @@ between deltas), the request's deadline and the stream's maximum duration.
 Protocol keep-alives never reach this module (the adapters yield content
 deltas only). A ``cancel_request`` stops the read at once; leaving the
 adapter's iterator closes the HTTP response, so the provider stops generating.
+
+Tool calls (DESIGN A4) stream as ``tool_call_deltas`` on the chunks, in
+OpenAI's ``delta.tool_calls`` shape with a 0-based ``index`` per call: the
+first piece of a call carries its id and name, later pieces fragments of its
+arguments (consecutive fragments of one call are joined within a flush
+window). They count as content: the first one is published at once, and the
+calls assembled from them are the answer's ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import anyio
 
 from pipeline.errors import AIProviderError, ProviderTimeoutError
 from schemas.envelope import OutcomePart
+from schemas.request import FunctionCall, ToolCall
 from schemas.response import Usage
-from schemas.stream import StreamChunk
-from stages.providers.base import StreamDelta, StreamEnd, StreamEvent
+from schemas.stream import FunctionDelta, StreamChunk, ToolCallDelta
+from stages.providers.base import StreamDelta, StreamEnd, StreamEvent, StreamToolDelta
 from stages.rules.tokens import estimate_tokens
+from stages.rules.tool_ids import synthesized_tool_call_id
 
 #: How long (s) a chunk's publish may go on after its stream was stopped or cancelled (a shutdown): long
 #: enough for a broker's acknowledgement, short enough that a broker outage never holds the process.
@@ -61,6 +70,28 @@ class StreamRun:
     parts: list[OutcomePart] = field(default_factory=list)
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     unsettled: OutcomePart | None = None
+    calls: dict[int, list[str]] = field(default_factory=dict)  # tool call index -> [id, name, arguments]
+
+    def add_tool_delta(self, delta: StreamToolDelta) -> None:
+        """Fold one tool-call piece into the calls being assembled."""
+        call = self.calls.setdefault(delta.index, ["", "", ""])
+        if delta.id:
+            call[0] = delta.id
+        if delta.name:
+            call[1] = delta.name
+        call[2] += delta.arguments
+
+    def tool_calls(self) -> list[ToolCall] | None:
+        """The tool calls assembled so far, by index (``None`` when there are none)."""
+        if not self.calls:
+            return None
+        return [
+            ToolCall(
+                id=cid or synthesized_tool_call_id(name, args, i),
+                function=FunctionCall(name=name, arguments=args or "{}"),
+            )
+            for i, (cid, name, args) in sorted(self.calls.items())
+        ]
 
     def attempt_parts(self, provider: str) -> list[OutcomePart]:
         """The parts ``provider`` generated (for its budget's settlement)."""
@@ -71,7 +102,15 @@ class StreamRun:
         """Whether a chunk has been published (the reader has seen text)."""
         return self.seq > 0
 
-    def chunk(self, delta: str, provider: str, model: str, attempt: int, at: object) -> StreamChunk:
+    def chunk(
+        self,
+        delta: str,
+        provider: str,
+        model: str,
+        attempt: int,
+        at: object,
+        tool_call_deltas: list[ToolCallDelta] | None = None,
+    ) -> StreamChunk:
         """The next chunk of this generation (``seq`` advances)."""
         chunk = StreamChunk(
             id=self.request_id,
@@ -81,6 +120,7 @@ class StreamRun:
             provider=provider,
             model=model,
             attempt=attempt,
+            tool_call_deltas=tool_call_deltas or [],
             at=at,  # type: ignore[arg-type]
         )
         self.seq += 1
@@ -97,6 +137,12 @@ class AttemptStream:
     error: AIProviderError | None = None
     first_chunk_ms: float | None = None
     chunks: int = 0
+    tool_deltas: int = 0
+
+    @property
+    def produced(self) -> bool:
+        """Whether the attempt generated anything: text or tool-call pieces."""
+        return bool(self.text) or self.tool_deltas > 0
 
 
 async def read_stream(
@@ -128,16 +174,17 @@ async def read_stream(
     """
     out = AttemptStream()
     started = time.monotonic()
-    buffer: list[str] = []
+    buffer: list[str | StreamToolDelta] = []
     pending = anyio.Event()
     last_flush = [0.0]
 
     async def flush() -> None:
         if not buffer:
             return
-        text = "".join(buffer)
+        text = "".join(item for item in buffer if isinstance(item, str))
+        tools = merged_tool_deltas([item for item in buffer if isinstance(item, StreamToolDelta)])
         buffer.clear()
-        chunk = run.chunk(text, provider, model, attempt, now())
+        chunk = run.chunk(text, provider, model, attempt, now(), tools)
         out.chunks += 1
         last_flush[0] = time.monotonic()
         with anyio.move_on_after(CHUNK_PUBLISH_SHIELD_S, shield=True):
@@ -185,7 +232,7 @@ async def _read(
     out: AttemptStream,
     started: float,
     first_chunk_timeout_s: float,
-    buffer: list[str],
+    buffer: list[str | StreamToolDelta],
     flush: Callable[[], Awaitable[None]],
     wake: Callable[[], None],
 ) -> None:
@@ -216,17 +263,41 @@ async def _read(
             out.end = item
             out.stop = "complete"
             return
-        if not isinstance(item, StreamDelta) or not item.text:
+        if isinstance(item, StreamToolDelta):
+            run.add_tool_delta(item)
+            out.tool_deltas += 1
+            buffer.append(item)
+        elif not isinstance(item, StreamDelta) or not item.text:
             continue
-        out.text += item.text
-        run.text += item.text
-        buffer.append(item.text)
+        else:
+            out.text += item.text
+            run.text += item.text
+            buffer.append(item.text)
         if out.first_chunk_ms is None:
             out.first_chunk_ms = round((time.monotonic() - started) * 1000, 3)
         if run.seq == 0:
             await flush()  # the generation's first delta: at once
         else:
             wake()
+
+
+def merged_tool_deltas(deltas: list[StreamToolDelta]) -> list[ToolCallDelta]:
+    """Provider tool-call pieces as chunk deltas, consecutive argument fragments of one call joined."""
+    out: list[ToolCallDelta] = []
+    for d in deltas:
+        last = out[-1] if out else None
+        if last is not None and last.index == d.index and d.id is None and d.name is None:
+            last.function = FunctionDelta(name=last.function.name, arguments=last.function.arguments + d.arguments)
+            continue
+        out.append(
+            ToolCallDelta(
+                index=d.index,
+                id=d.id,
+                type="function" if d.id else None,
+                function=FunctionDelta(name=d.name, arguments=d.arguments),
+            )
+        )
+    return out
 
 
 def timeout_error(provider: str, stop: StopReason, limit_s: float) -> ProviderTimeoutError:

@@ -12,13 +12,19 @@ than the chat format the pipeline uses):
 
 * ``system`` messages are removed from ``messages`` and joined, in order, with
   a blank line into the top-level ``system`` string.
-* Messages whose content is empty or whitespace are dropped (the API refuses
-  empty text blocks), then consecutive messages of the same role are merged
-  into one, joined with a blank line.
+* Each other message becomes a list of content blocks (below). Empty or
+  whitespace text is dropped (the API refuses empty text blocks) and a
+  message left with no block is dropped; an assistant turn with
+  ``tool_calls`` always has its ``tool_use`` blocks, so it is never dropped.
+  Consecutive turns of the same role are merged into one (a ``tool`` turn
+  counts as ``user``), text meeting text joined with a blank line.
 * The first message must be ``user``: when the conversation starts with an
   ``assistant`` turn, a user turn ``LEADING_USER_TURN`` is put in front of it.
-* A final ``assistant`` message is a prefill the model continues; its trailing
-  whitespace is stripped (the API refuses trailing whitespace there).
+* A final ``assistant`` message is a prefill the model continues; the
+  trailing whitespace of its last text is stripped (the API refuses trailing
+  whitespace there).
+* A turn that is one text block is sent as a plain ``content`` string (as
+  before tools existed); any other turn as its block list.
 * ``max_tokens`` is always sent (required by the API).
 * ``temperature`` is clamped to the API's range 0..1. When ``top_p`` is set and
   ``temperature`` is the pipeline default ``1.0``, only ``top_p`` is sent (the
@@ -26,7 +32,54 @@ than the chat format the pipeline uses):
   both are sent as given.
 * ``stop`` -> ``stop_sequences``; ``user`` -> ``metadata.user_id``.
 
-Response mapping: the ``text`` blocks of ``content`` joined; ``usage``:
+Content blocks, tools and images (https://docs.anthropic.com/en/api/messages,
+https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use,
+https://docs.anthropic.com/en/docs/build-with-claude/vision, read 2026-12-06):
+
+* a text part -> ``{"type": "text", "text"}``; an image part ->
+  ``{"type": "image", "source": {"type": "base64", "media_type", "data"}}``
+  for a ``data:`` URI and ``{"type": "image", "source": {"type": "url",
+  "url"}}`` for an https URL (``detail`` has no Anthropic equivalent and is
+  left out); an unresolved ``aipipe-blob:`` reference or an undecodable
+  ``data:`` URI is an ``InvalidRequestError``.
+* an assistant turn's ``tool_calls`` -> ``{"type": "tool_use", "id", "name",
+  "input"}`` blocks after the turn's text, ``input`` the parsed
+  ``arguments`` (arguments that are not a JSON object are an
+  ``InvalidRequestError`` naming the call).
+* ``tool`` turns -> ``{"type": "tool_result", "tool_use_id", "content"}``
+  blocks (``content`` left out when the result is empty; the API documents it
+  as optional); consecutive ones form ONE user turn, and the tool results
+  come first in that user turn, as the API requires, with a following user
+  text after them. Every id goes through ``sanitize_tool_call_id``, so the
+  ``tool_use`` and its ``tool_result`` name the same id.
+* ``tools`` -> ``[{"name", "description"?, "input_schema"}]`` (``parameters``,
+  or the empty object schema); ``tool_choice``: ``auto`` -> ``{"type":
+  "auto"}``, ``required`` -> ``{"type": "any"}``, a named function ->
+  ``{"type": "tool", "name"}``, ``none`` -> ``{"type": "none"}``;
+  ``parallel_tool_calls: false`` -> ``"disable_parallel_tool_use": true``
+  inside ``tool_choice`` (``{"type": "auto", ...}`` when no choice was given;
+  not with ``none``, which calls no tool).
+
+Structured output: the Messages API has no ``response_format``. A
+``json_schema`` format whose schema is an object schema, on a request with
+no tools and no continuation, uses the documented JSON mode of tool use
+(https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use#json-mode,
+read 2026-12-06): one tool named after the schema with the schema as its
+``input_schema``, forced with ``tool_choice: {"type": "tool", "name"}``; the
+answer's ``input`` for that tool is returned as ``content`` (compact JSON
+text) with no tool calls and ``finish_reason: stop`` (``length`` when
+``max_tokens`` cut it), and a stream sends its ``partial_json`` as text.
+Any other JSON format (``json_object``; ``json_schema`` with tools, with a
+continuation, or with a non-object or missing schema) adds
+``JSON_INSTRUCTION`` (and the schema) to the ``system`` prompt: best-effort,
+the model is asked, not forced; the pipeline validates the answer anyway.
+
+Response mapping: the ``text`` blocks of ``content`` joined; ``tool_use``
+blocks -> ``ToolCall`` (sanitised id, ``arguments`` the compact JSON of
+``input``); an answer of only ``tool_use`` blocks is valid (``content``
+``""``). ``stop_reason`` in OpenAI's words: ``end_turn``/``stop_sequence``
+-> ``stop``, ``max_tokens`` -> ``length``, ``tool_use`` -> ``tool_calls``,
+others -> ``None``. ``usage``:
 ``prompt_tokens = input_tokens + cache_read_input_tokens +
 cache_creation_input_tokens`` (``input_tokens`` excludes both cache counts),
 ``cached_prompt_tokens = cache_read_input_tokens``,
@@ -37,9 +90,14 @@ cache_creation_input_tokens`` (``input_tokens`` excludes both cache counts),
 Streaming (https://docs.anthropic.com/en/docs/build-with-claude/streaming,
 read 2026-12-06): ``stream: true`` gives ``message_start`` (the model and the
 input usage), ``content_block_start``, ``content_block_delta`` with
-``text_delta`` (the only deltas), ``content_block_stop``, ``message_delta``
-(``stop_reason`` and the cumulative ``output_tokens``) and ``message_stop``;
-``ping`` is a keep-alive. An ``error`` event (e.g. ``overloaded_error``) is
+``text_delta`` or ``input_json_delta`` (``partial_json``),
+``content_block_stop``, ``message_delta`` (``stop_reason`` and the cumulative
+``output_tokens``) and ``message_stop``; ``ping`` is a keep-alive. A
+``content_block_start`` of a ``tool_use`` block is a ``StreamToolDelta`` with
+its id and name, and each ``partial_json`` of that block a
+``StreamToolDelta`` with the fragment; its ``index`` counts tool calls from 0
+(not content blocks: a text block before it does not count). An ``error``
+event (e.g. ``overloaded_error``) is
 classified by the HTTP status its type stands for
 (https://docs.anthropic.com/en/api/errors). A stream that ends without
 ``message_stop`` was cut. Continuation (resume, DESIGN A9): the partial answer
@@ -61,20 +119,36 @@ import msgspec
 from msgspec import Meta, Struct
 
 from pipeline.errors import ContentFilterError, InvalidRequestError
-from schemas.request import Message
+from schemas.request import (
+    BLOB_URL_PREFIX,
+    FunctionCall,
+    ImagePart,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    Message,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 from schemas.response import Usage
-from stages.providers.base import ProviderCall, ProviderResult, StreamDelta, StreamEnd, StreamEvent
+from stages.providers.base import ProviderCall, ProviderResult, StreamDelta, StreamEnd, StreamEvent, StreamToolDelta
 from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
 from stages.providers.sse import open_events, stream_cut
+from stages.rules.images import ImageError, decode_data_uri
+from stages.rules.tool_ids import sanitize_tool_call_id, synthesized_tool_call_id
 
 PROVIDER = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
 #: User turn put in front of a conversation that starts with an assistant turn.
 LEADING_USER_TURN = "(The conversation so far follows.)"
+#: System-prompt instruction for a JSON answer the API cannot force (module docstring).
+JSON_INSTRUCTION = "Answer with one JSON object only: no other text before or after it, and no code fences."
 #: Highest ``temperature`` the Messages API accepts.
 MAX_TEMPERATURE = 1.0
 _DEFAULT_TEMPERATURE = 1.0
+#: No size limit of its own on a ``data:`` image: the pipeline's ``images.max_bytes`` applied before.
+_NO_IMAGE_LIMIT = 1 << 62
 
 _Tokens = Annotated[int, Meta(ge=0)]
 
@@ -82,6 +156,9 @@ _Tokens = Annotated[int, Meta(ge=0)]
 class _Block(Struct):
     type: str
     text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: Any = None
 
 
 class _Usage(Struct):
@@ -100,59 +177,225 @@ class _MessageResponse(Struct):
 
 
 _DECODER = msgspec.json.Decoder(_MessageResponse)
+#: ``stop_reason`` in OpenAI's words (``finish_reason``); others map to ``None``.
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+}
+
+
+def compact_json(value: Any) -> str:
+    """``value`` as compact JSON text (no spaces between tokens, UTF-8 characters as they are)."""
+    return msgspec.json.encode(value).decode("utf-8")
+
+
+def _image_block(url: str, provider: str) -> dict[str, Any]:
+    """An image part as an Anthropic ``image`` block: base64 source for a ``data:`` URI, url source for https."""
+    if url.startswith(BLOB_URL_PREFIX):
+        raise InvalidRequestError(
+            f"{provider}: an image is an unresolved blob reference; the executor resolves it before the call",
+            provider=provider,
+        )
+    if url.startswith("data:"):
+        try:
+            media_type, _ = decode_data_uri(url, max_bytes=_NO_IMAGE_LIMIT)
+        except ImageError as exc:
+            raise InvalidRequestError(f"{provider}: {exc}", provider=provider) from exc
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": url.partition(",")[2]}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _tool_input(call: ToolCall, provider: str) -> dict[str, Any]:
+    """A tool call's ``arguments`` parsed into the JSON object a ``tool_use`` block's ``input`` is."""
+    try:
+        value = msgspec.json.decode(call.function.arguments or "{}")
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(
+            f"{provider}: tool call {call.id!r} ({call.function.name}) has arguments that are not JSON: {exc}",
+            provider=provider,
+        ) from exc
+    if not isinstance(value, dict):
+        raise InvalidRequestError(
+            f"{provider}: tool call {call.id!r} ({call.function.name}) has arguments that are not a JSON object",
+            provider=provider,
+        )
+    return value
+
+
+def _blocks_of(m: Message, provider: str) -> list[dict[str, Any]]:
+    """The content blocks of one non-system message (module docstring); ``[]`` when it has nothing to send."""
+    if m.role == "tool":
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": sanitize_tool_call_id(m.tool_call_id or "")}
+        text = m.text()
+        if text.strip():
+            result["content"] = text
+        return [result]
+    blocks: list[dict[str, Any]] = []
+    if isinstance(m.content, list):
+        for part in m.content:
+            if isinstance(part, ImagePart):
+                blocks.append(_image_block(part.image_url.url, provider))
+            elif part.text.strip():
+                blocks.append({"type": "text", "text": part.text})
+    elif m.content is not None and m.content.strip():
+        blocks.append({"type": "text", "text": m.content})
+    for tool_call in m.tool_calls or ():
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": sanitize_tool_call_id(tool_call.id),
+                "name": tool_call.function.name,
+                "input": _tool_input(tool_call, provider),
+            }
+        )
+    return blocks
+
+
+def _ordered(role: str, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``blocks`` in the order the API requires: tool results first in a user turn, tool uses last in an assistant's."""
+    first = "tool_result" if role == "user" else None
+    last = "tool_use" if role == "assistant" else None
+    return (
+        [b for b in blocks if b["type"] == first]
+        + [b for b in blocks if b["type"] not in (first, last)]
+        + [b for b in blocks if b["type"] == last]
+    )
 
 
 def to_anthropic_messages(
     messages: list[Message], *, provider: str = PROVIDER
-) -> tuple[str | None, list[dict[str, str]]]:
+) -> tuple[str | None, list[dict[str, Any]]]:
     """Split chat messages into Anthropic's ``system`` string and ``messages`` list.
 
-    Applies the rules of the module docstring (system join, empty drop, role
-    merge, leading user turn, prefill whitespace).
+    Applies the rules of the module docstring (system join, content blocks,
+    empty drop, role merge, tool-result order, leading user turn, prefill
+    whitespace).
 
     Args:
         messages: the pipeline's chat turns.
         provider: the deployment name an error carries.
 
     Returns:
-        ``(system or None, [{"role": "user"|"assistant", "content": str}, ...])``.
+        ``(system or None, [{"role": "user"|"assistant", "content": str | [block, ...]}, ...])``.
 
     Raises:
-        InvalidRequestError: when no non-empty user or assistant turn is left.
+        InvalidRequestError: when no non-empty user or assistant turn is left, an
+            image cannot be sent, or a tool call's arguments are not a JSON object.
     """
     system_parts = [m.text() for m in messages if m.role == "system" and m.text().strip()]
-    turns: list[dict[str, str]] = []
+    turns: list[tuple[str, list[dict[str, Any]]]] = []
     for m in messages:
-        if m.role == "system" or not m.text().strip():
+        if m.role == "system":
             continue
-        if turns and turns[-1]["role"] == m.role:
-            turns[-1]["content"] += "\n\n" + m.text()
+        blocks = _blocks_of(m, provider)
+        if not blocks:
+            continue
+        role: str = "user" if m.role == "tool" else m.role
+        if turns and turns[-1][0] == role:
+            merged = turns[-1][1]
+            if merged[-1]["type"] == "text" and blocks[0]["type"] == "text":
+                merged[-1] = {"type": "text", "text": merged[-1]["text"] + "\n\n" + blocks[0]["text"]}
+                blocks = blocks[1:]
+            merged.extend(blocks)
         else:
-            turns.append({"role": m.role, "content": m.text()})
+            turns.append((role, blocks))
     if not turns:
         raise InvalidRequestError(
             f"{provider}: the request has no non-empty user or assistant message", provider=provider
         )
-    if turns[0]["role"] == "assistant":
-        turns.insert(0, {"role": "user", "content": LEADING_USER_TURN})
-    if turns[-1]["role"] == "assistant":
-        turns[-1]["content"] = turns[-1]["content"].rstrip()
-    return ("\n\n".join(system_parts) if system_parts else None), turns
+    if turns[0][0] == "assistant":
+        turns.insert(0, ("user", [{"type": "text", "text": LEADING_USER_TURN}]))
+    out: list[dict[str, Any]] = []
+    for role, blocks in turns:
+        ordered = _ordered(role, blocks)
+        content: str | list[dict[str, Any]] = ordered
+        if len(ordered) == 1 and ordered[0]["type"] == "text":
+            content = ordered[0]["text"]
+        out.append({"role": role, "content": content})
+    last = out[-1]
+    if last["role"] == "assistant":
+        if isinstance(last["content"], str):
+            last["content"] = last["content"].rstrip()
+        elif last["content"][-1]["type"] == "text":
+            last["content"][-1] = {"type": "text", "text": last["content"][-1]["text"].rstrip()}
+    return ("\n\n".join(system_parts) if system_parts else None), out
+
+
+def json_tool_name(call: ProviderCall) -> str | None:
+    """The name of the forced tool of JSON mode when ``call`` uses it (module docstring), else ``None``."""
+    fmt = call.response_format
+    if not isinstance(fmt, JsonSchemaFormat) or call.tools or call.continuation:
+        return None
+    schema = fmt.json_schema.schema
+    if schema is None or schema.get("type") != "object":
+        return None
+    return fmt.json_schema.name
+
+
+def _json_instruction(call: ProviderCall) -> str | None:
+    """The system-prompt instruction of a JSON format JSON mode cannot serve, else ``None``."""
+    fmt = call.response_format
+    if isinstance(fmt, JsonObjectFormat):
+        return JSON_INSTRUCTION
+    if isinstance(fmt, JsonSchemaFormat) and json_tool_name(call) is None:
+        if fmt.json_schema.schema is None:
+            return JSON_INSTRUCTION
+        return f"{JSON_INSTRUCTION} It must validate against this JSON Schema: {compact_json(fmt.json_schema.schema)}"
+    return None
+
+
+def tools_to_anthropic(tools: list[Tool]) -> list[dict[str, Any]]:
+    """``tools`` as Anthropic's ``[{"name", "description"?, "input_schema"}]``."""
+    out: list[dict[str, Any]] = []
+    for tool in tools:
+        spec: dict[str, Any] = {"name": tool.function.name}
+        if tool.function.description is not None:
+            spec["description"] = tool.function.description
+        spec["input_schema"] = tool.function.schema()
+        out.append(spec)
+    return out
+
+
+def tool_choice_to_anthropic(choice: ToolChoice | None, parallel_tool_calls: bool | None) -> dict[str, Any] | None:
+    """``tool_choice`` and ``parallel_tool_calls`` as Anthropic's ``tool_choice`` object (``None``: send none)."""
+    out: dict[str, Any] | None
+    if choice is None:
+        out = {"type": "auto"} if parallel_tool_calls is False else None
+    elif choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        out = {"type": "none"}
+    else:
+        out = {"type": "tool", "name": choice.function.name}
+    if out is not None and parallel_tool_calls is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
 
 
 def build_payload(call: ProviderCall, *, provider: str = PROVIDER) -> dict[str, Any]:
     """The JSON body for ``call`` (see the module docstring for the mapping); ``provider`` names the deployment.
 
     Raises:
-        InvalidRequestError: when no non-empty user or assistant turn is left.
+        InvalidRequestError: when no non-empty user or assistant turn is left, an
+            image cannot be sent, or a tool call's arguments are not a JSON object.
     """
     messages = list(call.messages)
     if call.continuation:
-        if messages and messages[-1].role == "assistant":  # the caller's own prefill, continued by the partial
-            messages[-1] = Message(role="assistant", content=messages[-1].text() + call.continuation)
+        last = messages[-1] if messages else None
+        if last is not None and last.role == "assistant" and not last.tool_calls:
+            # the caller's own prefill, continued by the partial
+            messages[-1] = Message(role="assistant", content=last.text() + call.continuation)
         else:
             messages.append(Message(role="assistant", content=call.continuation))
     system, turns = to_anthropic_messages(messages, provider=provider)
+    instruction = _json_instruction(call)
+    if instruction is not None:
+        system = f"{system}\n\n{instruction}" if system else instruction
     payload: dict[str, Any] = {"model": call.model, "max_tokens": call.max_tokens, "messages": turns}
     if system is not None:
         payload["system"] = system
@@ -167,6 +410,20 @@ def build_payload(call: ProviderCall, *, provider: str = PROVIDER) -> dict[str, 
         payload["stop_sequences"] = list(call.stop)
     if call.user is not None:
         payload["metadata"] = {"user_id": call.user}
+    json_tool = json_tool_name(call)
+    if call.tools:
+        payload["tools"] = tools_to_anthropic(call.tools)
+        choice = tool_choice_to_anthropic(call.tool_choice, call.parallel_tool_calls)
+        if choice is not None:
+            payload["tool_choice"] = choice
+    elif json_tool is not None and isinstance(call.response_format, JsonSchemaFormat):
+        spec = call.response_format.json_schema
+        tool: dict[str, Any] = {"name": json_tool}
+        if spec.description is not None:
+            tool["description"] = spec.description
+        tool["input_schema"] = spec.schema
+        payload["tools"] = [tool]
+        payload["tool_choice"] = {"type": "tool", "name": json_tool}
     return payload
 
 
@@ -177,16 +434,20 @@ def parse_response(
 
     Args:
         body: raw JSON of a ``{"type": "message", ...}`` object.
-        call: the call it answers (its ``model`` is the fallback model name).
+        call: the call it answers (its ``model`` is the fallback model name; its
+            ``response_format`` says whether the answer is JSON mode's tool input).
         request_id: the ``request-id`` header, if any.
         status_code: HTTP status the body came with (2xx).
         provider: the deployment name errors carry.
 
     Returns:
-        Text, model and usage (tokens; ``prompt_tokens`` includes cache reads and writes).
+        Text (``""`` when the answer is only tool calls; in JSON mode the tool
+        input as compact JSON), tool calls (sanitised ids), model, usage
+        (tokens; ``prompt_tokens`` includes cache reads and writes),
+        ``finish_reason`` in OpenAI's words.
 
     Raises:
-        ProviderServerError: malformed JSON, missing fields, not a message, or no text.
+        ProviderServerError: malformed JSON, missing fields, not a message, or neither text nor tool calls.
         ContentFilterError: ``stop_reason`` ``refusal``.
     """
     try:
@@ -201,8 +462,18 @@ def parse_response(
             provider=provider,
             status_code=status_code,
         )
-    text = "".join(b.text or "" for b in message.content if b.type == "text")
-    if not text.strip():
+    finish = _FINISH.get(message.stop_reason or "")
+    json_tool = json_tool_name(call)
+    answer = next((b for b in message.content if b.type == "tool_use" and b.name == json_tool), None)
+    tool_calls: list[ToolCall] | None = None
+    if json_tool is not None and answer is not None:
+        text = compact_json(answer.input if answer.input is not None else {})
+        finish = "length" if finish == "length" else "stop"
+    else:
+        text = "".join(b.text or "" for b in message.content if b.type == "text")
+        uses = [b for b in message.content if b.type == "tool_use"]
+        tool_calls = [_tool_call_of(b, i) for i, b in enumerate(uses)] or None
+    if not text.strip() and not tool_calls:
         raise malformed_response(provider, "no text content", status_code=status_code)
     raw = message.usage
     cache_read = raw.cache_read_input_tokens or 0
@@ -221,8 +492,17 @@ def parse_response(
         usage=usage,
         status_code=status_code,
         request_id=request_id,
-        finish_reason=message.stop_reason,
+        finish_reason=finish,
+        tool_calls=tool_calls,
     )
+
+
+def _tool_call_of(block: _Block, index: int) -> ToolCall:
+    """A ``tool_use`` block as a ``ToolCall``: sanitised id, ``arguments`` the compact JSON of ``input``."""
+    name = block.name or ""
+    arguments = compact_json(block.input if block.input is not None else {})
+    raw_id = block.id or synthesized_tool_call_id(name, arguments, index)
+    return ToolCall(id=sanitize_tool_call_id(raw_id), function=FunctionCall(name=name, arguments=arguments))
 
 
 #: The HTTP status each streamed ``error`` event type stands for (https://docs.anthropic.com/en/api/errors).
@@ -246,7 +526,14 @@ class _StreamMessage(Struct):
 class _StreamDelta(Struct):
     type: str | None = None
     text: str | None = None
+    partial_json: str | None = None
     stop_reason: str | None = None
+
+
+class _StreamBlock(Struct):
+    type: str
+    id: str | None = None
+    name: str | None = None
 
 
 class _DeltaUsage(Struct):
@@ -263,6 +550,8 @@ class _ErrorInfo(Struct):
 
 class _StreamEvent(Struct):
     type: str
+    index: int | None = None
+    content_block: _StreamBlock | None = None
     message: _StreamMessage | None = None
     delta: _StreamDelta | None = None
     usage: _DeltaUsage | None = None
@@ -270,17 +559,18 @@ class _StreamEvent(Struct):
 
 
 _EVENT_DECODER = msgspec.json.Decoder(_StreamEvent)
-#: ``stop_reason`` in OpenAI's words (``finish_reason``).
-_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
 
 
 async def read_events(
     events: AsyncIterator[Any], call: ProviderCall, provider: str, *, skip_leading: str = ""
 ) -> AsyncIterator[StreamEvent]:
-    """Messages API stream events as ``StreamDelta``s and a final ``StreamEnd`` (module docstring).
+    """Messages API stream events as ``StreamDelta``s, ``StreamToolDelta``s and a final ``StreamEnd``.
 
     ``skip_leading`` is whitespace stripped from a prefill, dropped from the
-    front of the continuation so that the joined text has it once.
+    front of the continuation so that the joined text has it once. A
+    ``tool_use`` block is numbered by the tool calls before it (0-based), not
+    by its content block index; in JSON mode (``json_tool_name``) the forced
+    tool's ``partial_json`` is answer text. See the module docstring.
 
     Raises:
         AIProviderError: an ``error`` event, classified by its type's status.
@@ -291,6 +581,9 @@ async def read_events(
     prompt = cache_read = cache_write = output = 0
     have_usage = False
     finish: str | None = None
+    json_tool = json_tool_name(call)
+    tool_of_block: dict[int | None, int] = {}  # content block index -> 0-based tool call index
+    json_blocks: set[int | None] = set()
     async for event in events:
         try:
             item = _EVENT_DECODER.decode(event.data)
@@ -306,6 +599,29 @@ async def read_events(
                 have_usage = True
                 prompt, output = raw.input_tokens, raw.output_tokens
                 cache_read, cache_write = raw.cache_read_input_tokens or 0, raw.cache_creation_input_tokens or 0
+        elif item.type == "content_block_start" and item.content_block is not None:
+            block = item.content_block
+            if block.type != "tool_use":
+                continue
+            if json_tool is not None and block.name == json_tool:
+                json_blocks.add(item.index)
+                continue
+            tool_of_block[item.index] = len(tool_of_block)
+            yield StreamToolDelta(
+                index=tool_of_block[item.index],
+                id=sanitize_tool_call_id(block.id) if block.id else None,
+                name=block.name,
+            )
+        elif item.type == "content_block_delta" and item.delta is not None and item.delta.type == "input_json_delta":
+            fragment = item.delta.partial_json or ""
+            if not fragment:
+                continue
+            if item.index in json_blocks:
+                yield StreamDelta(text=fragment)
+            elif item.index in tool_of_block:
+                yield StreamToolDelta(index=tool_of_block[item.index], arguments=fragment)
+            else:
+                raise malformed_response(provider, f"stream event: input_json_delta for unknown block {item.index}")
         elif item.type == "content_block_delta" and item.delta is not None and item.delta.type == "text_delta":
             text = item.delta.text or ""
             if skip_leading:
@@ -321,7 +637,9 @@ async def read_events(
                     raise ContentFilterError(
                         f"{provider}: stream stopped by content policy (refusal)", provider=provider
                     )
-                finish = _FINISH.get(item.delta.stop_reason, item.delta.stop_reason)
+                finish = _FINISH.get(item.delta.stop_reason)
+                if json_blocks and finish == "tool_calls":
+                    finish = "stop"
             if item.usage is not None and item.usage.output_tokens is not None:
                 output, have_usage = item.usage.output_tokens, True
         elif item.type == "message_stop":
@@ -394,7 +712,8 @@ class AnthropicAdapter:
             The answer's text, model and usage (tokens).
 
         Raises:
-            InvalidRequestError: no non-empty user/assistant turn (no HTTP call is made).
+            InvalidRequestError: no non-empty user/assistant turn, an image it cannot send, or tool call
+                arguments that are not a JSON object (no HTTP call is made).
             AIProviderError: a subclass per ``stages.providers.classify`` (HTTP
                 status incl. 529 overloaded, error body, transport failure,
                 malformed 200), with ``provider`` the deployment name; never carries the API key.
@@ -429,7 +748,8 @@ class AnthropicAdapter:
         """Send ``call`` with ``stream: true``; deltas as they arrive, then the end with usage (module docstring).
 
         Raises:
-            InvalidRequestError: no non-empty user/assistant turn (no HTTP call is made).
+            InvalidRequestError: no non-empty user/assistant turn, an image it cannot send, or tool call
+                arguments that are not a JSON object (no HTTP call is made).
             AIProviderError: as ``complete``; an ``error`` event mid-stream; a cut or malformed stream.
         """
 

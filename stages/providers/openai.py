@@ -47,9 +47,48 @@ id is the ``x-request-id`` header (Azure: ``apim-request-id``).
 ``finish_reason: content_filter`` or a ``refusal`` without content is a
 ``ContentFilterError``.
 
+Tools, images and structured output (DESIGN A4; request fields from
+https://platform.openai.com/docs/api-reference/chat/create, the function
+calling guide https://platform.openai.com/docs/guides/function-calling, the
+vision guide https://platform.openai.com/docs/guides/images-vision and the
+structured outputs guide https://platform.openai.com/docs/guides/structured-outputs,
+all read 2026-12-06). The pipeline's messages are already OpenAI's shape, so
+they go out as they are: ``content`` a string, ``null`` (an assistant turn
+with ``tool_calls``) or parts ``{"type": "text", "text"}`` /
+``{"type": "image_url", "image_url": {"url", "detail"?}}`` (an https URL or a
+``data:`` URI; a blob reference the executor did not resolve is an
+``InvalidRequestError``); an assistant turn's ``tool_calls`` as
+``{"id", "type": "function", "function": {"name", "arguments"}}`` and a
+``tool`` turn's ``tool_call_id``, every id through ``sanitize_tool_call_id``
+(so the assistant turn and its tool turns name the same id whichever
+provider minted it). ``tools`` (``{"type": "function", "function": {name,
+description?, parameters?, strict?}}``), ``tool_choice`` (``"auto"``,
+``"none"``, ``"required"`` or ``{"type": "function", "function": {"name"}}``),
+``parallel_tool_calls`` and ``response_format`` (``{"type": "json_object"}``,
+``{"type": "json_schema", "json_schema": {name, description?, schema?,
+strict?}}``) are sent as documented. ``openai_compatible`` gets ``tools``,
+``tool_choice`` and a JSON ``response_format`` (vLLM, Ollama, llama.cpp,
+Groq, Mistral and the others name them the same way) but neither
+``parallel_tool_calls`` nor ``{"type": "text"}`` (the default anyway): that
+keeps to "only the fields they all accept", and a server that does not know
+``parallel_tool_calls`` (Mistral answers 422 to an unknown field) must not
+fail a call over a hint. In an answer, ``choices[0].message.tool_calls``
+become ``ToolCall``s with sanitised ids (a compatible server's call without
+an id gets ``synthesized_tool_call_id``; empty ``arguments`` become ``{}``);
+an answer with tool calls and empty or ``null`` content is valid.
+``finish_reason`` passes through when it is one of OpenAI's words (``stop``,
+``length``, ``tool_calls``, ``content_filter``); compatible servers' other
+words are mapped (``function_call`` -> ``tool_calls``, ``eos`` ->
+``stop``, ...) or dropped (``None``).
+
 Streaming (https://platform.openai.com/docs/api-reference/chat-streaming,
 read 2026-12-06): ``stream: true`` gives ``chat.completion.chunk`` events
-ending with ``data: [DONE]``; ``stream_options: {"include_usage": true}``
+ending with ``data: [DONE]``; a chunk's ``delta.tool_calls`` entries ``{index,
+id?, type?, function: {name?, arguments?}}`` become ``StreamToolDelta``s
+(the first piece of a call carries its id, sanitised, and name; later
+pieces append to its arguments), and a stream whose only output is tool
+calls, ending with ``finish_reason: tool_calls``, ends cleanly;
+``stream_options: {"include_usage": true}``
 adds a last chunk with empty ``choices`` and the ``usage``. It is asked for
 by ``openai`` and ``azure_openai``; ``openai_compatible`` servers get only
 ``stream: true`` (Mistral refuses unknown fields) and an answer without
@@ -71,7 +110,20 @@ import httpx
 import msgspec
 from msgspec import Meta, Struct
 
-from pipeline.errors import ContentFilterError
+from pipeline.errors import ContentFilterError, InvalidRequestError
+from schemas.request import (
+    BLOB_URL_PREFIX,
+    FunctionCall,
+    ImagePart,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    Message,
+    ResponseFormat,
+    TextFormat,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 from schemas.response import Usage
 from stages.providers.base import (
     CONTINUE_INSTRUCTION,
@@ -80,10 +132,12 @@ from stages.providers.base import (
     StreamDelta,
     StreamEnd,
     StreamEvent,
+    StreamToolDelta,
 )
 from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
+from stages.rules.tool_ids import sanitize_tool_call_id, synthesized_tool_call_id
 
 PROVIDER = "openai"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -112,9 +166,21 @@ class _Usage(Struct):
     prompt_cache_hit_tokens: _Tokens | None = None  # DeepSeek
 
 
+class _Function(Struct):
+    name: str = ""
+    arguments: str | None = None
+
+
+class _ToolCall(Struct):
+    function: _Function
+    id: str | None = None
+    type: str = "function"
+
+
 class _Message(Struct):
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Choice(Struct):
@@ -131,11 +197,111 @@ class _Completion(Struct):
 _DECODER = msgspec.json.Decoder(_Completion)
 
 
+#: Compatible servers' ``finish_reason`` words outside OpenAI's four, in OpenAI's words (module docstring).
+_FINISH_ALIASES: dict[str, str] = {
+    "function_call": "tool_calls",
+    "tool_use": "tool_calls",
+    "eos": "stop",
+    "eos_token": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_length": "length",
+}
+_FINISH_WORDS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+
+
+def finish_reason_of(raw: str | None) -> str | None:
+    """``raw`` as one of OpenAI's ``finish_reason`` words, or ``None`` for a word it has no equivalent of."""
+    if raw is None or raw in _FINISH_WORDS:
+        return raw
+    return _FINISH_ALIASES.get(raw)
+
+
+def _message_to_wire(m: Message, provider: str) -> dict[str, Any]:
+    """One chat turn in OpenAI's shape, ids sanitised, images checked (module docstring)."""
+    content: Any = m.content
+    if isinstance(m.content, list):
+        parts: list[dict[str, Any]] = []
+        for part in m.content:
+            if isinstance(part, ImagePart):
+                url = part.image_url.url
+                if url.startswith(BLOB_URL_PREFIX):
+                    raise InvalidRequestError(
+                        f"{provider}: an image is an unresolved blob reference; the executor resolves it before "
+                        "the call",
+                        provider=provider,
+                    )
+                image: dict[str, Any] = {"url": url}
+                if part.image_url.detail is not None:
+                    image["detail"] = part.image_url.detail
+                parts.append({"type": "image_url", "image_url": image})
+            else:
+                parts.append({"type": "text", "text": part.text})
+        content = parts
+    wire: dict[str, Any] = {"role": m.role, "content": content}
+    if m.tool_calls:
+        wire["tool_calls"] = [
+            {
+                "id": sanitize_tool_call_id(c.id),
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        wire["tool_call_id"] = sanitize_tool_call_id(m.tool_call_id)
+    return wire
+
+
+def tools_to_wire(tools: list[Tool]) -> list[dict[str, Any]]:
+    """``tools`` as OpenAI's ``[{"type": "function", "function": {name, description?, parameters?, strict?}}]``."""
+    out: list[dict[str, Any]] = []
+    for tool in tools:
+        fn = tool.function
+        spec: dict[str, Any] = {"name": fn.name}
+        if fn.description is not None:
+            spec["description"] = fn.description
+        if fn.parameters is not None:
+            spec["parameters"] = fn.parameters
+        if fn.strict is not None:
+            spec["strict"] = fn.strict
+        out.append({"type": "function", "function": spec})
+    return out
+
+
+def tool_choice_to_wire(choice: ToolChoice) -> str | dict[str, Any]:
+    """``tool_choice`` as OpenAI takes it: the word, or ``{"type": "function", "function": {"name"}}``."""
+    if isinstance(choice, str):
+        return choice
+    return {"type": "function", "function": {"name": choice.function.name}}
+
+
+def response_format_to_wire(fmt: ResponseFormat) -> dict[str, Any]:
+    """``response_format`` in OpenAI's shape (``json_schema``: ``{name, description?, schema?, strict?}``)."""
+    if isinstance(fmt, JsonSchemaFormat):
+        spec: dict[str, Any] = {"name": fmt.json_schema.name}
+        if fmt.json_schema.description is not None:
+            spec["description"] = fmt.json_schema.description
+        if fmt.json_schema.schema is not None:
+            spec["schema"] = fmt.json_schema.schema
+        if fmt.json_schema.strict is not None:
+            spec["strict"] = fmt.json_schema.strict
+        return {"type": "json_schema", "json_schema": spec}
+    if isinstance(fmt, JsonObjectFormat):
+        return {"type": "json_object"}
+    return {"type": "text"}
+
+
 def build_payload(
-    call: ProviderCall, *, flavor: Flavor = "openai", max_tokens_field: str | None = None
+    call: ProviderCall, *, flavor: Flavor = "openai", max_tokens_field: str | None = None, provider: str = PROVIDER
 ) -> dict[str, Any]:
-    """The JSON body for ``call`` in ``flavor``'s dialect (see the module docstring for the mapping)."""
-    messages: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in call.messages]
+    """The JSON body for ``call`` in ``flavor``'s dialect (see the module docstring for the mapping).
+
+    Raises:
+        InvalidRequestError: an image is an unresolved ``aipipe-blob:`` reference.
+    """
+    messages = [_message_to_wire(m, provider) for m in call.messages]
     if call.continuation:
         messages.append({"role": "assistant", "content": call.continuation})
         messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
@@ -152,7 +318,32 @@ def build_payload(
         payload["stop"] = list(call.stop)
     if call.user is not None and flavor != "openai_compatible":
         payload["user"] = call.user
+    if call.tools:
+        payload["tools"] = tools_to_wire(call.tools)
+        if call.tool_choice is not None:
+            payload["tool_choice"] = tool_choice_to_wire(call.tool_choice)
+        if call.parallel_tool_calls is not None and flavor != "openai_compatible":
+            payload["parallel_tool_calls"] = call.parallel_tool_calls
+    fmt = call.response_format
+    if fmt is not None and not (flavor == "openai_compatible" and isinstance(fmt, TextFormat)):
+        payload["response_format"] = response_format_to_wire(fmt)
     return payload
+
+
+def _tool_calls_of(raw: list[_ToolCall] | None) -> list[ToolCall] | None:
+    """The answer's tool calls with sanitised ids (a missing id is synthesised), or ``None`` when there are none."""
+    if not raw:
+        return None
+    calls: list[ToolCall] = []
+    for index, item in enumerate(raw):
+        arguments = item.function.arguments or "{}"
+        raw_id = item.id or synthesized_tool_call_id(item.function.name, arguments, index)
+        calls.append(
+            ToolCall(
+                id=sanitize_tool_call_id(raw_id), function=FunctionCall(name=item.function.name, arguments=arguments)
+            )
+        )
+    return calls
 
 
 def parse_response(
@@ -176,10 +367,12 @@ def parse_response(
             ``usage_estimated`` (``openai_compatible``), instead of being malformed.
 
     Returns:
-        Text, model, usage (tokens; ``prompt_tokens`` includes cached ones).
+        Text (``""`` when the answer is only tool calls), tool calls (sanitised
+        ids), model, usage (tokens; ``prompt_tokens`` includes cached ones),
+        ``finish_reason`` in OpenAI's words.
 
     Raises:
-        ProviderServerError: malformed JSON, missing fields, no choice, or empty text.
+        ProviderServerError: malformed JSON, missing fields, no choice, or neither text nor tool calls.
         ContentFilterError: ``finish_reason`` ``content_filter``, or a refusal with no text.
     """
     try:
@@ -197,14 +390,16 @@ def parse_response(
             provider=provider,
             status_code=status_code,
         )
-    if not content.strip():
+    tool_calls = _tool_calls_of(choice.message.tool_calls)
+    if not content.strip() and not tool_calls:
         raise malformed_response(provider, "empty message content", status_code=status_code)
     raw = completion.usage
     if raw is None:
         if not usage_optional:
             raise malformed_response(provider, "missing usage", status_code=status_code)
         prompt = estimate_messages_tokens(call.messages)
-        completion_tokens = estimate_tokens(content)
+        answered = content + "".join(c.function.name + c.function.arguments for c in tool_calls or ())
+        completion_tokens = estimate_tokens(answered)
         usage = Usage(
             prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
         )
@@ -226,14 +421,28 @@ def parse_response(
         usage=usage,
         status_code=status_code,
         request_id=request_id,
-        finish_reason=choice.finish_reason,
+        finish_reason=finish_reason_of(choice.finish_reason),
         usage_estimated=raw is None,
+        tool_calls=tool_calls,
     )
+
+
+class _DeltaFunction(Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _DeltaToolCall(Struct):
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: _DeltaFunction | None = None
 
 
 class _Delta(Struct):
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[_DeltaToolCall] | None = None
 
 
 class _ChunkChoice(Struct):
@@ -263,7 +472,10 @@ def _usage_of(raw: _Usage) -> Usage:
 
 
 async def read_chunks(events: AsyncIterator[Any], call: ProviderCall, provider: str) -> AsyncIterator[StreamEvent]:
-    """``chat.completion.chunk`` events as ``StreamDelta``s and a final ``StreamEnd`` (module docstring).
+    """``chat.completion.chunk`` events as ``StreamDelta``s, ``StreamToolDelta``s and a final ``StreamEnd``.
+
+    A ``delta.tool_calls`` entry without ``index`` (a compatible server's) is
+    placed by its position in the chunk. See the module docstring.
 
     Raises:
         ProviderServerError: a malformed event, or a stream cut before ``[DONE]``/``finish_reason``.
@@ -274,7 +486,7 @@ async def read_chunks(events: AsyncIterator[Any], call: ProviderCall, provider: 
     finish: str | None = None
     async for event in events:
         if event.data == "[DONE]":
-            yield StreamEnd(model=model, usage=usage, finish_reason=finish)
+            yield StreamEnd(model=model, usage=usage, finish_reason=finish_reason_of(finish))
             return
         try:
             chunk = _CHUNK_DECODER.decode(event.data)
@@ -289,11 +501,21 @@ async def read_chunks(events: AsyncIterator[Any], call: ProviderCall, provider: 
                     f"{provider}: stream stopped by content policy (finish_reason content_filter)", provider=provider
                 )
             finish = choice.finish_reason or finish
-            if choice.delta is not None and choice.delta.content:
+            if choice.delta is None:
+                continue
+            if choice.delta.content:
                 yield StreamDelta(text=choice.delta.content)
+            for position, piece in enumerate(choice.delta.tool_calls or ()):
+                fn = piece.function
+                yield StreamToolDelta(
+                    index=piece.index if piece.index is not None else position,
+                    id=sanitize_tool_call_id(piece.id) if piece.id else None,
+                    name=fn.name if fn is not None and fn.name else None,
+                    arguments=(fn.arguments or "") if fn is not None else "",
+                )
     if finish is None:
         raise stream_cut(provider, "no [DONE]")
-    yield StreamEnd(model=model, usage=usage, finish_reason=finish)
+    yield StreamEnd(model=model, usage=usage, finish_reason=finish_reason_of(finish))
 
 
 class OpenAIAdapter:
@@ -385,7 +607,7 @@ class OpenAIAdapter:
         url, payload = before_sending(
             lambda: (
                 self.url_for(call.model),
-                build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field),
+                build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field, provider=self.name),
             )
         )
         response = await post_json(
@@ -423,7 +645,9 @@ class OpenAIAdapter:
         secrets = (self._api_key,)
 
         def prepare() -> tuple[str, dict[str, Any]]:
-            payload = build_payload(call, flavor=self.flavor, max_tokens_field=self.max_tokens_field)
+            payload = build_payload(
+                call, flavor=self.flavor, max_tokens_field=self.max_tokens_field, provider=self.name
+            )
             payload["stream"] = True
             if self.flavor != "openai_compatible":
                 payload["stream_options"] = {"include_usage": True}

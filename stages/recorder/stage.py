@@ -53,6 +53,8 @@ from schemas.response import AIResponse, ErrorInfo
 from stages.rules.pricing import PriceTable, round_usd
 from stages.rules.recent_ids import RecentIds
 
+#: Error outcomes whose parts generated billable tokens (DESIGN A9 streams, A4 invalid answers).
+BILLED_ERRORS: frozenset[str] = frozenset({"stream_interrupted", "cancelled", "invalid_response"})
 log = logging.getLogger("aipipe.recorder")
 
 _RESPONSE_DECODER = msgspec.json.Decoder(AIResponse)
@@ -216,8 +218,9 @@ class RecorderStage:
             else:
                 event, cost_usd = self._billed(envelope.id, user, outcome)
                 await self._store(envelope, outcome, cost_usd)
-        elif outcome.parts and outcome.error is not None and outcome.error.type in ("stream_interrupted", "cancelled"):
-            # a stream that ended early still generated tokens someone is billed for (DESIGN A9)
+        elif outcome.parts and outcome.error is not None and outcome.error.type in BILLED_ERRORS:
+            # a stream that ended early, or answers that broke the response format, still generated tokens
+            # someone is billed for (DESIGN A9, A4)
             event, cost_usd = self._billed(envelope.id, user, outcome)
         if event is not None:
             if envelope.id not in self._costed:  # one CostEvent per id, also for a redelivered record
@@ -247,6 +250,8 @@ class RecorderStage:
             error=outcome.error,
             generation=outcome.generation,
             stream_chunks=outcome.stream_chunks,
+            tool_calls=outcome.tool_calls,
+            finish_reason=outcome.finish_reason,
         )
         telemetry.current().record_outcome(
             provider=outcome.provider,
@@ -272,10 +277,11 @@ class RecorderStage:
             log.warning("cache claim release failed for %s: %s", envelope.id, type(exc).__name__)
 
     async def _store(self, envelope: Envelope, outcome: Outcome, cost_usd: Decimal) -> None:
-        """Cache a complete successful answer: status ok, non-blank content, usage with completion tokens.
+        """Cache a complete successful answer: status ok, non-blank content or tool calls, usage with completion tokens.
 
-        Errors, empty or whitespace-only answers and answers without usage are
-        never stored, nor are requests with ``cache.bypass`` or ``cache.ttl_s`` 0.
+        Errors, empty or whitespace-only answers (without tool calls) and answers
+        without usage are never stored, nor are requests with ``cache.bypass`` or
+        ``cache.ttl_s`` 0.
         """
         request = envelope.request
         if self.cache is None or envelope.cache_key is None or request is None:
@@ -284,17 +290,20 @@ class RecorderStage:
             return
         if outcome.status != "ok" or outcome.cached or not outcome.provider or not outcome.model:
             return
-        if not outcome.content or not outcome.content.strip() or outcome.usage.completion_tokens <= 0:
+        has_text = bool(outcome.content and outcome.content.strip())
+        if not (has_text or outcome.tool_calls) or outcome.usage.completion_tokens <= 0:
             return
         ttl = request.cache.ttl_s if request.cache and request.cache.ttl_s is not None else None
         ttl_s = self.config.cache.default_ttl_s if ttl is None else ttl
         answer = CachedAnswer(
-            content=outcome.content,
+            content=outcome.content or "",
             provider=outcome.provider or "",
             model=outcome.model or "",
             usage=outcome.usage,
             cost_usd=round_usd(cost_usd),
             stored_at_ms=now_ms(),
+            tool_calls=outcome.tool_calls,
+            finish_reason=outcome.finish_reason,
         )
         try:
             await self.cache.set(envelope.cache_key, answer, ttl_s)

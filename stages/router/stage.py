@@ -31,7 +31,7 @@ from schemas.response import ErrorInfo
 from stages.rules.rate_limits import MemoryRateLimiter, RateLimiter, describe_limit, has_limits
 from stages.rules.routing import resolve
 from stages.rules.strategies import RouteInfo, StrategyState
-from stages.rules.tokens import estimate_messages_tokens
+from stages.rules.tokens import estimate_messages_tokens, prompt_messages
 
 
 class RouterStage:
@@ -100,7 +100,7 @@ class RouterStage:
             return [to_record(self.topics.stage_record, error_envelope(envelope.id, error, template=envelope))]
         candidates = resolution.candidates
         request = envelope.request
-        info = RouteInfo(estimate_messages_tokens(request.chat_messages()), request.max_tokens)
+        info = RouteInfo(estimate_messages_tokens(prompt_messages(request)), request.max_tokens)
         if request.providers is None:  # an allow-list keeps its own order
             ordered = self.strategy.order(candidates, self.config.providers, info)
             if not ordered:

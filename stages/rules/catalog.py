@@ -298,3 +298,18 @@ def deployment_lacks(config: PipelineConfig, deployment: str, model: str, reques
 def known_models(provider: str) -> list[str]:
     """Model ids the catalog lists for ``provider``, sorted; ``[]`` for an unknown provider."""
     return sorted(_CATALOG.get(provider, {}))
+
+
+#: What each lacking capability means, for a skip's ``reason`` (``deployment_lacks``).
+_LACK_TEXT: dict[str, str] = {
+    "tools": "does not support tools (function calling)",
+    "vision": "does not take images (vision)",
+    "json_schema": "does not support a json_schema response format",
+    "streaming": "does not stream",
+    "image_urls": "takes images as bytes only, and the request holds an https image URL (aipipe never fetches URLs)",
+}
+
+
+def capability_reason(model: str, lacking: str) -> str:
+    """The reason of a capability skip, naming the capability: ``"gpt-3.5-turbo does not take images (vision)"``."""
+    return f"{model} {_LACK_TEXT.get(lacking, f'lacks {lacking}')}"

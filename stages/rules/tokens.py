@@ -66,7 +66,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from schemas.request import Message
+import msgspec
+
+from schemas.request import AIRequest, Message
 
 #: The encoding counts use (OpenAI's current one, https://github.com/openai/tiktoken).
 COUNT_ENCODING = "o200k_base"
@@ -106,8 +108,7 @@ def count_messages_tokens(messages: Iterable[Message | Mapping[str, Any]]) -> in
     total = 0
     count = 0
     for message in messages:
-        content = message.content if isinstance(message, Message) else message.get("content")
-        total += count_tokens(_content_text(content)) + MESSAGE_OVERHEAD_TOKENS
+        total += count_tokens(_message_text(message)) + MESSAGE_OVERHEAD_TOKENS + _image_tokens(message)
         count += 1
     return total + REPLY_PRIMING_TOKENS if count else 0
 
@@ -146,8 +147,7 @@ def messages_bytes_bound(messages: Iterable[Message | Mapping[str, Any]]) -> int
     total = 0
     count = 0
     for message in messages:
-        content = message.content if isinstance(message, Message) else message.get("content")
-        total += len(_content_text(content).encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS
+        total += len(_message_text(message).encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS + _image_tokens(message)
         count += 1
     return total + REPLY_PRIMING_TOKENS if count else 0
 
@@ -213,12 +213,53 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(estimate))
 
 
+#: Tokens one image is counted as (tokens): an upper bound of what the providers document. Anthropic:
+#: about width x height / 750, at most about 1,600 for an image within its 1.15-megapixel limit
+#: (https://docs.anthropic.com/en/docs/build-with-claude/vision#calculate-image-costs); OpenAI
+#: ``detail: high``: 85 + 170 per 512-px tile, 1,105 for its largest scaled image
+#: (https://platform.openai.com/docs/guides/images-vision#calculating-costs), read 2026-12-06.
+IMAGE_TOKENS = 1_600
+_TOOLS_ENCODER = msgspec.json.Encoder()
+
+
+def _message_text(message: Message | Mapping[str, Any]) -> str:
+    """The text a message spends prompt tokens on: its content's text, and its tool calls' names and arguments."""
+    if not isinstance(message, Message):
+        return _content_text(message.get("content"))
+    if message.tool_calls is None:
+        return message.text()
+    calls = "".join(f"{c.function.name}({c.function.arguments})" for c in message.tool_calls)
+    return message.text() + calls
+
+
+def _image_tokens(message: Message | Mapping[str, Any]) -> int:
+    return IMAGE_TOKENS * len(message.images()) if isinstance(message, Message) else 0
+
+
+def prompt_messages(request: AIRequest) -> list[Message]:
+    """The turns a request's prompt tokens are counted or estimated from (DESIGN A4, A8).
+
+    The request's chat turns, plus, when it offers ``tools`` or asks for a
+    ``response_format`` schema, one ``system`` turn holding their JSON (the
+    providers count tool definitions and schemas as prompt tokens).
+    """
+    messages = request.chat_messages()
+    extra: list[Any] = []
+    if request.tools:
+        extra.append(request.tools)
+    if request.response_format is not None:
+        extra.append(request.response_format)
+    if extra:
+        messages.append(Message(role="system", content=_TOOLS_ENCODER.encode(extra).decode()))
+    return messages
+
+
 def _content_text(content: Any) -> str:
     """Text of a message ``content``: a string, or the ``text`` parts of a list of parts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, Mapping)]
+        parts = [p.get("text", "") if isinstance(p, Mapping) else getattr(p, "text", "") for p in content]
         return "".join(p for p in parts if isinstance(p, str))
     return "" if content is None else str(content)
 
@@ -239,7 +280,6 @@ def estimate_messages_tokens(messages: Iterable[Message | Mapping[str, Any]]) ->
     total = 0
     count = 0
     for message in messages:
-        content = message.content if isinstance(message, Message) else message.get("content")
-        total += estimate_tokens(_content_text(content)) + MESSAGE_OVERHEAD_TOKENS
+        total += estimate_tokens(_message_text(message)) + MESSAGE_OVERHEAD_TOKENS + _image_tokens(message)
         count += 1
     return total + REPLY_PRIMING_TOKENS if count else 0

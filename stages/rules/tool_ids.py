@@ -23,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import re
 
+from schemas.request import ToolCall
+from schemas.stream import FunctionDelta, ToolCallDelta
+
 #: Longest id produced (characters); see the module docstring for why 40.
 MAX_TOOL_CALL_ID_CHARS = 40
 TOOL_CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -57,3 +60,16 @@ def synthesized_tool_call_id(name: str, arguments: str, index: int) -> str:
     """
     digest = hashlib.sha256(f"{index}\x00{name}\x00{arguments}".encode()).hexdigest()[:24]
     return f"call_{digest}"
+
+
+def whole_call_deltas(tool_calls: list[ToolCall] | None) -> list[ToolCallDelta]:
+    """Complete tool calls as one delta each (a cache hit replayed as one chunk): ``[]`` for ``None``."""
+    return [
+        ToolCallDelta(
+            index=i,
+            id=call.id,
+            type="function",
+            function=FunctionDelta(name=call.function.name, arguments=call.function.arguments),
+        )
+        for i, call in enumerate(tool_calls or ())
+    ]

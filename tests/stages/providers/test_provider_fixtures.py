@@ -73,7 +73,7 @@ def test_anthropic_message_fixture() -> None:
     result = anthropic_mod.parse_response(fixture("anthropic_message.json"), make_call("claude-sonnet-4-20250514"))
     assert result.content == "A consumer group shares the partitions of a topic."
     assert result.model == "claude-sonnet-4-20250514"
-    assert result.finish_reason == "end_turn"
+    assert result.finish_reason == "stop"  # end_turn in OpenAI's words
     # prompt_tokens = input + cache reads + cache writes
     assert result.usage.prompt_tokens == 21 + 1800 + 188
     assert result.usage.cached_prompt_tokens == 1800
