@@ -28,8 +28,10 @@ hold gate if a hold is active; check credentials (any non-empty key; missing
 cheap (OpenAI: ``model``, non-empty ``messages``, token and temperature ranges;
 Anthropic: ``anthropic-version`` header, ``max_tokens`` required, first
 message ``user``, non-empty text, temperature 0..1; Workers AI: ``messages`` or
-``prompt``); unknown model -> the provider's not-found answer (404; Workers AI
-400 code 5007); ``max_tokens`` above the model's output limit -> 400; prompt
+``prompt``), then tools, tool choice, response format, images and the order
+of tool turns (``pipeline.emulator.tools``); unknown model -> the provider's
+not-found answer (404; Workers AI 400 code 5007); images for a model the
+catalog marks without vision -> 400; ``max_tokens`` above the model's output limit -> 400; prompt
 (and ``max_tokens``, except at Anthropic where only the prompt counts) above
 the context window -> the provider's context-length error; then the fault rule
 picks the response (``pipeline.emulator.spec``), after the configured latency.
@@ -38,7 +40,9 @@ Fault actions: ``hang`` waits ``hang_s`` (or until the client leaves or the
 server stops; if the client is still there after ``hang_s`` it gets the normal
 answer); ``reset`` aborts the TCP connection with ``SO_LINGER`` 0 (an RST, no
 HTTP answer); ``malformed_json`` sends half of a valid body with status 200;
-``empty_content`` a valid 200 body whose text is empty.
+``empty_content`` a valid 200 body whose text is empty; ``invalid_json_schema``
+a valid 200 body whose JSON answer (or tool call arguments) violates the
+request's schema.
 
 Admin endpoints (JSON):
 
@@ -63,7 +67,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 from msgspec import Meta, Struct
@@ -73,10 +77,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipeline.emulator import wire
+from pipeline.emulator import tools, wire
 from pipeline.emulator.spec import ErrorKind, FaultStep, Provider, Wire, decode_profile_json
 from pipeline.emulator.state import TARGET_NAME, CallRecord, EmulatorState, summarize, wait_first
-from pipeline.emulator.streams import StreamCut, StreamPlan, stream_body
+from pipeline.emulator.streams import StreamCut, StreamPlan, StreamToolCall, split_pieces, stream_body
 from stages.rules.catalog import known_models, model_info
 from stages.rules.continuation import CONTINUE_INSTRUCTION
 
@@ -91,14 +95,8 @@ CLOUDFLARE_DEFAULT_MAX_TOKENS = 256
 _ENCODER = msgspec.json.Encoder()
 
 
-class _Problem(Exception):
-    """A request the emulator answers with an error (validation, auth, unknown model ...)."""
-
-    def __init__(self, kind: ErrorKind, status: int, message: str | None = None) -> None:
-        super().__init__(message or kind)
-        self.kind = kind
-        self.status = status
-        self.message = message
+#: A request the emulator answers with an error (validation, auth, unknown model ...).
+_Problem = wire.Problem
 
 
 class _RawSendCapture:
@@ -295,9 +293,11 @@ def _validate_anthropic(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("user", "assistant"):
             raise _Problem("invalid_request", 400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
-        text = _text_of(m.get("content"))
-        if text is None or not text:
+        content = m.get("content")
+        if content is None or content == "":
             raise _Problem("invalid_request", 400, "messages: text content blocks must be non-empty")
+        if not isinstance(content, str | list):
+            raise _Problem("invalid_request", 400, f"messages.{i}.content: Input should be a valid list")
     if messages[0].get("role") != "user":
         raise _Problem("invalid_request", 400, 'messages: first message must use the "user" role')
     last_text = _text_of(messages[-1].get("content")) or ""
@@ -446,6 +446,15 @@ class _CallsBody(Struct):
     calls: list[CallRecord]
 
 
+class _Streamed(NamedTuple):
+    """What a streamed answer sends: text (or JSON text) and its cut, or tool calls."""
+
+    text: str
+    truncated: bool
+    calls: list[tools.ToolCall]
+    is_json: bool
+
+
 class _Handlers:
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
@@ -473,6 +482,8 @@ class _Handlers:
         step: FaultStep | None = None,
         target: str | None = None,
         azure: bool = False,
+        param: str | None = None,
+        code: str | None = None,
     ) -> Response:
         headers = {wire.request_id_header(provider): request_id}
         if step is not None:
@@ -483,7 +494,9 @@ class _Handlers:
                     headers["retry-after"] = f"{step.retry_after_s:g}"
             if step.retry_after_ms is not None:
                 headers["retry-after-ms"] = str(step.retry_after_ms)
-        body: dict[str, Any] | str = wire.error_body(provider, kind, ctx, request_id=request_id, message=message)
+        body: dict[str, Any] | str = wire.error_body(
+            provider, kind, ctx, request_id=request_id, message=message, param=param, code=code
+        )
         if azure and kind == "content_filter":
             body = _azure_filter_body()
         elif azure and kind == "authentication":
@@ -493,17 +506,42 @@ class _Handlers:
         return _json(body, status, headers)
 
     @staticmethod
-    def _ok_body(provider: Wire, model: str, text: str, *, prompt: int, cached: int, truncated: bool) -> dict[str, Any]:
-        completion = wire.text_tokens(text)
+    def _ok_body(
+        provider: Wire,
+        model: str,
+        text: str,
+        *,
+        prompt: int,
+        cached: int,
+        truncated: bool,
+        calls: list[tools.ToolCall] | None = None,
+        json_value: Any = None,
+    ) -> dict[str, Any]:
+        completion = sum(c.tokens() for c in calls) if calls else wire.text_tokens(text)
+        described = [{"id": c.id, "name": c.name, "arguments": c.arguments, "input": c.input} for c in calls or ()]
         if provider == "openai":
             return wire.openai_completion(
-                model, text, prompt=prompt, completion=completion, cached=cached, truncated=truncated
+                model,
+                text,
+                prompt=prompt,
+                completion=completion,
+                cached=cached,
+                truncated=truncated,
+                tool_calls=described,
             )
         if provider == "anthropic":
             return wire.anthropic_message(
-                model, text, prompt=prompt, completion=completion, cached=cached, truncated=truncated
+                model,
+                text,
+                prompt=prompt,
+                completion=completion,
+                cached=cached,
+                truncated=truncated,
+                tool_calls=described,
             )
-        return wire.cloudflare_result(text, prompt=prompt, completion=completion)
+        return wire.cloudflare_result(
+            text, prompt=prompt, completion=completion, tool_calls=described, json_value=json_value
+        )
 
     async def _finish(self, record: CallRecord, outcome: Any, status: int | None, kind: str | None = None) -> None:
         record.finish(outcome, status, kind)
@@ -543,10 +581,12 @@ class _Handlers:
                 "model": model,
                 "path": request.url.path,
                 **summarize(turns),
+                **tools.request_features(provider, data),
                 "max_tokens": _int_field(data.get("max_tokens", data.get("max_completion_tokens"))),
                 "temperature": _number(data.get("temperature")),
             }
         )
+        conv = tools.Conversation()
         key = _azure_key(request.headers) if azure else _api_key(provider, request.headers)
         ctx = wire.ErrorContext(model=model, api_key=key)
         fail_target = name if deployment else None
@@ -564,11 +604,17 @@ class _Handlers:
                 max_tokens = _validate_anthropic(data, request.headers)
             else:
                 max_tokens = _validate_cloudflare(data)
+            conv = tools.parse(provider, data)
+            record.tool_results = len(conv.tool_results)
+            record.images = len(conv.images)
+            if conv.prompt_text or conv.tool_results:
+                record.last_user_text = conv.prompt_text[:200]
             if not deployment and model not in self._models(name):
                 raise _Problem("not_found", wire.default_status(provider, "not_found"))
+            tools.check_model(provider, model, conv, model_info(provider, model))
             window, max_out = self._limits(provider, model)
             max_tokens = max_out if max_tokens is None else max_tokens
-            prompt = wire.prompt_tokens([text for _, text in turns])
+            prompt = wire.prompt_tokens([text for _, text in turns]) + conv.extra_tokens
             ctx = wire.ErrorContext(
                 model=model,
                 prompt_tokens=prompt,
@@ -589,6 +635,8 @@ class _Handlers:
                 message=problem.message,
                 target=fail_target,
                 azure=azure,
+                param=problem.param,
+                code=problem.code,
             )
 
         step = self.state.faults.next_step(name, model)
@@ -627,28 +675,57 @@ class _Handlers:
 
         words = self.state.faults.reply_words() or wire.DEFAULT_REPLY_WORDS
         last_user = next((text for role, text in reversed(turns) if role == "user"), "")
-        text, truncated = wire.reply_text(provider, model, last_user, max_tokens, words=words)
-        partial = _continued_partial(provider, turns)
-        if partial is not None:
-            rest = wire.continuation_of(provider, model, partial[1], partial[0], words=words)
-            if rest is not None:
-                record.continuation = True
-                text, truncated = wire.cut_to_tokens(rest, max_tokens)
+        if conv.tool_results and provider == "anthropic":
+            last_user = conv.prompt_text  # the last user turn holds tool results, not the question
+        answer = tools.plan_answer(provider, conv, words=words, invalid=action == "invalid_json_schema")
+        calls: list[tools.ToolCall] = []
+        json_value: Any = None
         if action == "empty_content":
             text, truncated = "", False
+        elif answer.tool_calls:
+            text, truncated, calls = "", False, answer.tool_calls
+        elif answer.is_json:
+            full = tools.compact_json(answer.json_value)
+            text, truncated = wire.cut_to_tokens(full, max_tokens)
+            partial = _continued_partial(provider, turns)
+            if partial is not None and full.startswith(partial[0]) and len(full) > len(partial[0]):
+                record.continuation = True
+                text, truncated = wire.cut_to_tokens(full[len(partial[0]) :], max_tokens)
+            json_value = None if truncated or record.continuation else answer.json_value
+        else:
+            prefix = answer.prefix
+            text, truncated = wire.reply_text(provider, model, last_user, max_tokens, words=words, prefix=prefix)
+            partial = _continued_partial(provider, turns)
+            if partial is not None:
+                rest = wire.continuation_of(provider, model, partial[1], partial[0], words=words, prefix=prefix)
+                if rest is not None:
+                    record.continuation = True
+                    text, truncated = wire.cut_to_tokens(rest, max_tokens)
+        record.tool_call = bool(calls)
+        record.tool_names = [c.name for c in calls]
         cached = min(step.cached_tokens, prompt)
-        body = self._ok_body(provider, model, text, prompt=prompt, cached=cached, truncated=truncated)
+        body = self._ok_body(
+            provider,
+            model,
+            text,
+            prompt=prompt,
+            cached=cached,
+            truncated=truncated,
+            calls=calls,
+            json_value=json_value,
+        )
         if deployment and self.state.faults.dialect(name).omit_usage:
             body.pop("usage", None)
         headers = wire.success_headers(
             provider, request_id, calls_so_far=self.state.counts().get(name, 0), tokens=prompt + max_tokens
         )
         if data.get("stream") is True:
-            return self._stream(provider, record, data, model, text, prompt, cached, truncated, step, headers, target)
+            streamed = _Streamed(text, truncated, calls, json_value is not None or answer.is_json)
+            return self._stream(provider, record, data, model, streamed, prompt, cached, step, headers, target)
         encoded = _ENCODER.encode(body)
         if action == "malformed_json":
             encoded = encoded[: max(1, len(encoded) // 2)]
-        outcome = action if action in ("malformed_json", "empty_content") else "ok"
+        outcome = action if action in ("malformed_json", "empty_content", "invalid_json_schema") else "ok"
         await self._finish(record, outcome, 200)
         return Response(encoded, status_code=200, headers=headers, media_type="application/json")
 
@@ -658,10 +735,9 @@ class _Handlers:
         record: CallRecord,
         data: Mapping[str, Any],
         model: str,
-        text: str,
+        answer: _Streamed,
         prompt: int,
         cached: int,
-        truncated: bool,
         step: FaultStep,
         headers: dict[str, str],
         target: str | None,
@@ -669,22 +745,27 @@ class _Handlers:
         """The answer as server-sent events in ``provider``'s format (``pipeline.emulator.streams``)."""
         options = data.get("stream_options")
         record.stream = True
+        calls = [StreamToolCall(id=c.id, name=c.name, arguments=c.arguments, input=c.input) for c in answer.calls]
         plan = StreamPlan(
             wire=provider,
             model=model,
-            text=text,
+            text=answer.text,
             prompt_tokens=prompt,
-            completion_tokens=wire.text_tokens(text),
+            completion_tokens=sum(c.tokens() for c in answer.calls) if calls else wire.text_tokens(answer.text),
             cached_tokens=cached,
-            truncated=truncated,
+            truncated=answer.truncated,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             omit_usage=target is not None and self.state.faults.dialect(target).omit_usage,
             step=step,
+            tool_calls=calls,
+            pieces=split_pieces(answer.text) if answer.is_json else None,
         )
         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
         headers["cache-control"] = "no-cache"
 
         async def finish(outcome: str) -> None:
+            if outcome == "ok" and step.action == "invalid_json_schema":
+                outcome = "invalid_json_schema"
             await self._finish(record, outcome, 200)
 
         return _StreamResponse(plan, headers, record, finish)

@@ -71,9 +71,21 @@ Provider = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 #: no answer for ``hang_s`` (past any client timeout); ``reset`` the TCP
 #: connection is reset with no HTTP answer; ``malformed_json`` 200 with a
 #: truncated JSON body; ``empty_content`` 200 with a well-formed body whose
-#: text is empty.
-Action = Literal["ok", "error", "hang", "reset", "malformed_json", "empty_content"]
-ACTIONS: tuple[str, ...] = ("ok", "error", "hang", "reset", "malformed_json", "empty_content")
+#: text is empty; ``invalid_json_schema`` 200 with a well-formed answer whose
+#: JSON does not validate: a structured-output answer (``response_format``
+#: ``json_schema``) violating its schema (``json_object``: a text that is no
+#: JSON), or tool call arguments violating the tool's schema (where some
+#: object can; a plain text answer is unchanged).
+Action = Literal["ok", "error", "hang", "reset", "malformed_json", "empty_content", "invalid_json_schema"]
+ACTIONS: tuple[str, ...] = (
+    "ok",
+    "error",
+    "hang",
+    "reset",
+    "malformed_json",
+    "empty_content",
+    "invalid_json_schema",
+)
 
 #: Error bodies the emulator can send, each shaped like the provider's own.
 ErrorKind = Literal[
@@ -186,8 +198,8 @@ class FaultRule(Struct, kw_only=True, forbid_unknown_fields=True):
     """Faults for one provider or one model: a schedule, probabilities, latency, a default.
 
     ``probabilities`` maps a status code (``"429"``) or an action name
-    (``"hang"``, ``"reset"``, ``"malformed_json"``, ``"empty_content"``) to its
-    chance per call (0..1, summing to <= 1).
+    (``"hang"``, ``"reset"``, ``"malformed_json"``, ``"empty_content"``,
+    ``"invalid_json_schema"``) to its chance per call (0..1, summing to <= 1).
     """
 
     schedule: list[FaultStep] = []
@@ -208,7 +220,7 @@ class FaultRule(Struct, kw_only=True, forbid_unknown_fields=True):
                 continue
             raise ValueError(
                 f"probability key {key!r} is neither a status code "
-                "nor one of hang, reset, malformed_json, empty_content"
+                "nor one of hang, reset, malformed_json, empty_content, invalid_json_schema"
             )
         if sum(self.probabilities.values()) > 1.0 + 1e-9:
             raise ValueError(f"probabilities sum to {sum(self.probabilities.values()):.3f} > 1")

@@ -38,6 +38,7 @@ Outcome = Literal[
     "reset",
     "malformed_json",
     "empty_content",
+    "invalid_json_schema",
     "stream_cut",
     "stream_stall",
     "stream_malformed",
@@ -56,6 +57,13 @@ class CallRecord(Struct, kw_only=True):
     200 characters of the last user message. For a streamed call: ``stream``,
     ``continuation`` (it continued an earlier partial answer) and
     ``chunks_sent`` (content deltas sent).
+
+    Tools, images and structured output (DESIGN A4): ``tools_offered`` (the
+    request offered tools; ``tool_count`` of them), ``tool_call`` (the answer
+    was a tool call; ``tool_names`` the tools it called), ``tool_results``
+    (tool results the request ended with), ``images`` (images in the
+    request) and ``response_format`` (``json_object``, ``json_schema`` or
+    ``None``; the answer was JSON unless it was a tool call).
     """
 
     seq: int
@@ -76,6 +84,13 @@ class CallRecord(Struct, kw_only=True):
     stream: bool = False
     continuation: bool = False
     chunks_sent: int = 0
+    tools_offered: bool = False
+    tool_count: int = 0
+    tool_call: bool = False
+    tool_names: list[str] = []
+    tool_results: int = 0
+    images: int = 0
+    response_format: str | None = None
 
     def finish(self, outcome: Outcome, status: int | None, error_kind: str | None = None) -> None:
         """Mark the call answered (or abandoned) now."""

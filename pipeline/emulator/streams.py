@@ -17,6 +17,18 @@ Formats, as documented by each provider (read 2026-12):
   (https://developers.cloudflare.com/workers-ai/features/streaming/): ``data:``
   lines of ``{"response": "..."}``, a last event with ``usage``, then
   ``data: [DONE]``.
+
+A tool call answer (DESIGN A4) streams its arguments JSON in pieces of
+``TOOL_ARGUMENT_PIECE`` characters, each piece a content delta (counted by the
+stream faults): OpenAI opens with a delta carrying the role and
+``tool_calls: [{index, id, type: "function", function: {name, arguments: ""}}]``,
+then deltas ``tool_calls: [{index, function: {arguments: "<piece>"}}]``, and
+ends with ``finish_reason: "tool_calls"``; Anthropic sends
+``content_block_start`` with ``{type: "tool_use", id, name, input: {}}``,
+``content_block_delta`` events with ``{type: "input_json_delta",
+partial_json}``, ``content_block_stop`` and ``stop_reason: "tool_use"``;
+Workers AI (no documented stream shape; the emulator's own) sends one event
+``{"response": "", "tool_calls": [{name, arguments}]}``.
 """
 
 from __future__ import annotations
@@ -41,9 +53,18 @@ class StreamCut(Exception):
     """Raised inside a stream body to cut the connection without ending the HTTP message."""
 
 
+#: Characters of tool call arguments (or of a JSON answer) per streamed delta.
+TOOL_ARGUMENT_PIECE = 8
+
+
 def split_deltas(text: str) -> list[str]:
     """``text`` as the content deltas the emulator sends: one word with its following spaces each."""
     return re.findall(r"\S+\s*|\s+", text)
+
+
+def split_pieces(text: str, size: int = TOOL_ARGUMENT_PIECE) -> list[str]:
+    """``text`` in pieces of ``size`` characters (JSON text has no spaces to split at)."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _sse(data: Any, event: str | None = None) -> bytes:
@@ -51,8 +72,21 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     return head + b"data: " + _ENCODER.encode(data) + b"\n\n"
 
 
+class StreamToolCall(msgspec.Struct, kw_only=True, frozen=True):
+    """One tool call of a streamed answer: ``id`` (empty at Workers AI), ``name``, ``arguments`` (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+    input: dict[str, Any]
+
+
 class StreamPlan(msgspec.Struct, kw_only=True):
-    """One streamed answer: the text, its usage (tokens) and the fault step that shapes it."""
+    """One streamed answer: the text or tool calls, usage (tokens) and the fault step that shapes it.
+
+    ``pieces`` replaces the word split of ``text`` (a JSON answer is sent in
+    fixed-size pieces).
+    """
 
     wire: Wire
     model: str
@@ -64,9 +98,26 @@ class StreamPlan(msgspec.Struct, kw_only=True):
     include_usage: bool
     omit_usage: bool
     step: FaultStep
+    tool_calls: list[StreamToolCall] = []
+    pieces: list[str] | None = None
+
+    def text_pieces(self) -> list[str]:
+        """The content deltas of a text answer."""
+        return self.pieces if self.pieces is not None else split_deltas(self.text)
+
+    def call_pieces(self) -> list[tuple[int, str, bool, bool]]:
+        """``(call index, argument piece, first of its call, last of its call)`` of a tool call answer."""
+        out: list[tuple[int, str, bool, bool]] = []
+        for index, call in enumerate(self.tool_calls):
+            pieces = split_pieces(call.arguments) or [""]
+            out.extend((index, p, k == 0, k == len(pieces) - 1) for k, p in enumerate(pieces))
+        return out
 
 
-def _openai_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], bytes], list[bytes]]:
+_Events = tuple[list[bytes], list[bytes], list[bytes]]
+
+
+def _openai_events(plan: StreamPlan) -> _Events:
     cid = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
 
@@ -84,8 +135,23 @@ def _openai_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], bytes
             body["usage"] = None
         return body
 
-    opening = [_sse(chunk({"role": "assistant", "content": "", "refusal": None}))]
-    closing = [_sse(chunk({}, "length" if plan.truncated else "stop"))]
+    def header(index: int, call: StreamToolCall) -> dict[str, Any]:
+        function = {"name": call.name, "arguments": ""}
+        return {"index": index, "id": call.id, "type": "function", "function": function}
+
+    if plan.tool_calls:
+        first = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [header(0, plan.tool_calls[0])]}
+        opening = [_sse(chunk(first))]
+        content = []
+        for index, piece, starts, _ in plan.call_pieces():
+            head = _sse(chunk({"tool_calls": [header(index, plan.tool_calls[index])]})) if starts and index else b""
+            content.append(head + _sse(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})))
+        finish = "tool_calls"
+    else:
+        opening = [_sse(chunk({"role": "assistant", "content": "", "refusal": None}))]
+        content = [_sse(chunk({"content": d})) for d in plan.text_pieces()]
+        finish = "length" if plan.truncated else "stop"
+    closing = [_sse(chunk({}, finish))]
     if plan.include_usage and not plan.omit_usage:
         usage = {
             "prompt_tokens": plan.prompt_tokens,
@@ -99,10 +165,10 @@ def _openai_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], bytes
         last["usage"] = usage
         closing.append(_sse(last))
     closing.append(b"data: [DONE]\n\n")
-    return opening, lambda d: _sse(chunk({"content": d})), closing
+    return opening, content, closing
 
 
-def _anthropic_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], bytes], list[bytes]]:
+def _anthropic_events(plan: StreamPlan) -> _Events:
     start = {
         "type": "message_start",
         "message": {
@@ -122,37 +188,52 @@ def _anthropic_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], by
             },
         },
     }
-    opening = [
-        _sse(start, "message_start"),
-        _sse(
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-            "content_block_start",
-        ),
-        _sse({"type": "ping"}, "ping"),
-    ]
 
-    def delta(d: str) -> bytes:
-        return _sse(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}},
-            "content_block_delta",
-        )
+    def block_start(index: int, block: dict[str, Any]) -> bytes:
+        return _sse({"type": "content_block_start", "index": index, "content_block": block}, "content_block_start")
 
-    closing = [
-        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+    def block_stop(index: int) -> bytes:
+        return _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+
+    def block_delta(index: int, delta: dict[str, Any]) -> bytes:
+        return _sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
+
+    opening = [_sse(start, "message_start")]
+    content: list[bytes] = []
+    closing: list[bytes] = []
+    if plan.tool_calls:
+
+        def tool_block(index: int) -> dict[str, Any]:
+            call = plan.tool_calls[index]
+            return {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+
+        opening += [block_start(0, tool_block(0)), _sse({"type": "ping"}, "ping")]
+        for index, piece, starts, ends in plan.call_pieces():
+            head = block_start(index, tool_block(index)) if starts and index else b""
+            tail = block_stop(index) if ends and index < len(plan.tool_calls) - 1 else b""
+            content.append(head + block_delta(index, {"type": "input_json_delta", "partial_json": piece}) + tail)
+        closing.append(block_stop(len(plan.tool_calls) - 1))
+        stop = "tool_use"
+    else:
+        opening += [block_start(0, {"type": "text", "text": ""}), _sse({"type": "ping"}, "ping")]
+        content = [block_delta(0, {"type": "text_delta", "text": d}) for d in plan.text_pieces()]
+        closing.append(block_stop(0))
+        stop = "max_tokens" if plan.truncated else "end_turn"
+    closing += [
         _sse(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "max_tokens" if plan.truncated else "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop, "stop_sequence": None},
                 "usage": {"output_tokens": plan.completion_tokens},
             },
             "message_delta",
         ),
         _sse({"type": "message_stop"}, "message_stop"),
     ]
-    return opening, delta, closing
+    return opening, content, closing
 
 
-def _cloudflare_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], bytes], list[bytes]]:
+def _cloudflare_events(plan: StreamPlan) -> _Events:
     closing = []
     last: dict[str, Any] = {"response": "", "p": "abcdef"}
     if not plan.omit_usage:
@@ -163,7 +244,10 @@ def _cloudflare_events(plan: StreamPlan) -> tuple[list[bytes], Callable[[str], b
         }
     closing.append(_sse(last))
     closing.append(b"data: [DONE]\n\n")
-    return [], lambda d: _sse({"response": d, "p": "abcdef"}), closing
+    if plan.tool_calls:
+        calls = [{"name": c.name, "arguments": c.input} for c in plan.tool_calls]
+        return [], [_sse({"response": "", "tool_calls": calls, "p": "abcdef"})], closing
+    return [], [_sse({"response": d, "p": "abcdef"}) for d in plan.text_pieces()], closing
 
 
 def stream_body(
@@ -182,13 +266,13 @@ def stream_body(
             server ends the connection without finishing the HTTP message.
     """
     builders = {"openai": _openai_events, "anthropic": _anthropic_events, "cloudflare": _cloudflare_events}
-    opening, delta, closing = builders[plan.wire](plan)
+    opening, content, closing = builders[plan.wire](plan)
     step = plan.step
 
     async def body() -> AsyncIterator[bytes]:
         for event in opening:
             yield event
-        for i, piece in enumerate(split_deltas(plan.text)):
+        for i, event in enumerate(content):
             if step.stream_cut_after is not None and i >= step.stream_cut_after:
                 raise StreamCut(f"cut after {i} chunks")
             if step.stream_stall_after is not None and i >= step.stream_stall_after:
@@ -200,7 +284,7 @@ def stream_body(
             wait_ms = step.first_chunk_delay_ms if i == 0 else step.chunk_interval_ms
             if wait_ms > 0:
                 await asyncio.sleep(wait_ms / 1000)
-            yield delta(piece)
+            yield event
             on_chunk()
         for event in closing:
             yield event

@@ -25,10 +25,20 @@ are ``sum(text_tokens(content) + 4 for each message) + 3``, counting the
 Anthropic ``system`` prompt (or a Workers AI ``prompt``) as one more message;
 the answer's completion tokens are ``text_tokens(answer)``.
 
+Tools, images and structured output (``pipeline.emulator.tools``) add to the
+prompt: each offered tool ``text_tokens(name) + text_tokens(description) +
+text_tokens(canonical JSON of its schema)`` (the same under every wire
+format), each image ``IMAGE_TOKENS`` (85, OpenAI's price of a low-detail
+image), and the text of earlier tool calls and tool results. A tool call
+answer's completion tokens are ``text_tokens(name) + text_tokens(arguments
+JSON)`` per call.
+
 Answer text: ``"<Provider> emulator reply from <model>: "`` followed by eight
 words chosen by the SHA-256 of the last user message, ended with ``.``; it is
 cut to ``4 * max_tokens`` characters (so ``completion_tokens <= max_tokens``),
-in which case the finish reason says the length limit was hit.
+in which case the finish reason says the length limit was hit. A request with
+images or ending with tool results puts a deterministic prefix before the
+words (``"I see 2 image(s). "``, ``"Based on the tool result: <content>. "``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,31 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.emulator.spec import ErrorKind, Wire
+
+
+class Problem(Exception):
+    """A request the emulator answers with an error body of ``kind`` and HTTP ``status``.
+
+    ``message`` replaces the provider's default text; ``param`` and ``code``
+    fill the OpenAI error's fields of those names (other providers have none).
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        status: int,
+        message: str | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message or kind)
+        self.kind = kind
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
 
 #: Characters per token of the emulator's token rule.
 CHARS_PER_TOKEN = 4
@@ -82,6 +117,11 @@ def prompt_tokens(texts: list[str]) -> int:
 DEFAULT_REPLY_WORDS = 8
 
 
+def words(text: str, count: int) -> str:
+    """``count`` words drawn deterministically from ``text`` (the words of every answer's body)."""
+    return _body_words(text, count)
+
+
 def _body_words(last_user_text: str, count: int) -> str:
     """``count`` words drawn deterministically from the prompt (SHA-256 chained over the text)."""
     words: list[str] = []
@@ -92,17 +132,26 @@ def _body_words(last_user_text: str, count: int) -> str:
     return " ".join(words[:count])
 
 
-def full_reply(provider: Wire, model: str, last_user_text: str, *, words: int = DEFAULT_REPLY_WORDS) -> str:
+def full_reply(
+    provider: Wire, model: str, last_user_text: str, *, words: int = DEFAULT_REPLY_WORDS, prefix: str = ""
+) -> str:
     """The whole deterministic answer to a prompt, before any ``max_tokens`` cut.
 
-    ``"<Provider> emulator reply from <model>: <words>."``: the body depends on
-    the prompt only, so a continuation on another provider can finish it.
+    ``"<Provider> emulator reply from <model>: <prefix><words>."``: the body
+    depends on the request only (prompt, images, tool results), so a
+    continuation on another provider can finish it.
     """
-    return f"{_TITLES[provider]} emulator reply from {model}: {_body_words(last_user_text, words)}."
+    return f"{_TITLES[provider]} emulator reply from {model}: {prefix}{_body_words(last_user_text, words)}."
 
 
 def continuation_of(
-    provider: Wire, model: str, last_user_text: str, partial: str, *, words: int = DEFAULT_REPLY_WORDS
+    provider: Wire,
+    model: str,
+    last_user_text: str,
+    partial: str,
+    *,
+    words: int = DEFAULT_REPLY_WORDS,
+    prefix: str = "",
 ) -> str | None:
     """The rest of the answer that ``partial`` began, or ``None`` when ``partial`` began no answer to this prompt.
 
@@ -112,9 +161,9 @@ def continuation_of(
     """
     head, sep, _ = partial.partition(": ")
     full = (
-        f"{head}: {_body_words(last_user_text, words)}."
+        f"{head}: {prefix}{_body_words(last_user_text, words)}."
         if sep
-        else full_reply(provider, model, last_user_text, words=words)
+        else full_reply(provider, model, last_user_text, words=words, prefix=prefix)
     )
     return full[len(partial) :] if full.startswith(partial) and len(full) > len(partial) else None
 
@@ -126,14 +175,20 @@ def cut_to_tokens(text: str, max_tokens: int) -> tuple[str, bool]:
 
 
 def reply_text(
-    provider: Wire, model: str, last_user_text: str, max_tokens: int, *, words: int = DEFAULT_REPLY_WORDS
+    provider: Wire,
+    model: str,
+    last_user_text: str,
+    max_tokens: int,
+    *,
+    words: int = DEFAULT_REPLY_WORDS,
+    prefix: str = "",
 ) -> tuple[str, bool]:
     """The deterministic answer for a request, cut to ``max_tokens`` (tokens).
 
     Returns:
         ``(text, truncated)``; ``text`` is never empty for ``max_tokens >= 1``.
     """
-    return cut_to_tokens(full_reply(provider, model, last_user_text, words=words), max_tokens)
+    return cut_to_tokens(full_reply(provider, model, last_user_text, words=words, prefix=prefix), max_tokens)
 
 
 def new_request_id(provider: Wire) -> str:
@@ -211,21 +266,29 @@ def openai_completion(
     completion: int,
     cached: int,
     truncated: bool,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object (https://platform.openai.com/docs/api-reference/chat/object)."""
+    """A ``chat.completion`` object (https://platform.openai.com/docs/api-reference/chat/object).
+
+    With ``tool_calls`` (``[{"id", "name", "arguments": <JSON text>}]``) the
+    message has ``content: null`` and ``tool_calls``, and ``finish_reason`` is
+    ``tool_calls`` (https://platform.openai.com/docs/guides/function-calling).
+    """
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    finish = "length" if truncated else "stop"
+    if tool_calls:
+        message["content"] = None
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in tool_calls
+        ]
+        finish = "tool_calls"
     return {
         "id": "chatcmpl-" + secrets.token_hex(12),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
-                "logprobs": None,
-                "finish_reason": "length" if truncated else "stop",
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
         "usage": {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -251,19 +314,27 @@ def anthropic_message(
     completion: int,
     cached: int,
     truncated: bool,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A Messages API ``message`` object (https://docs.anthropic.com/en/api/messages).
 
     ``input_tokens`` excludes the ``cache_read_input_tokens`` (= ``cached``).
-    An empty ``text`` gives an empty ``content`` list.
+    An empty ``text`` gives an empty ``content`` list. With ``tool_calls``
+    (``[{"id", "name", "input": <object>}]``) the content is their
+    ``tool_use`` blocks and ``stop_reason`` is ``tool_use``.
     """
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    stop = "max_tokens" if truncated else "end_turn"
+    if tool_calls:
+        content = [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": c["input"]} for c in tool_calls]
+        stop = "tool_use"
     return {
         "id": "msg_01" + secrets.token_hex(11),
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": text}] if text else [],
-        "stop_reason": "max_tokens" if truncated else "end_turn",
+        "content": content,
+        "stop_reason": stop,
         "stop_sequence": None,
         "usage": {
             "input_tokens": prompt - cached,
@@ -275,12 +346,28 @@ def anthropic_message(
     }
 
 
-def cloudflare_result(text: str, *, prompt: int, completion: int) -> dict[str, Any]:
-    """A Workers AI text generation envelope with ``result.response`` and ``result.usage``."""
+def cloudflare_result(
+    text: str,
+    *,
+    prompt: int,
+    completion: int,
+    tool_calls: list[dict[str, Any]] | None = None,
+    json_value: Any = None,
+) -> dict[str, Any]:
+    """A Workers AI text generation envelope with ``result.response`` and ``result.usage``.
+
+    With ``tool_calls`` (``[{"name", "input": <object>}]``) ``result.response``
+    is ``null`` and ``result.tool_calls`` holds ``[{"name", "arguments":
+    <object>}]`` (https://developers.cloudflare.com/workers-ai/features/function-calling/traditional/);
+    with ``json_value`` (JSON Mode) ``result.response`` is that value itself
+    (https://developers.cloudflare.com/workers-ai/features/json-mode/).
+    """
+    response: Any = text if json_value is None else json_value
+    calls = [{"name": c["name"], "arguments": c["input"]} for c in tool_calls or ()]
     return {
         "result": {
-            "response": text,
-            "tool_calls": [],
+            "response": None if calls else response,
+            "tool_calls": calls,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         },
         "success": True,
@@ -461,12 +548,30 @@ def _cloudflare_error_fields(kind: ErrorKind, ctx: ErrorContext) -> tuple[int, s
 
 
 def error_body(
-    provider: Wire, kind: ErrorKind, ctx: ErrorContext, *, request_id: str, message: str | None = None
+    provider: Wire,
+    kind: ErrorKind,
+    ctx: ErrorContext,
+    *,
+    request_id: str,
+    message: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
-    """An error body shaped exactly like ``provider``'s, for ``kind``; ``message`` replaces the text."""
+    """An error body shaped exactly like ``provider``'s, for ``kind``.
+
+    ``message`` replaces the text; ``param`` and ``code`` replace the OpenAI
+    error's fields of those names (the other providers' bodies have none).
+    """
     if provider == "openai":
-        text, err_type, param, code = _openai_error_fields(kind, ctx)
-        return {"error": {"message": message or text, "type": err_type, "param": param, "code": code}}
+        text, err_type, default_param, default_code = _openai_error_fields(kind, ctx)
+        return {
+            "error": {
+                "message": message or text,
+                "type": err_type,
+                "param": param if param is not None else default_param,
+                "code": code if code is not None else default_code,
+            }
+        }
     if provider == "anthropic":
         err_type, text = _anthropic_error_fields(kind, ctx)
         return {"type": "error", "error": {"type": err_type, "message": message or text}, "request_id": request_id}

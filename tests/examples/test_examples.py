@@ -47,6 +47,7 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "health_monitoring": ("health_monitoring", ()),
     "caching": ("caching", ()),
     "deployments": ("deployments", ()),
+    "tool_loop": ("tool_loop", ()),
 }
 
 
@@ -172,3 +173,11 @@ def test_deployments(runs: dict[str, Run]) -> None:
     assert re.search(r"^openai-eu: answered by openai-eu \(gpt-4o-mini\) for \$0\.\d{8}$", out, re.M)
     assert "local-llama: answered by local-llama (llama3.1:8b) for $0.00000000" in out
     assert "local-llama: 1 request(s), $0.00000000" in out and "openai-eu: 1 request(s)" in out
+
+
+def test_tool_loop(runs: dict[str, Run]) -> None:
+    out, _ = output_of(runs, "tool_loop")
+    assert "Turn 1 answered by: openai | finish_reason: tool_calls" in out
+    assert re.search(r"^Tool call call_\w+: get_weather\(\{.*\}\) -> \{'city'", out, re.M)
+    assert "Turn 2 answered by: anthropic | finish_reason: stop" in out
+    assert re.search(r"^Answer: .*temperature", out, re.M)

@@ -313,7 +313,11 @@ def test_a_client_key_user_cannot_be_overridden_by_the_body() -> None:
         ({"stream_resume": True}, "stream_resume", "`stream_resume` needs `stream: true`"),
         ({"n": 2}, "n", "parameter 'n' is not supported"),
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "matching regex"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters", "object"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools[0].function.parameters",
+            "object",
+        ),
         ({"tool_choice": "required"}, "tool_choice", "only allowed when `tools` are given"),
         ({"response_format": {"type": "xml"}}, "response_format.type", "Invalid value 'xml'"),
         ({"foo": 1}, "foo", "Unrecognized request argument supplied: foo"),
