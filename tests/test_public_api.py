@@ -18,6 +18,7 @@ PUBLIC_NAMES = {
     "ContentFilterError",
     "ContextLengthExceededError",
     "InvalidRequestError",
+    "InvalidResponseError",
     "ModelNotFoundError",
     "ProviderServerError",
     "ProviderTimeoutError",
