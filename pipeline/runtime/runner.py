@@ -480,9 +480,9 @@ class StageRunner:
             log.info("stage %s: commit dropped (%s)", self.stage.name, exc, extra=OUTAGE)
             return
         for tp, off in offsets.items():
-            tracker = self._trackers.get(tp)
-            if tracker is not None:  # revoked during the commit (a rebalance): its new owner goes on from there
-                tracker.committed = off
+            kept = self._trackers.get(tp)
+            if kept is not None:  # revoked during the commit (a rebalance): its new owner goes on from there
+                kept.committed = off
 
     async def _process(self, record: Record, limiter: anyio.Semaphore) -> None:
         tel = telemetry.current()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +30,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from pipeline.stores.redis_client import redis_from_url
-from schemas.request import AIRequest, ImagePart, ImageURL, Message
+from schemas.request import AIRequest, ContentPart, ImagePart, ImageURL, Message
 from stages.rules.images import DEFAULT_MAX_IMAGE_BYTES, data_uri, decode_data_uri, parse_reference, reference_for
 
 #: How long (s) an image stays in Redis after it was last stored: 7 days.
@@ -143,6 +144,22 @@ def open_blob_store(redis_url: str | None, home: Path, *, prefix: str = "ai.") -
     return FileBlobStore(home / "blobs")
 
 
+async def _replace_urls(messages: list[Message], replace: Callable[[str], Awaitable[str | None]]) -> list[Message]:
+    """``messages`` with each image URL for which ``replace`` returns a new URL replaced (others kept)."""
+    out: list[Message] = []
+    for message in messages:
+        if not isinstance(message.content, list) or not message.images():
+            out.append(message)
+            continue
+        parts: list[ContentPart] = []
+        for part in message.content:
+            if isinstance(part, ImagePart) and (url := await replace(part.image_url.url)) is not None:
+                part = ImagePart(image_url=ImageURL(url=url, detail=part.image_url.detail))
+            parts.append(part)
+        out.append(msgspec.structs.replace(message, content=parts))
+    return out
+
+
 async def offload_images(
     request: AIRequest, store: BlobStore, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 ) -> AIRequest:
@@ -157,21 +174,16 @@ async def offload_images(
     messages = request.messages
     if not messages or not any(i.url.startswith("data:") for m in messages for i in m.images()):
         return request
-    out: list[Message] = []
-    for message in messages:
-        if not isinstance(message.content, list) or not message.images():
-            out.append(message)
-            continue
-        parts = []
-        for part in message.content:
-            if isinstance(part, ImagePart) and part.image_url.url.startswith("data:"):
-                media_type, raw = decode_data_uri(part.image_url.url, max_bytes=max_bytes)
-                reference = reference_for(media_type, raw)
-                await store.put(reference.rsplit(":", 1)[1], raw)
-                part = ImagePart(image_url=ImageURL(url=reference, detail=part.image_url.detail))
-            parts.append(part)
-        out.append(msgspec.structs.replace(message, content=parts))
-    return msgspec.structs.replace(request, messages=out)
+
+    async def store_one(url: str) -> str | None:
+        if not url.startswith("data:"):
+            return None
+        media_type, raw = decode_data_uri(url, max_bytes=max_bytes)
+        reference = reference_for(media_type, raw)
+        await store.put(reference.rsplit(":", 1)[1], raw)
+        return reference
+
+    return msgspec.structs.replace(request, messages=await _replace_urls(messages, store_one))
 
 
 class MissingBlobError(LookupError):
@@ -187,22 +199,18 @@ async def resolve_images(messages: list[Message], store: BlobStore | None) -> li
     """
     if not any(i.url.startswith("aipipe-blob:") for m in messages for i in m.images()):
         return messages
-    out: list[Message] = []
-    for message in messages:
-        if not isinstance(message.content, list) or not message.images():
-            out.append(message)
-            continue
-        parts = []
-        for part in message.content:
-            if isinstance(part, ImagePart) and (ref := parse_reference(part.image_url.url)) is not None:
-                media_type, digest = ref
-                raw = await store.get(digest) if store is not None else None
-                if raw is None:
-                    raise MissingBlobError(
-                        f"image {digest[:12]}... is not in the blob store (clients and executors must share "
-                        "AIPIPE_HOME on one machine, or AIPIPE_REDIS_URL)"
-                    )
-                part = ImagePart(image_url=ImageURL(url=data_uri(media_type, raw), detail=part.image_url.detail))
-            parts.append(part)
-        out.append(msgspec.structs.replace(message, content=parts))
-    return out
+
+    async def read_one(url: str) -> str | None:
+        ref = parse_reference(url)
+        if ref is None:
+            return None
+        media_type, digest = ref
+        raw = await store.get(digest) if store is not None else None
+        if raw is None:
+            raise MissingBlobError(
+                f"image {digest[:12]}... is not in the blob store (clients and executors must share "
+                "AIPIPE_HOME on one machine, or AIPIPE_REDIS_URL)"
+            )
+        return data_uri(media_type, raw)
+
+    return await _replace_urls(messages, read_one)

@@ -111,6 +111,7 @@ from stages.providers.base import (
     StreamToolDelta,
 )
 from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
+from stages.providers.openai import tool_calls_to_wire
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.images import ImageError, data_uri, decode_data_uri
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
@@ -263,14 +264,7 @@ def _message_to_wire(m: Message, provider: str) -> dict[str, Any]:
         content = ""
     wire: dict[str, Any] = {"role": m.role, "content": content}
     if m.tool_calls:
-        wire["tool_calls"] = [
-            {
-                "id": sanitize_tool_call_id(c.id),
-                "type": "function",
-                "function": {"name": c.function.name, "arguments": c.function.arguments},
-            }
-            for c in m.tool_calls
-        ]
+        wire["tool_calls"] = tool_calls_to_wire(m.tool_calls)
     if m.tool_call_id is not None:
         wire["tool_call_id"] = sanitize_tool_call_id(m.tool_call_id)
     return wire

@@ -241,17 +241,22 @@ def _message_to_wire(m: Message, provider: str) -> dict[str, Any]:
         content = parts
     wire: dict[str, Any] = {"role": m.role, "content": content}
     if m.tool_calls:
-        wire["tool_calls"] = [
-            {
-                "id": sanitize_tool_call_id(c.id),
-                "type": "function",
-                "function": {"name": c.function.name, "arguments": c.function.arguments},
-            }
-            for c in m.tool_calls
-        ]
+        wire["tool_calls"] = tool_calls_to_wire(m.tool_calls)
     if m.tool_call_id is not None:
         wire["tool_call_id"] = sanitize_tool_call_id(m.tool_call_id)
     return wire
+
+
+def tool_calls_to_wire(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """An assistant turn's tool calls in OpenAI's ``tool_calls`` shape, ids sanitised (``stages.rules.tool_ids``)."""
+    return [
+        {
+            "id": sanitize_tool_call_id(c.id),
+            "type": "function",
+            "function": {"name": c.function.name, "arguments": c.function.arguments},
+        }
+        for c in calls
+    ]
 
 
 def tools_to_wire(tools: list[Tool]) -> list[dict[str, Any]]:
