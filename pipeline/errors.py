@@ -72,6 +72,18 @@ class InvalidRequestError(AIProviderError):
     error_type = "invalid_request"
 
 
+class UntranslatableRequestError(InvalidRequestError):
+    """The request cannot be expressed in one provider's wire format (DESIGN A4).
+
+    For example tool-call ``arguments`` that are not a JSON object, which
+    Anthropic's ``tool_use.input`` must be, or an https image for an API that
+    takes image bytes only. Raised before anything is sent; the executor skips
+    that candidate (``outcome: "skipped"``, the message as ``reason``) and
+    tries the next, so the same request never succeeds or fails by routing
+    order alone.
+    """
+
+
 class AuthenticationError(AIProviderError):
     """The provider rejected the credentials (HTTP 401/403); falls back at once."""
 

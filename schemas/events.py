@@ -184,8 +184,8 @@ class CostEvent(Struct, kw_only=True):
     """What one request cost (USD, 10 decimal places), written once per id.
 
     Written for every ``status: ok`` answer and for any other outcome that
-    generated billable tokens (an interrupted or cancelled stream; ``status``
-    names the outcome). ``lines`` holds one entry per attempt that cost
+    generated billable tokens (an interrupted or cancelled stream, answers that
+    broke the response format; ``status`` names the outcome). ``lines`` holds one entry per attempt that cost
     something, so an answer begun by one provider and continued by another
     charges each its own share; ``provider`` is the one that answered last and
     ``usage``/``cost_usd`` are the totals.
@@ -209,7 +209,7 @@ class CostEvent(Struct, kw_only=True):
     usage_source: Literal["provider", "estimated"] = "provider"
     at: datetime
     lines: list[CostLine] = []
-    status: Literal["ok", "stream_interrupted", "cancelled"] = "ok"
+    status: Literal["ok", "stream_interrupted", "cancelled", "invalid_response"] = "ok"
 
 
 class DeadLetter(Struct, kw_only=True):

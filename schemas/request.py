@@ -7,6 +7,7 @@ request fails at decode time with a path in the error message
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -36,6 +37,8 @@ MAX_TOOLS = 128
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 #: Prefix of an image reference (claim check, DESIGN A4): ``aipipe-blob:<media type>;sha256:<64 hex>``.
 BLOB_URL_PREFIX = "aipipe-blob:"
+#: The whole shape of an image reference: media type and the SHA-256 (hex) of the image's bytes.
+BLOB_URL_PATTERN = re.compile(r"^aipipe-blob:(image/[a-z0-9.+-]+);sha256:([0-9a-f]{64})$")
 #: Most characters of an image URL on the topics: an https URL or a blob reference (a ``data:`` URI
 #: is replaced by a reference before it is published; a raw producer's is bounded by the request size).
 MAX_IMAGE_URL_CHARS = 28_000_000
@@ -66,6 +69,8 @@ class ImageURL(Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=Tr
         if url.startswith("https://") and len(url) > len("https://"):
             return
         if url.startswith(BLOB_URL_PREFIX):
+            if not BLOB_URL_PATTERN.match(url):
+                raise ValueError("an image reference must be `aipipe-blob:image/<type>;sha256:<64 hex>`")
             return
         if url.startswith("data:"):
             header, sep, _ = url.partition(",")
@@ -323,13 +328,16 @@ class AIRequest(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
         """Capabilities a model must have to answer this request: ``tools``, ``vision``, ``json_schema``, ``streaming``.
 
         ``tools`` when tools are offered or the history holds tool turns;
-        ``vision`` when a message holds an image; ``json_schema`` for a
-        ``json_schema`` response format; ``streaming`` for ``stream: true``.
+        ``tool_choice`` when a tool call is forced (``required`` or a named
+        function); ``vision`` when a message holds an image; ``json_schema``
+        for a ``json_schema`` response format; ``streaming`` for ``stream: true``.
         """
         needs: set[str] = set()
         messages = self.messages or ()
         if self.tools or any(m.tool_calls or m.role == "tool" for m in messages):
             needs.add("tools")
+        if self.tool_choice == "required" or isinstance(self.tool_choice, ToolChoiceNamed):
+            needs.add("tool_choice")
         if any(m.images() for m in messages):
             needs.add("vision")
         if isinstance(self.response_format, JsonSchemaFormat):

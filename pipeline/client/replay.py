@@ -287,7 +287,7 @@ def audit(
         by_id[response.id].append(response)
     report.responses = len(by_id)
     ok_ids: set[str] = set()
-    ended_streams: set[str] = set()  # streams that ended early: they may cost something (DESIGN A9)
+    ended_streams: set[str] = set()  # streams that ended early, invalid answers: they may cost something (A9, A4)
     billed_errors: set[str] = set()  # ... and those that did
     for rid, answers in by_id.items():
         first = answers[0]
@@ -301,7 +301,7 @@ def audit(
             report.cache_hits += int(first.cached)
         else:
             report.errors += 1
-            if first.error is not None and first.error.type in ("stream_interrupted", "cancelled"):
+            if first.error is not None and first.error.type in ("stream_interrupted", "cancelled", "invalid_response"):
                 ended_streams.add(rid)
                 if first.cost_usd:
                     billed_errors.add(rid)

@@ -151,7 +151,7 @@ class StreamHandle:
         self._end(early=False)
         error = error_from_response(response)
         if self.chunks and not isinstance(error, StreamInterruptedError) and response.error is not None:
-            if response.error.type != "cancelled":
+            if response.error.type not in ("cancelled", "invalid_response"):  # their own types, text or not
                 raise StreamInterruptedError(
                     response.error.message, partial=self.text, response=response, request_id=response.id
                 )

@@ -245,7 +245,7 @@ def create_app(state: ServeState) -> Starlette:
                 raise _too_large()
             try:
                 body = msgspec.json.decode(raw)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 raise OpenAIHTTPError.invalid("We could not parse the JSON body of your request.") from None
             ai_request = to_ai_request(body, request_id=request_id, key_user=user)
             images = sum(len(i.url) for m in ai_request.messages or () for i in m.images() if i.url.startswith("data:"))

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from pipeline.runtime.config import PipelineConfig
-from schemas.request import AIRequest
+from schemas.request import BLOB_URL_PREFIX, AIRequest
 from schemas.response import AIResponse
 
 #: aipipe ``error.type`` -> (HTTP status, OpenAI error ``type``). The body's ``code`` is the aipipe type.
@@ -161,9 +161,15 @@ def _content(content: Any, role: str, where: str) -> Any:
                 f"{where}.content[{i}] of type {kind!r} is not supported; use 'text' or 'image_url' parts",
                 f"{where}.content",
             )
-    if all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    return content
+        image = part.get("image_url") if kind == "image_url" else None
+        if isinstance(image, dict) and str(image.get("url", "")).startswith(BLOB_URL_PREFIX):
+            raise OpenAIHTTPError.invalid(
+                f"{where}.content[{i}].image_url.url must be an https URL or a data: URI",
+                f"{where}.content[{i}].image_url.url",
+            )
+    if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return content  # parts as sent: the request's own validation names a bad one
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:

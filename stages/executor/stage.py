@@ -45,7 +45,7 @@ import msgspec
 from cachetools import TTLCache
 
 from pipeline.bus.topics import Topics
-from pipeline.errors import AIProviderError, InvalidResponseError, ProviderTimeoutError
+from pipeline.errors import AIProviderError, InvalidResponseError, ProviderTimeoutError, UntranslatableRequestError
 from pipeline.runtime import telemetry
 from pipeline.runtime.config import PipelineConfig, ProviderConfig
 from pipeline.runtime.messages import ENVELOPE_DECODER, error_envelope, new_generation, now_ms, to_record
@@ -66,7 +66,7 @@ from stages.rules.catalog import capability_reason, deployment_lacks, deployment
 from stages.rules.circuit_view import CircuitView
 from stages.rules.pricing import PriceTable
 from stages.rules.rate_limits import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
-from stages.rules.structured import answer_problem, check_schema
+from stages.rules.structured import answer_problem, schema_problems, tool_choice_problem
 from stages.rules.tokens import PromptTokens, estimate_messages_tokens, prompt_messages
 
 log = logging.getLogger("aipipe.executor")
@@ -358,7 +358,7 @@ class ExecutorStage:
         """
         request = envelope.request
         assert request is not None
-        problem = check_schema(request.response_format)
+        problem = schema_problems(request.response_format, request.tools)
         if problem is None:
             try:
                 self._messages[envelope.id] = await resolve_images(request.chat_messages(), self.blobs)
@@ -455,6 +455,9 @@ class ExecutorStage:
                     hold = None
                 run.unsettled = None
             error = result
+            if isinstance(error, UntranslatableRequestError):  # skipped: the next candidate, no retry
+                await self.budgets_release(hold)
+                return None
             left_s = (envelope.deadline_at_ms - now_ms()) / 1000
             if left_s <= 0:
                 await self.budgets_release(hold)
@@ -612,6 +615,9 @@ class ExecutorStage:
                 await charge.settle_failure(exc)
             if not isinstance(exc, AIProviderError):
                 raise
+            if isinstance(exc, UntranslatableRequestError):  # nothing was sent: a skip, like a missing capability
+                attempts.append(_skipped(candidate, "invalid_request", redact(exc.message, self._secrets)))
+                return exc
             log.info(
                 "request %s: %s/%s failed: %s (%s)",
                 envelope.id,
@@ -650,7 +656,9 @@ class ExecutorStage:
         )
         await self._health(envelope, candidate, True, None, result.status_code, latency_ms, ctx, None)
         source: Literal["provider", "estimated"] = "estimated" if result.usage_estimated else "provider"
-        problem = answer_problem(request.response_format, result.content) if not result.tool_calls else None
+        problem = tool_choice_problem(request, result.tool_calls) or (
+            answer_problem(request.response_format, result.content) if not result.tool_calls else None
+        )
         if problem is not None:  # the provider is healthy (its health event says so); the answer is unusable
             attempts[-1] = msgspec.structs.replace(
                 attempts[-1], outcome="error", error_type="invalid_response", reason=problem
@@ -810,7 +818,9 @@ class ExecutorStage:
                 tool_calls=tool_calls,
                 finish_reason=finish_reason(got.end.finish_reason, tool_calls),
             )
-            problem = answer_problem(request.response_format, run.text) if not tool_calls else None
+            problem = tool_choice_problem(request, tool_calls) or (
+                answer_problem(request.response_format, run.text) if not tool_calls else None
+            )
             if problem is not None:  # shown already, so not sent elsewhere: the request ends invalid (DESIGN A4)
                 attempts[-1] = msgspec.structs.replace(
                     attempts[-1], outcome="error", error_type="invalid_response", reason=problem
@@ -824,6 +834,20 @@ class ExecutorStage:
                 )
             return outcome
         # a failure: a provider error, a time limit, or a stream that ended without text
+        if isinstance(got.error, UntranslatableRequestError) and not got.produced:
+            if charge is not None:
+                await charge.settle_failure(got.error)
+            tel.finish_attempt(
+                span,
+                candidate.provider,
+                candidate.model,
+                ok=False,
+                status_code=None,
+                error_type="invalid_request",
+                latency_ms=latency_ms,
+            )
+            attempts.append(_skipped(candidate, "invalid_request", redact(got.error.message, self._secrets)))
+            return got.error
         if got.error is not None:
             error: AIProviderError = got.error
         elif got.stop in ("first_chunk_timeout", "idle_timeout"):
@@ -884,7 +908,8 @@ class ExecutorStage:
             # a caller's limit on a flowing stream is no provider fault: nothing for its breaker
             health=not (ends and got.first_chunk_ms is not None),
         )
-        if run.started and (not run.resume or ends):
+        if run.started and (not run.resume or ends or run.calls):  # a tool call is never continued: a restart
+            # by another provider would be spliced onto this one's partial call
             return Outcome(
                 status="error",
                 content=run.text,

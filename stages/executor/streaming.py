@@ -87,7 +87,7 @@ class StreamRun:
             return None
         return [
             ToolCall(
-                id=cid or synthesized_tool_call_id(name, args, i),
+                id=cid or synthesized_tool_call_id(name, args, i, self.request_id),
                 function=FunctionCall(name=name, arguments=args or "{}"),
             )
             for i, (cid, name, args) in sorted(self.calls.items())

@@ -118,7 +118,7 @@ import httpx
 import msgspec
 from msgspec import Meta, Struct
 
-from pipeline.errors import ContentFilterError, InvalidRequestError
+from pipeline.errors import ContentFilterError, InvalidRequestError, UntranslatableRequestError
 from schemas.request import (
     BLOB_URL_PREFIX,
     FunctionCall,
@@ -213,12 +213,12 @@ def _tool_input(call: ToolCall, provider: str) -> dict[str, Any]:
     try:
         value = msgspec.json.decode(call.function.arguments or "{}")
     except msgspec.DecodeError as exc:
-        raise InvalidRequestError(
+        raise UntranslatableRequestError(
             f"{provider}: tool call {call.id!r} ({call.function.name}) has arguments that are not JSON: {exc}",
             provider=provider,
         ) from exc
     if not isinstance(value, dict):
-        raise InvalidRequestError(
+        raise UntranslatableRequestError(
             f"{provider}: tool call {call.id!r} ({call.function.name}) has arguments that are not a JSON object",
             provider=provider,
         )

@@ -88,7 +88,7 @@ import httpx
 import msgspec
 from msgspec import Meta, Struct
 
-from pipeline.errors import AuthenticationError, InvalidRequestError
+from pipeline.errors import AuthenticationError, InvalidRequestError, UntranslatableRequestError
 from schemas.request import (
     BLOB_URL_PREFIX,
     FunctionCall,
@@ -115,7 +115,7 @@ from stages.providers.openai import tool_calls_to_wire
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.images import ImageError, data_uri, decode_data_uri
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
-from stages.rules.tool_ids import sanitize_tool_call_id, synthesized_tool_call_id
+from stages.rules.tool_ids import conversation_digest, sanitize_tool_call_id, synthesized_tool_call_id
 
 PROVIDER = "cloudflare"
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
@@ -172,9 +172,13 @@ def _text_of(response: Any) -> str:
     return _compact_json(response)
 
 
-def _tool_calls_of(raw: list[_ToolCall] | None, first_index: int = 0) -> list[ToolCall]:
-    """Workers AI tool calls (either shape, module docstring) as ``ToolCall``s; ``first_index`` numbers the first."""
+def _tool_calls_of(raw: list[_ToolCall] | None, messages: list[Message], first_index: int = 0) -> list[ToolCall]:
+    """Workers AI tool calls (either shape, module docstring) as ``ToolCall``s; ``first_index`` numbers the first.
+
+    ``messages`` are the turns the answer follows (the context of a synthesised id).
+    """
     calls: list[ToolCall] = []
+    context = conversation_digest(messages) if any(not item.id for item in raw or ()) else ""
     for offset, item in enumerate(raw or ()):
         fn = item.function
         name = (fn.name if fn is not None else None) or item.name or ""
@@ -183,7 +187,7 @@ def _tool_calls_of(raw: list[_ToolCall] | None, first_index: int = 0) -> list[To
             arguments = arguments_raw or "{}"
         else:
             arguments = _compact_json(arguments_raw if arguments_raw is not None else {})
-        raw_id = item.id or synthesized_tool_call_id(name, arguments, first_index + offset)
+        raw_id = item.id or synthesized_tool_call_id(name, arguments, first_index + offset, context)
         calls.append(ToolCall(id=sanitize_tool_call_id(raw_id), function=FunctionCall(name=name, arguments=arguments)))
     return calls
 
@@ -217,7 +221,7 @@ async def read_events(events: AsyncIterator[Any], call: ProviderCall, provider: 
         text = _text_of(item.response)
         if text:
             yield StreamDelta(text=text)
-        for tool_call in _tool_calls_of(item.tool_calls, tools_seen):
+        for tool_call in _tool_calls_of(item.tool_calls, call.messages, tools_seen):
             yield StreamToolDelta(
                 index=tools_seen,
                 id=tool_call.id,
@@ -236,7 +240,7 @@ def _image_url(url: str, provider: str) -> str:
             provider=provider,
         )
     if not url.startswith("data:"):
-        raise InvalidRequestError(
+        raise UntranslatableRequestError(
             f"{provider}: Workers AI takes image bytes only; aipipe does not fetch URLs (got an https image URL)",
             provider=provider,
         )
@@ -351,7 +355,7 @@ def parse_response(
     if not envelope.success:
         raise classify_response(provider, status_code, headers or httpx.Headers(), body, secrets=secrets)
     result = envelope.result
-    tool_calls = _tool_calls_of(result.tool_calls) if result is not None else []
+    tool_calls = _tool_calls_of(result.tool_calls, call.messages) if result is not None else []
     if result is None or (result.response is None and not tool_calls):
         raise malformed_response(provider, "missing result.response", status_code=status_code)
     text = _text_of(result.response)

@@ -137,7 +137,7 @@ from stages.providers.base import (
 from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
-from stages.rules.tool_ids import sanitize_tool_call_id, synthesized_tool_call_id
+from stages.rules.tool_ids import conversation_digest, sanitize_tool_call_id, synthesized_tool_call_id
 
 PROVIDER = "openai"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -335,14 +335,18 @@ def build_payload(
     return payload
 
 
-def _tool_calls_of(raw: list[_ToolCall] | None) -> list[ToolCall] | None:
-    """The answer's tool calls with sanitised ids (a missing id is synthesised), or ``None`` when there are none."""
+def _tool_calls_of(raw: list[_ToolCall] | None, messages: list[Message]) -> list[ToolCall] | None:
+    """The answer's tool calls with sanitised ids (a missing id is synthesised), or ``None`` when there are none.
+
+    ``messages`` are the turns the answer follows (the context of a synthesised id).
+    """
     if not raw:
         return None
+    context = conversation_digest(messages) if any(not item.id for item in raw) else ""
     calls: list[ToolCall] = []
     for index, item in enumerate(raw):
         arguments = item.function.arguments or "{}"
-        raw_id = item.id or synthesized_tool_call_id(item.function.name, arguments, index)
+        raw_id = item.id or synthesized_tool_call_id(item.function.name, arguments, index, context)
         calls.append(
             ToolCall(
                 id=sanitize_tool_call_id(raw_id), function=FunctionCall(name=item.function.name, arguments=arguments)
@@ -395,7 +399,7 @@ def parse_response(
             provider=provider,
             status_code=status_code,
         )
-    tool_calls = _tool_calls_of(choice.message.tool_calls)
+    tool_calls = _tool_calls_of(choice.message.tool_calls, call.messages)
     if not content.strip() and not tool_calls:
         raise malformed_response(provider, "empty message content", status_code=status_code)
     raw = completion.usage

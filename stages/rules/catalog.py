@@ -37,7 +37,9 @@ it the image bytes must be sent):
   https://docs.anthropic.com/en/docs/build-with-claude/vision); a JSON Schema
   answer is obtained by forcing a tool whose ``input_schema`` is the schema
   (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use#json-mode).
-* Workers AI: traditional function calling on the models the function-calling
+* Workers AI: no ``tool_choice`` is documented, so a request that forces a
+  tool call (``required`` or a named function) skips its models;
+  traditional function calling on the models the function-calling
   page names (https://developers.cloudflare.com/workers-ai/features/function-calling/traditional/:
   hermes-2-pro-mistral-7b, llama-3.3-70b-instruct-fp8-fast, llama-4-scout);
   JSON Mode on the models listed at
@@ -87,6 +89,7 @@ class ModelInfo(Struct, kw_only=True, frozen=True):
     json_schema: bool = False
     streaming: bool = True
     image_urls: bool = False
+    tool_choice: bool = True
 
     def lacks(self, needs: frozenset[str], *, image_urls: bool = False) -> str | None:
         """The first capability of ``needs`` this model lacks (``None``: it has them all).
@@ -95,7 +98,7 @@ class ModelInfo(Struct, kw_only=True, frozen=True):
         model taking image bytes only cannot use (aipipe never fetches URLs);
         that lack is reported as ``"image_urls"``.
         """
-        for capability in ("tools", "vision", "json_schema", "streaming"):
+        for capability in ("tools", "tool_choice", "vision", "json_schema", "streaming"):
             if capability in needs and not getattr(self, capability):
                 return capability
         if image_urls and "vision" in needs and not self.image_urls:
@@ -133,7 +136,7 @@ _CAPABILITIES: dict[str, dict[str, dict[str, bool]]] = {
 
 def _entries(provider: str, source: str, rows: dict[str, tuple[int, int]]) -> dict[str, ModelInfo]:
     caps = _CAPABILITIES.get(provider, {})
-    every = _ALL if provider == "anthropic" else {}
+    every = _ALL if provider == "anthropic" else {"tool_choice": False} if provider == "cloudflare" else {}
     return {
         model: ModelInfo(
             provider=provider,
@@ -303,6 +306,7 @@ def known_models(provider: str) -> list[str]:
 #: What each lacking capability means, for a skip's ``reason`` (``deployment_lacks``).
 _LACK_TEXT: dict[str, str] = {
     "tools": "does not support tools (function calling)",
+    "tool_choice": "cannot be made to call a tool (its API documents no tool_choice)",
     "vision": "does not take images (vision)",
     "json_schema": "does not support a json_schema response format",
     "streaming": "does not stream",

@@ -18,15 +18,23 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 
-from schemas.request import BLOB_URL_PREFIX
+from schemas.request import BLOB_URL_PATTERN, BLOB_URL_PREFIX
 
 #: Image media types accepted in a ``data:`` URI.
 IMAGE_MEDIA_TYPES: frozenset[str] = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 #: Default largest image (decoded bytes), the ``images.max_bytes`` setting's default: 20 MiB.
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-_REFERENCE = re.compile(r"^aipipe-blob:(image/[a-z0-9.+-]+);sha256:([0-9a-f]{64})$")
+
+
+#: The first bytes of each image type (PNG: RFC 2083 section 3.1; JPEG: SOI marker FF D8 FF; GIF87a/89a;
+#: WebP: a RIFF container whose form type at offset 8 is ``WEBP``).
+_MAGIC: dict[str, tuple[bytes, ...]] = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),
+}
 
 
 class ImageError(ValueError):
@@ -54,6 +62,12 @@ def decode_data_uri(url: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tu
         raise ImageError(f"image `data:` URI is not valid base64: {exc}") from exc
     if len(raw) > max_bytes:
         raise ImageError(f"image of {len(raw)} bytes is over the limit of {max_bytes} bytes")
+    if not raw:
+        raise ImageError("the image `data:` URI holds no bytes")
+    if not any(raw.startswith(magic) for magic in _MAGIC[media_type]) or (
+        media_type == "image/webp" and raw[8:12] != b"WEBP"
+    ):
+        raise ImageError(f"the image's bytes are not {media_type} (its first bytes do not match)")
     return media_type, raw
 
 
@@ -64,7 +78,7 @@ def reference_for(media_type: str, raw: bytes) -> str:
 
 def parse_reference(url: str) -> tuple[str, str] | None:
     """``(media type, sha256 hex)`` of a blob reference, or ``None`` when ``url`` is not one."""
-    found = _REFERENCE.match(url)
+    found = BLOB_URL_PATTERN.match(url)
     return (found.group(1), found.group(2)) if found else None
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-from schemas.request import ToolCall
+import msgspec
+
+from schemas.request import Message, ToolCall
 from schemas.stream import FunctionDelta, ToolCallDelta
 
 #: Longest id produced (characters); see the module docstring for why 40.
@@ -51,15 +53,22 @@ def sanitize_tool_call_id(raw: str) -> str:
     return f"{head}_{digest}"
 
 
-def synthesized_tool_call_id(name: str, arguments: str, index: int) -> str:
+def synthesized_tool_call_id(name: str, arguments: str, index: int, context: str = "") -> str:
     """An id for a tool call its provider sent without one (Workers AI): ``call_`` + 24 hex of its content.
 
-    Deterministic in the call's function ``name``, ``arguments`` and 0-based
-    ``index`` in the answer, so a repeated answer (a cache hit, a redelivery)
-    carries the same id.
+    Deterministic in the call's function ``name``, ``arguments``, 0-based
+    ``index`` in the answer and ``context`` (``conversation_digest`` of the
+    turns it answers), so a repeated answer (a cache hit, a redelivery) carries
+    the same id, while the same call made again in a later turn gets a new one
+    (two equal ids in one history would make its tool results ambiguous).
     """
-    digest = hashlib.sha256(f"{index}\x00{name}\x00{arguments}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(f"{context}\x00{index}\x00{name}\x00{arguments}".encode()).hexdigest()[:24]
     return f"call_{digest}"
+
+
+def conversation_digest(messages: list[Message]) -> str:
+    """16 hex of the SHA-256 of a conversation's turns (the ``context`` of ``synthesized_tool_call_id``)."""
+    return hashlib.sha256(msgspec.json.encode(messages)).hexdigest()[:16]
 
 
 def whole_call_deltas(tool_calls: list[ToolCall] | None) -> list[ToolCallDelta]:

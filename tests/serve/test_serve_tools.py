@@ -27,7 +27,7 @@ from pipeline.runtime.config import config_from_mapping, preset
 from pipeline.runtime.messages import CONTROL_DECODER
 from pipeline.serve.endpoint import HEADER_PROVIDER
 from pipeline.serve.openai_server import OpenAIServer
-from schemas import AIRequest
+from schemas import AIRequest, CostEvent
 from schemas.events import Health
 
 FAST = {"retry": {"max_attempts": 1, "base_delay_ms": 1}}
@@ -365,3 +365,181 @@ def test_a_request_carries_references_not_image_bytes() -> None:
         AIRequest,
     )
     assert request.needs() == frozenset({"vision"}) and ref.startswith("aipipe-blob:image/png;sha256:")
+
+
+# --- found by trying to break it ---------------------------------------------------------------
+
+
+async def test_a_schema_with_a_remote_ref_is_refused_and_nothing_is_fetched_or_called(
+    emulator: EmulatorServer, tmp_path: Any
+) -> None:
+    remote = {"type": "object", "properties": {"a": {"$ref": "http://127.0.0.1:9/secret.json"}}}
+    dangling = {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}
+    async with serving(emulator, "tools-ref.", tmp_path) as (manager, _):
+        for schema, text in ((remote, "only references inside the schema"), (dangling, "does not resolve")):
+            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            with pytest.raises(InvalidRequestError, match=text):
+                await manager.generate_content({"model": "chat-large", "prompt": "json", "response_format": fmt})
+        bad_tool = [
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}},
+            }
+        ]
+        with pytest.raises(InvalidRequestError, match=r"tools\[0\]\.function\.parameters"):
+            await manager.generate_content({"model": "chat-large", "prompt": "hi", "tools": bad_tool})
+        assert emulator.calls() == []
+
+
+async def test_a_forced_tool_choice_skips_workers_ai_and_is_checked_in_the_answer(
+    emulator: EmulatorServer, tmp_path: Any
+) -> None:
+    two = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    async with serving(emulator, "tools-choice.", tmp_path) as (manager, _):
+        response = await manager.generate_content(
+            {
+                "model": "chat-large",
+                "messages": [{"role": "user", "content": "Use get_weather for Paris"}],
+                "tools": two,
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                "providers": ["cloudflare", "openai"],
+            }
+        )
+        skip = response.attempts[0]
+        assert (skip.provider, skip.outcome) == ("cloudflare", "skipped") and "tool_choice" in (skip.reason or "")
+        assert response.provider == "openai" and response.tool_calls
+        assert response.tool_calls[0].function.name == "get_time"
+
+
+async def test_a_history_one_provider_cannot_express_skips_it(emulator: EmulatorServer, tmp_path: Any) -> None:
+    broken_arguments = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    async with serving(emulator, "tools-untranslatable.", tmp_path) as (manager, _):
+        response = await manager.generate_content(
+            {"model": "chat-large", "messages": broken_arguments, "tools": TOOLS, "providers": ["anthropic", "openai"]}
+        )
+        skip = response.attempts[0]
+        assert (skip.provider, skip.outcome, skip.error_type) == ("anthropic", "skipped", "invalid_request")
+        assert "not JSON" in (skip.reason or "") and response.provider == "openai"
+        assert [c.provider for c in emulator.calls()] == ["openai"]
+
+
+async def test_a_cut_tool_call_stream_is_never_spliced_onto_another_providers_call(
+    emulator: EmulatorServer, tmp_path: Any
+) -> None:
+    async with serving(emulator, "tools-cut.", tmp_path) as (_, server):
+        emulator.faults.schedule("openai", {"stream_cut_after": 2})
+        with pytest.raises(openai.APIError) as info:
+            async with sdk(server).chat.completions.stream(
+                model="chat-large",
+                messages=[{"role": "user", "content": "Weather in Rome? Call get_weather."}],
+                tools=TOOLS,  # type: ignore[arg-type]
+                extra_body={"providers": ["openai", "anthropic"], "stream_resume": True},
+            ) as stream:
+                await stream.get_final_completion()
+        assert getattr(info.value, "code", None) == "stream_interrupted"
+        assert [c.provider for c in emulator.calls()] == ["openai"]  # no provider continued a cut tool call
+
+
+async def test_the_cost_of_answers_that_broke_the_schema_is_recorded(emulator: EmulatorServer, tmp_path: Any) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "count", "schema": schema}}
+    async with serving(emulator, "tools-cost.", tmp_path) as (manager, _):
+        emulator.faults.schedule("openai", {"action": "invalid_json_schema"})
+        emulator.faults.schedule("anthropic", {"action": "invalid_json_schema"})
+        with pytest.raises(InvalidResponseError) as info:
+            await manager.generate_content(
+                {"model": "chat-large", "prompt": "count", "response_format": fmt, "providers": ["openai", "anthropic"]}
+            )
+        request_id = info.value.request_id
+        assert manager.pipeline is not None
+        consumer = await manager.pipeline.bus.consumer([manager.settings.topics.costs], group=None, from_beginning=True)
+        try:
+            records = await consumer.getmany(200, max_records=100)
+        finally:
+            await consumer.stop()
+        events = [msgspec.json.decode(r.value, type=CostEvent) for r in records if r.key == (request_id or "").encode()]
+        assert len(events) == 1 and events[0].status == "invalid_response"
+        assert [line.provider for line in events[0].lines] == ["openai", "anthropic"] and events[0].cost_usd > 0
+
+
+@pytest.mark.parametrize(
+    ("part", "text"),
+    [
+        ({"type": "text", "text": None}, "Expected `str`"),
+        (
+            {"type": "image_url", "image_url": {"url": "aipipe-blob:image/png;sha256:" + "0" * 64}},
+            "https URL or a data",
+        ),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}, "no bytes"),
+        (
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hello world").decode()},
+            },
+            "are not image/png",
+        ),
+    ],
+)
+async def test_bad_parts_are_a_400_at_the_endpoint(
+    emulator: EmulatorServer, tmp_path: Any, part: dict[str, Any], text: str
+) -> None:
+    async with serving(emulator, f"tools-bad-{abs(hash(text)) % 1000}.", tmp_path) as (_, server):
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk(server).chat.completions.create(
+                model="chat-large",
+                messages=[{"role": "user", "content": [part]}],  # type: ignore[list-item]
+            )
+        assert text in str(info.value)
+        assert emulator.calls() == []
+
+
+async def test_a_body_nested_too_deep_is_a_400(emulator: EmulatorServer, tmp_path: Any) -> None:
+    async with serving(emulator, "tools-deep.", tmp_path) as (_, server):
+        import httpx
+
+        body = b'{"model": "chat-large", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                f"{server.base_url}/chat/completions", content=body, headers={"content-type": "application/json"}
+            )
+        assert answer.status_code == 400
+
+
+async def test_a_streamed_answer_that_breaks_the_schema_ends_invalid_response(
+    emulator: EmulatorServer, tmp_path: Any
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    async with serving(emulator, "tools-stream-schema.", tmp_path) as (_, server):
+        emulator.faults.schedule("openai", {"action": "invalid_json_schema"})
+        stream = await sdk(server).chat.completions.create(
+            model="chat-large",
+            messages=[{"role": "user", "content": "count"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}},
+            stream=True,
+            extra_body={"providers": ["openai", "anthropic"]},
+        )
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                pass
+        assert getattr(info.value, "code", None) == "invalid_response"
+        assert [c.provider for c in emulator.calls()] == ["openai"]  # shown already: not sent elsewhere

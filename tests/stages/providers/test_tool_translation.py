@@ -37,7 +37,12 @@ from stages.providers import anthropic as anthropic_mod
 from stages.providers import cloudflare as cloudflare_mod
 from stages.providers import openai as openai_mod
 from stages.providers.base import ProviderCall, StreamDelta, StreamEnd, StreamEvent, StreamToolDelta
-from stages.rules.tool_ids import TOOL_CALL_ID_PATTERN, sanitize_tool_call_id, synthesized_tool_call_id
+from stages.rules.tool_ids import (
+    TOOL_CALL_ID_PATTERN,
+    conversation_digest,
+    sanitize_tool_call_id,
+    synthesized_tool_call_id,
+)
 
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER = Tool(function=FunctionDef(name="get_weather", description="Weather of a city.", parameters=WEATHER_PARAMS))
@@ -216,7 +221,10 @@ def test_openai_compatible_answer_without_ids_or_usage() -> None:
     }
     result = openai_mod.parse_response(body(answer), make_call(conversation()), usage_optional=True)
     assert result.tool_calls == [
-        ToolCall(id=synthesized_tool_call_id("get_time", "{}", 0), function=FunctionCall(name="get_time"))
+        ToolCall(
+            id=synthesized_tool_call_id("get_time", "{}", 0, conversation_digest(conversation())),
+            function=FunctionCall(name="get_time"),
+        )
     ]
     assert result.finish_reason == "tool_calls"  # legacy word mapped to OpenAI's current one
     assert result.usage_estimated and result.usage.completion_tokens > 0
@@ -688,7 +696,7 @@ def test_cloudflare_tool_only_answer_is_valid_in_both_shapes(response: str | Non
     assert result.finish_reason == "tool_calls"
     assert result.tool_calls == [
         ToolCall(
-            id=synthesized_tool_call_id("get_weather", arguments, 0),
+            id=synthesized_tool_call_id("get_weather", arguments, 0, conversation_digest(conversation())),
             function=FunctionCall(name="get_weather", arguments=arguments),
         ),
         ToolCall(id=sanitize_tool_call_id(BAD_ID), function=FunctionCall(name="get_time", arguments="{}")),
@@ -714,7 +722,10 @@ async def test_cloudflare_stream_with_tool_calls_in_an_event() -> None:
     assert items[:-1] == [
         StreamDelta(text="Let me check. "),
         StreamToolDelta(
-            index=0, id=synthesized_tool_call_id("get_weather", arguments, 0), name="get_weather", arguments=arguments
+            index=0,
+            id=synthesized_tool_call_id("get_weather", arguments, 0, conversation_digest(conversation())),
+            name="get_weather",
+            arguments=arguments,
         ),
     ]
     end = items[-1]
@@ -734,3 +745,18 @@ def test_bad_ids_are_sanitised_identically_in_every_format() -> None:
     assert cf_messages[2]["tool_calls"][0]["id"] == safe == cf_messages[3]["tool_call_id"]
     anthropic_turns = anthropic_mod.build_payload(call)["messages"]
     assert anthropic_turns[1]["content"][0]["id"] == safe == anthropic_turns[2]["content"][0]["tool_use_id"]
+
+
+def test_a_tool_call_without_an_id_gets_a_new_id_in_each_turn() -> None:
+    answer = {
+        "success": True,
+        "errors": [],
+        "messages": [],
+        "result": {"response": None, "tool_calls": [{"name": "get_time", "arguments": {}}]},
+    }
+    first = cloudflare_mod.parse_response(body(answer), make_call(conversation()))
+    again = cloudflare_mod.parse_response(body(answer), make_call(conversation()))
+    later_turns = [*conversation(), Message(role="user", content="and now?")]
+    later = cloudflare_mod.parse_response(body(answer), make_call(later_turns))
+    assert first.tool_calls == again.tool_calls  # a repeat (cache, redelivery) keeps its ids
+    assert first.tool_calls and later.tool_calls and first.tool_calls[0].id != later.tool_calls[0].id

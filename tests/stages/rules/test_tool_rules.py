@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.runtime.config import config_from_mapping, preset
-from schemas.request import AIRequest, JsonSchemaFormat, ResponseFormat
+from schemas.request import AIRequest, FunctionCall, JsonSchemaFormat, ResponseFormat, ToolCall
 from stages.rules.cache_key import cache_key
 from stages.rules.catalog import deployment_lacks, model_info
 from stages.rules.images import ImageError, decode_data_uri, reference_for
-from stages.rules.structured import answer_problem, check_schema
+from stages.rules.structured import answer_problem, check_schema, schema_problems, tool_choice_problem
 from stages.rules.tool_ids import TOOL_CALL_ID_PATTERN, sanitize_tool_call_id, synthesized_tool_call_id
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
@@ -220,3 +220,33 @@ def test_each_new_field_changes_the_cache_key_and_an_image_is_keyed_by_its_hash(
     ]
     cloudy = [*tool_turns[:2], {**tool_turns[2], "content": "cloudy"}]
     assert cache_key(req(messages=tool_turns, tools=[TOOL])) != cache_key(req(messages=cloudy, tools=[TOOL]))
+
+
+def test_schemas_never_reach_outside_themselves_and_bad_ones_are_named() -> None:
+    local = {"type": "object", "$defs": {"n": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/n"}}}
+    assert schema_problems(fmt(local)) is None
+    assert answer_problem(fmt(local), '{"a": "x"}') == "$.a: 'x' is not of type 'integer'"
+    for ref in ("http://127.0.0.1:9/x.json", "file:///etc/passwd", "other.json", "urn:x"):
+        problem = schema_problems(fmt({"type": "object", "properties": {"a": {"$ref": ref}}}))
+        assert problem is not None and "only references inside the schema" in problem
+    assert "does not resolve" in (schema_problems(fmt({"$ref": "#/$defs/missing"})) or "")
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(80):
+        deep = {"type": "object", "properties": {"a": deep}}
+    assert "nested deeper" in (schema_problems(fmt(deep)) or "")
+    tool = req(
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "minProperties": "x"}}}]
+    )
+    assert "tools[0].function.parameters" in (schema_problems(None, tool.tools) or "")
+
+
+def test_an_answer_must_hold_to_a_forced_tool_choice() -> None:
+    calls = [ToolCall(id="c", function=FunctionCall(name="get_weather", arguments="{}"))]
+    two = [TOOL, {"type": "function", "function": {"name": "get_time"}}]
+    assert tool_choice_problem(req(tools=[TOOL], tool_choice="required"), None) is not None
+    assert tool_choice_problem(req(tools=[TOOL], tool_choice="required"), calls) is None
+    assert tool_choice_problem(req(tools=[TOOL], tool_choice="none"), calls) is not None
+    named = req(tools=two, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert tool_choice_problem(named, calls) == "tool_choice names 'get_time' but the answer called 'get_weather'"
+    assert tool_choice_problem(req(tools=[TOOL], tool_choice="auto"), None) is None
+    assert named.needs() == frozenset({"tools", "tool_choice"})
