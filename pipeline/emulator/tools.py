@@ -13,8 +13,13 @@ wording), and answered deterministically (``plan_answer``):
    Anthropic ``any`` or ``tool``) or when the last user text names a tool
    (case-insensitive, as a whole word). The named tool is called, else the
    tool named first in the text, else the first tool; its arguments are
-   ``instance(schema)``, a JSON object valid against the tool's JSON Schema;
-3. else, with ``response_format`` ``json_schema``: the JSON text of
+   ``instance(schema)``, a JSON object valid against the tool's JSON Schema.
+   With parallel calls allowed (no ``parallel_tool_calls: false``, no
+   ``disable_parallel_tool_use``) and no named choice, every other tool the
+   text names is called too, in the order named;
+3. else, with ``response_format`` ``json_schema`` (Anthropic: a ``system``
+   prompt holding aipipe's ``JSON_INSTRUCTION``, with the schema after
+   ``JSON_SCHEMA_LEAD``): the JSON text of
    ``instance(schema)`` (Workers AI: the value itself in ``result.response``);
    ``json_object``: ``{"answer": "<words>."}``;
 4. else the usual text, with ``"I see N image(s). "`` before the words when
@@ -22,7 +27,7 @@ wording), and answered deterministically (``plan_answer``):
 
 Tool call ids are derived from the request (SHA-256 of the messages and
 tools): OpenAI ``call_`` and Anthropic ``toolu_`` followed by 24 letters and
-digits; Workers AI tool calls carry no id. One tool call per answer. Tool
+digits; Workers AI tool calls carry no id. Tool
 call answers are not cut to ``max_tokens`` (JSON and text answers are).
 
 Sources (read 2026-12-06): OpenAI function calling, structured outputs and
@@ -58,6 +63,7 @@ import jsonschema.validators
 from pipeline.emulator import wire
 from pipeline.emulator.spec import Wire
 from stages.rules.catalog import ModelInfo
+from stages.rules.structured import JSON_INSTRUCTION, JSON_SCHEMA_LEAD
 
 #: Prompt tokens each image adds (OpenAI's price of one low-detail image), under every wire format.
 IMAGE_TOKENS = 85
@@ -139,6 +145,7 @@ class Conversation:
     prompt_text: str = ""
     extra_tokens: int = 0
     seed: str = ""
+    parallel: bool = True
 
 
 @dataclass
@@ -687,6 +694,7 @@ def _openai_tools(data: Mapping[str, Any]) -> list[ToolDef]:
 
 
 def _openai_choice(conv: Conversation, data: Mapping[str, Any]) -> None:
+    conv.parallel = data.get("parallel_tool_calls") is not False
     choice = data.get("tool_choice")
     if choice is None:
         return
@@ -1033,6 +1041,7 @@ def _anthropic_choice(conv: Conversation, data: Mapping[str, Any]) -> None:
     parallel = choice.get("disable_parallel_tool_use")
     if parallel is not None and not isinstance(parallel, bool):
         raise _bad(f"tool_choice.{kind}.disable_parallel_tool_use: Input should be a valid boolean")
+    conv.parallel = parallel is not True
     if kind in ("any", "tool") and not conv.tools:  # emulator's own wording
         raise _bad(f"tool_choice: tool_choice of type `{kind}` requires `tools` to be provided")
     if kind == "tool":
@@ -1181,6 +1190,28 @@ def _anthropic_turn(conv: Conversation, message: dict[str, Any], i: int, last: b
     return turn
 
 
+def _instructed_json(conv: Conversation, data: Mapping[str, Any]) -> None:
+    """Answer JSON when the ``system`` prompt holds aipipe's ``JSON_INSTRUCTION`` (Anthropic has no response format).
+
+    The schema that follows ``JSON_SCHEMA_LEAD``, if any, is the one the answer matches.
+    """
+    system = data.get("system")
+    text = system if isinstance(system, str) else _part_text(system) if isinstance(system, list) else ""
+    if JSON_INSTRUCTION not in text:
+        return
+    _, lead, rest = text.partition(JSON_SCHEMA_LEAD)
+    schema: Any = None
+    if lead:
+        try:
+            schema, _ = json.JSONDecoder().raw_decode(rest)
+        except ValueError:
+            schema = None
+    if isinstance(schema, dict):
+        conv.response_format, conv.schema = "json_schema", schema
+    else:
+        conv.response_format = "json_object"
+
+
 def _parse_anthropic(data: Mapping[str, Any]) -> Conversation:
     conv = Conversation(tools=_anthropic_tools(data))
     _anthropic_choice(conv, data)
@@ -1221,6 +1252,7 @@ def _parse_anthropic(data: Mapping[str, Any]) -> Conversation:
                 )
     if turns and turns[-1].role == "user":
         conv.tool_results = [text for _, _, text in turns[-1].results]
+    _instructed_json(conv, data)
     conv.prompt_text = next((t.text for t in reversed(turns) if t.role == "user" and (t.text or not t.results)), "")
     return _finish(conv, "anthropic", data)
 
@@ -1392,6 +1424,30 @@ def _named_in(text: str, tools: list[ToolDef]) -> ToolDef | None:
     return tools[best[1]] if best is not None else None
 
 
+def _named_all(text: str, tools: list[ToolDef]) -> list[ToolDef]:
+    """Every tool named in ``text``, in the order of their first mention."""
+    found: list[tuple[int, ToolDef]] = []
+    for tool in tools:
+        match = re.search(rf"(?<![A-Za-z0-9_-]){re.escape(tool.name)}(?![A-Za-z0-9_-])", text, re.IGNORECASE)
+        if match is not None:
+            found.append((match.start(), tool))
+    return [tool for _, tool in sorted(found, key=lambda item: item[0])]
+
+
+def _chosen_tools(conv: Conversation) -> list[ToolDef]:
+    """The tools the answer calls: the chosen one, then every other tool the prompt names.
+
+    Only the chosen one when parallel calls are off or the choice names a function.
+    """
+    first = _chosen_tool(conv)
+    if first is None:
+        return []
+    if not conv.parallel or conv.choice == "named":
+        return [first]
+    named = _named_all(conv.prompt_text, conv.tools)
+    return [first, *(t for t in named if t is not first)]
+
+
 def _chosen_tool(conv: Conversation) -> ToolDef | None:
     if not conv.tools or conv.choice == "none":
         return None
@@ -1433,12 +1489,17 @@ def plan_answer(provider: Wire, conv: Conversation, *, words: int, invalid: bool
     ``invalid`` (the ``invalid_json_schema`` fault) makes a JSON answer or tool
     call arguments violate their schema, and a ``json_object`` answer plain text.
     """
-    tool = None if conv.tool_results else _chosen_tool(conv)
-    if tool is not None:
-        arguments = (violating if invalid else instance)(tool.schema, conv.prompt_text)
-        if not isinstance(arguments, dict):
-            arguments = {}
-        return Answer(tool_calls=[ToolCall(call_id(provider, conv.seed, 0), tool.name, arguments)])
+    tools = [] if conv.tool_results else _chosen_tools(conv)
+    if tools:
+        calls = []
+        for index, tool in enumerate(tools):
+            arguments = (violating if invalid else instance)(tool.schema, conv.prompt_text)
+            calls.append(
+                ToolCall(
+                    call_id(provider, conv.seed, index), tool.name, arguments if isinstance(arguments, dict) else {}
+                )
+            )
+        return Answer(tool_calls=calls)
     if conv.response_format == "json_schema" and conv.schema is not None:
         value = violating(conv.schema, conv.prompt_text) if invalid else instance(conv.schema, conv.prompt_text)
         return Answer(is_json=True, json_value=value)

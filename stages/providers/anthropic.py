@@ -135,6 +135,7 @@ from stages.providers.base import ProviderCall, ProviderResult, StreamDelta, Str
 from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.images import ImageError, decode_data_uri
+from stages.rules.structured import JSON_INSTRUCTION, JSON_SCHEMA_LEAD
 from stages.rules.tool_ids import sanitize_tool_call_id, synthesized_tool_call_id
 
 PROVIDER = "anthropic"
@@ -143,7 +144,6 @@ DEFAULT_VERSION = "2023-06-01"
 #: User turn put in front of a conversation that starts with an assistant turn.
 LEADING_USER_TURN = "(The conversation so far follows.)"
 #: System-prompt instruction for a JSON answer the API cannot force (module docstring).
-JSON_INSTRUCTION = "Answer with one JSON object only: no other text before or after it, and no code fences."
 #: Highest ``temperature`` the Messages API accepts.
 MAX_TEMPERATURE = 1.0
 _DEFAULT_TEMPERATURE = 1.0
@@ -343,7 +343,7 @@ def _json_instruction(call: ProviderCall) -> str | None:
     if isinstance(fmt, JsonSchemaFormat) and json_tool_name(call) is None:
         if fmt.json_schema.schema is None:
             return JSON_INSTRUCTION
-        return f"{JSON_INSTRUCTION} It must validate against this JSON Schema: {compact_json(fmt.json_schema.schema)}"
+        return f"{JSON_INSTRUCTION}{JSON_SCHEMA_LEAD}{compact_json(fmt.json_schema.schema)}"
     return None
 
 

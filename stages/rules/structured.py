@@ -40,6 +40,13 @@ _VALIDATORS: LRUCache[bytes, Any] = LRUCache(maxsize=256)
 MAX_SCHEMA_DEPTH = 64
 
 
+#: What aipipe asks a model for when its API has no JSON mode for the request (Anthropic with tools,
+#: or ``json_object``): best effort, the answer is validated anyway. The emulator recognises it.
+JSON_INSTRUCTION = "Answer with one JSON object only: no other text before or after it, and no code fences."
+#: Follows ``JSON_INSTRUCTION``, then the schema's compact JSON, when the answer must match a schema.
+JSON_SCHEMA_LEAD = " It must validate against this JSON Schema: "
+
+
 class SchemaProblem(ValueError):
     """The request's JSON Schema itself is not usable (the caller's mistake: ``invalid_request``)."""
 

@@ -543,3 +543,64 @@ async def test_a_streamed_answer_that_breaks_the_schema_ends_invalid_response(
                 pass
         assert getattr(info.value, "code", None) == "invalid_response"
         assert [c.provider for c in emulator.calls()] == ["openai"]  # shown already: not sent elsewhere
+
+
+async def test_parallel_tool_calls_are_answered_and_sent_back_on_another_provider(
+    emulator: EmulatorServer, tmp_path: Any
+) -> None:
+    two = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    async with serving(emulator, "tools-parallel.", tmp_path) as (_, server):
+        client = sdk(server)
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "Call get_weather and get_time for Paris."}]
+        first = await client.chat.completions.create(
+            model="chat-large",
+            messages=messages,
+            tools=two,
+            extra_body={"providers": ["openai"]},  # type: ignore[arg-type]
+        )
+        calls = first.choices[0].message.tool_calls or []
+        assert [c.function.name for c in calls] == ["get_weather", "get_time"] and len({c.id for c in calls}) == 2
+        messages.append(first.choices[0].message.model_dump(exclude_none=True))
+        messages += [{"role": "tool", "tool_call_id": c.id, "content": f"result of {c.function.name}"} for c in calls]
+        final = await client.chat.completions.create(
+            model="chat-large",
+            messages=messages,
+            tools=two,
+            extra_body={"providers": ["anthropic"]},  # type: ignore[arg-type]
+        )
+        assert final.choices[0].finish_reason == "stop"
+        assert emulator.calls()[-1].tool_results == 2  # both results in one user turn of tool_result blocks
+        single = await client.chat.completions.create(
+            model="chat-large",
+            messages=messages[:1],  # type: ignore[arg-type]
+            tools=two,  # type: ignore[arg-type]
+            parallel_tool_calls=False,
+            extra_body={"providers": ["anthropic"]},
+        )
+        assert len(single.choices[0].message.tool_calls or []) == 1
+
+
+async def test_json_object_and_a_schema_with_tools_on_anthropic_follow_the_instruction(
+    emulator: EmulatorServer, tmp_path: Any
+) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    async with serving(emulator, "tools-anthropic-json.", tmp_path) as (manager, _):
+        as_object = await manager.generate_content(
+            {
+                "model": "chat-large",
+                "prompt": "json please",
+                "response_format": {"type": "json_object"},
+                "providers": ["anthropic"],
+            }
+        )
+        assert isinstance(json.loads(as_object.content or ""), dict)
+        with_tools = await manager.generate_content(
+            {
+                "model": "chat-large",
+                "prompt": "How many moons has Mars?",
+                "tools": TOOLS,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+                "providers": ["anthropic"],
+            }
+        )
+        jsonschema.validate(json.loads(with_tools.content or ""), schema)
