@@ -31,7 +31,14 @@ import redis.asyncio as aioredis
 
 from pipeline.stores.redis_client import redis_from_url
 from schemas.request import AIRequest, ContentPart, ImagePart, ImageURL, Message
-from stages.rules.images import DEFAULT_MAX_IMAGE_BYTES, data_uri, decode_data_uri, parse_reference, reference_for
+from stages.rules.images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    ImageError,
+    data_uri,
+    decode_data_uri,
+    parse_reference,
+    reference_for,
+)
 
 #: How long (s) an image stays in Redis after it was last stored: 7 days.
 DEFAULT_REDIS_TTL_S = 7 * 24 * 3600
@@ -147,14 +154,19 @@ def open_blob_store(redis_url: str | None, home: Path, *, prefix: str = "ai.") -
 async def _replace_urls(messages: list[Message], replace: Callable[[str], Awaitable[str | None]]) -> list[Message]:
     """``messages`` with each image URL for which ``replace`` returns a new URL replaced (others kept)."""
     out: list[Message] = []
-    for message in messages:
+    for i, message in enumerate(messages):
         if not isinstance(message.content, list) or not message.images():
             out.append(message)
             continue
         parts: list[ContentPart] = []
-        for part in message.content:
-            if isinstance(part, ImagePart) and (url := await replace(part.image_url.url)) is not None:
-                part = ImagePart(image_url=ImageURL(url=url, detail=part.image_url.detail))
+        for j, part in enumerate(message.content):
+            if isinstance(part, ImagePart):
+                try:
+                    url = await replace(part.image_url.url)
+                except ImageError as exc:  # say which image
+                    raise ImageError(f"messages[{i}].content[{j}].image_url.url: {exc}") from exc
+                if url is not None:
+                    part = ImagePart(image_url=ImageURL(url=url, detail=part.image_url.detail))
             parts.append(part)
         out.append(msgspec.structs.replace(message, content=parts))
     return out
