@@ -458,6 +458,10 @@ class ExecutorStage:
             if isinstance(error, UntranslatableRequestError):  # skipped: the next candidate, no retry
                 await self.budgets_release(hold)
                 return None
+            invalid = self._invalid_parts.get(envelope.id)
+            if isinstance(error, InvalidResponseError) and invalid and hold is not None and self.budgets is not None:
+                await self.budgets.settle(hold, invalid[-1].model, invalid[-1].usage)  # generated, so spent
+                hold = None
             left_s = (envelope.deadline_at_ms - now_ms()) / 1000
             if left_s <= 0:
                 await self.budgets_release(hold)
