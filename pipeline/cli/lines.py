@@ -84,6 +84,9 @@ def _response(value: AIResponse) -> str:
         head += f" streamed={value.stream_chunks}"
     if value.error is not None:
         return f"{head} {value.error.type}: {_clip(value.error.message)}"
+    if value.tool_calls:
+        calls = ", ".join(f"{c.function.name}({c.function.arguments[:80]}) id={c.id}" for c in value.tool_calls)
+        return f"{head} finish=tool_calls {calls}" + (f" {_clip(value.content)}" if value.content else "")
     return f"{head} {_clip(value.content)}"
 
 
@@ -110,7 +113,13 @@ def _chunk(value: StreamChunk) -> str:
     where = f"{value.provider or '-'}/{value.model or '-'}"
     origin = "cached" if value.cached or value.attempt is None else f"attempt={value.attempt}"
     head = f"chunk    {value.id} gen={value.generation} #{value.seq} {where} {origin}"
-    return f"{head} {value.delta!r}"
+    tools = "".join(
+        f" tool[{d.index}]"
+        + (f" {d.function.name} id={d.id}" if d.id or d.function.name else "")
+        + f" +{d.function.arguments!r}"
+        for d in value.tool_call_deltas
+    )
+    return f"{head} {value.delta!r}{tools}"
 
 
 def _dead(value: DeadLetter) -> str:

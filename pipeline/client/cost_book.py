@@ -31,7 +31,7 @@ from cachetools import LRUCache
 from msgspec import Struct, UnsetType
 
 from schemas.events import BudgetStatus, ControlEvent, CostEvent, SetBudget
-from stages.rules.ledger import WINDOWS, scopes_for, window_end, window_start
+from stages.rules.ledger import WINDOWS, provider_shares, scopes_for, window_end, window_start
 
 ZERO = Decimal(0)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -157,6 +157,12 @@ class _Totals:
             self.cost += cost
             self.tokens += event.usage.total_tokens
 
+    def add_line(self, cost: Decimal, tokens: int, *, request: bool) -> None:
+        """One cost line of an event (an attempt's share): its cost (USD), tokens, and the request once."""
+        self.requests += int(request)
+        self.cost += cost
+        self.tokens += tokens
+
 
 class CostBook:
     """Folds cost and budget events into the report numbers (see the module docstring).
@@ -190,15 +196,24 @@ class CostBook:
         self.events += 1
         cost = Decimal(str(event.cost_usd))
         saved = Decimal(str(event.saved_usd))
-        self.providers[event.provider].add(event, cost, saved)
-        self.models[(event.provider, event.model)].add(event, cost, saved)
+        if event.lines and not event.cached:  # each attempt's provider and model gets its own line (A4, A9)
+            last = len(event.lines) - 1
+            for i, line in enumerate(event.lines):
+                share, tokens = Decimal(str(line.cost_usd)), line.usage.total_tokens
+                self.providers[line.provider].add_line(share, tokens, request=i == last)
+                self.models[(line.provider, line.model)].add_line(share, tokens, request=i == last)
+        else:
+            self.providers[event.provider].add(event, cost, saved)
+            self.models[(event.provider, event.model)].add(event, cost, saved)
         if event.user:
             self.users[event.user].add(event, cost, saved)
         day = event.at.astimezone(self.tz).date()
         self.days[day].add(event, cost, saved)
         if not event.cached and cost:
-            for scope in scopes_for(event.user, event.provider):
+            for scope in scopes_for(event.user):
                 self.scope_days[scope][day] += cost
+            for provider, share in provider_shares(event):
+                self.scope_days[provider][day] += share
         return True
 
     def add_control(self, event: ControlEvent) -> None:

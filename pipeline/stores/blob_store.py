@@ -19,6 +19,7 @@ as they are.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from schemas.request import AIRequest, ContentPart, ImagePart, ImageURL, Message
 from stages.rules.images import (
     DEFAULT_MAX_IMAGE_BYTES,
     ImageError,
+    check_image_bytes,
     data_uri,
     decode_data_uri,
     parse_reference,
@@ -202,11 +204,15 @@ class MissingBlobError(LookupError):
     """An image reference whose bytes are not in the blob store."""
 
 
-async def resolve_images(messages: list[Message], store: BlobStore | None) -> list[Message]:
+async def resolve_images(
+    messages: list[Message], store: BlobStore | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> list[Message]:
     """``messages`` with every blob reference replaced by the image as a ``data:`` URI (for a provider call).
 
     Raises:
-        MissingBlobError: a reference whose bytes are not in ``store`` (or no store is configured).
+        MissingBlobError: a reference whose bytes are not in ``store`` (or no store is configured),
+            or whose stored bytes do not hash to it (lost or corrupted state, not the caller's fault).
+        ImageError: stored bytes that are not an image of the reference's media type, or too large.
         OSError, redis.RedisError: when the store cannot be read.
     """
     if not any(i.url.startswith("aipipe-blob:") for m in messages for i in m.images()):
@@ -223,6 +229,9 @@ async def resolve_images(messages: list[Message], store: BlobStore | None) -> li
                 f"image {digest[:12]}... is not in the blob store (clients and executors must share "
                 "AIPIPE_HOME on one machine, or AIPIPE_REDIS_URL)"
             )
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise MissingBlobError(f"image {digest[:12]}... in the blob store does not match its SHA-256")
+        check_image_bytes(media_type, raw, max_bytes=max_bytes)  # a direct producer's bytes get the same checks
         return data_uri(media_type, raw)
 
     return await _replace_urls(messages, read_one)

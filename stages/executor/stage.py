@@ -64,6 +64,7 @@ from stages.providers.classify import redact
 from stages.providers.sse import stream_cut
 from stages.rules.catalog import capability_reason, deployment_lacks, deployment_model_info
 from stages.rules.circuit_view import CircuitView
+from stages.rules.images import ImageError
 from stages.rules.pricing import PriceTable
 from stages.rules.rate_limits import Charge, MemoryRateLimiter, RateLimiter, admit, describe_limit
 from stages.rules.structured import answer_problem, schema_problems, tool_choice_problem
@@ -110,16 +111,15 @@ def provider_call(
 _FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
-def finish_reason(raw: str | None, tool_calls: list[ToolCall] | None) -> FinishReason | None:
+def finish_reason(raw: str | None, tool_calls: list[ToolCall] | None) -> FinishReason:
     """The answer's ``finish_reason`` in OpenAI's words (DESIGN A4).
 
     ``tool_calls`` when it has tool calls, else the provider's when it is one of
-    the four, ``stop`` for any other ending it named, ``None`` when it named none.
+    the four, and ``stop`` for any other ending, or when it named none (Workers
+    AI's answers carry no finish reason).
     """
     if tool_calls:
         return "tool_calls"
-    if raw is None:
-        return None
     return cast(FinishReason, raw) if raw in _FINISH_REASONS else "stop"
 
 
@@ -352,19 +352,24 @@ class ExecutorStage:
     async def _prepare(self, envelope: Envelope) -> Outcome | None:
         """Check what only the executor can and resolve the request's images; an error outcome, or ``None`` to go on.
 
-        A JSON Schema that is not a valid schema is ``invalid_request``; an
-        image reference missing from the blob store is ``invalid_request``; a
-        blob store that cannot be read is ``service_unavailable``.
+        A JSON Schema that is not a valid schema, and stored image bytes that
+        are not the type their reference names, are ``invalid_request``; an
+        image reference missing from the blob store (or not matching its hash)
+        and a blob store that cannot be read are ``service_unavailable``.
         """
         request = envelope.request
         assert request is not None
         problem = schema_problems(request.response_format, request.tools)
         if problem is None:
             try:
-                self._messages[envelope.id] = await resolve_images(request.chat_messages(), self.blobs)
+                self._messages[envelope.id] = await resolve_images(
+                    request.chat_messages(), self.blobs, max_bytes=self.config.images.max_bytes
+                )
                 return None
-            except MissingBlobError as exc:
+            except ImageError as exc:  # bytes a producer stored that are no image of the type named
                 problem = str(exc)
+            except MissingBlobError as exc:  # lost or unshared state: the pipeline's, and a retry may work
+                return Outcome(status="error", error=ErrorInfo(type="service_unavailable", message=str(exc)))
             except Exception as exc:  # the store is down: the request cannot be sent with its images
                 log.warning("request %s: blob store unreadable: %s", envelope.id, type(exc).__name__)
                 return Outcome(
@@ -392,6 +397,8 @@ class ExecutorStage:
                 )
             )
         outcome.parts = parts
+        if outcome.status == "error":  # no answer: what was generated is the invalid answers' (tokens)
+            outcome.usage = total_usage(parts)
         return outcome
 
     async def _candidate_turn(

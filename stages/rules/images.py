@@ -60,15 +60,27 @@ def decode_data_uri(url: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tu
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"image `data:` URI is not valid base64: {exc}") from exc
+    check_image_bytes(media_type, raw, max_bytes=max_bytes)
+    return media_type, raw
+
+
+def check_image_bytes(media_type: str, raw: bytes, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+    """Check that ``raw`` is a non-empty image of ``media_type`` of at most ``max_bytes`` bytes.
+
+    Raises:
+        ImageError: empty, over the limit, a media type outside ``IMAGE_MEDIA_TYPES``, or first
+            bytes that are not that type's signature.
+    """
+    if media_type not in IMAGE_MEDIA_TYPES:
+        raise ImageError(f"image media type {media_type[:40]!r} is not one of {', '.join(sorted(IMAGE_MEDIA_TYPES))}")
     if len(raw) > max_bytes:
         raise ImageError(f"image of {len(raw)} bytes is over the limit of {max_bytes} bytes")
     if not raw:
-        raise ImageError("the image `data:` URI holds no bytes")
+        raise ImageError("the image holds no bytes")
     if not any(raw.startswith(magic) for magic in _MAGIC[media_type]) or (
         media_type == "image/webp" and raw[8:12] != b"WEBP"
     ):
         raise ImageError(f"the image's bytes are not {media_type} (its first bytes do not match)")
-    return media_type, raw
 
 
 def reference_for(media_type: str, raw: bytes) -> str:

@@ -128,3 +128,21 @@ def test_control_characters_in_a_value_never_reach_the_terminal() -> None:
     text = formatter(TOPICS, TOPICS.requests)(_record(TOPICS.requests, request))
     assert "\n" not in text and "\x1b" not in text
     assert "id\\nnl" in text and "bad\\nmodel\\x1b[2J" in text and "eve\\nmallory" in text
+
+
+def test_tool_calls_are_shown_in_responses_and_chunks() -> None:
+    from datetime import UTC, datetime
+
+    from pipeline.cli.lines import _chunk, _response
+    from schemas.request import FunctionCall, ToolCall
+    from schemas.response import AIResponse
+    from schemas.stream import FunctionDelta, StreamChunk, ToolCallDelta
+
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city":"Paris"}'))
+    line = _response(AIResponse(id="r", status="ok", provider="openai", model="gpt-4o", tool_calls=[call]))
+    assert line.endswith('finish=tool_calls get_weather({"city":"Paris"}) id=call_1')
+    piece = FunctionDelta(name="get_weather", arguments="{")
+    delta = ToolCallDelta(index=0, id="call_1", type="function", function=piece)
+    at = datetime.now(UTC)
+    chunk = StreamChunk(id="r", seq=0, generation="g", delta="", attempt=0, tool_call_deltas=[delta], at=at)
+    assert _chunk(chunk).endswith("'' tool[0] get_weather id=call_1 +'{'")

@@ -70,3 +70,16 @@ async def test_a_missing_blob_and_a_bad_image_are_clear_errors(tmp_path: Path) -
         await offload_images(image_request(URI), store, max_bytes=8)
     with pytest.raises(ImageError, match="media type"):
         await offload_images(image_request(URI.replace("image/png", "image/tiff")), store)
+
+
+async def test_stored_bytes_are_checked_when_read_back(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    junk = b"not an image at all"
+    digest = hashlib.sha256(junk).hexdigest()
+    await store.put(digest, junk)  # as a direct producer might
+    with pytest.raises(ImageError, match="are not image/png"):
+        await resolve_images(list(image_request(f"aipipe-blob:image/png;sha256:{digest}").messages or []), store)
+    png_digest = hashlib.sha256(RAW).hexdigest()
+    (tmp_path / png_digest).write_bytes(RAW + b"tampered")
+    with pytest.raises(MissingBlobError, match="does not match its SHA-256"):
+        await resolve_images(list(image_request(f"aipipe-blob:image/png;sha256:{png_digest}").messages or []), store)

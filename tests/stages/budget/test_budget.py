@@ -507,3 +507,26 @@ def test_cost_book_days_follow_the_time_zone() -> None:
     assert [(d.date, d.total_cost_usd) for d in book.daily_costs(1, at)] == [(date(2026, 3, 5), 1.0)]
     assert book.budget_status("user:alice", at).daily.spent_usd == 1.0
     assert book.budget_status("user:alice", at + timedelta(hours=23)).daily.spent_usd == 0.0
+
+
+def test_cost_book_charges_each_line_of_an_event_to_its_own_provider() -> None:
+    from schemas.events import CostLine
+
+    now = datetime(2026, 3, 4, 12, tzinfo=UTC)
+    book = CostBook()
+    line_usage = Usage(prompt_tokens=10, completion_tokens=6, total_tokens=16)
+    event = msgspec.structs.replace(
+        _event("fallback", 0.03, now, user=None, provider="openai", tokens=16),
+        lines=[
+            CostLine(provider="cloudflare", model="llama", usage=line_usage, cost_usd=0.01),
+            CostLine(provider="openai", model="m", usage=line_usage, cost_usd=0.02),
+        ],
+    )
+    assert book.add_cost(event)
+    summary = book.cost_summary()
+    assert summary["cloudflare"].total_cost_usd == pytest.approx(0.01) and summary["cloudflare"].request_count == 0
+    assert summary["openai"].total_cost_usd == pytest.approx(0.02) and summary["openai"].request_count == 1
+    assert summary["cloudflare"].total_tokens == summary["openai"].total_tokens == 16
+    day_start = datetime(2026, 3, 4, tzinfo=UTC)
+    assert book.spent("cloudflare", day_start, now) == Decimal("0.01")
+    assert book.spent("global", day_start, now) == Decimal("0.03")
