@@ -354,13 +354,15 @@ async def _run_scenario(
             watch.add(record)
 
     try:
-        # 3. The first half; once half of its provider calls have arrived, a hold at the emulator:
+        # 3. The first half; once a fifth of its provider calls have arrived, a hold at the emulator:
         #    calls arriving from then on wait there, so the victim surely has calls in flight when
-        #    it dies. (Counting calls, not answers: the executors run ahead of the recorder.)
+        #    it dies. A fifth, not a half: with a half, a victim that started first could have made
+        #    all of its share before the hold (seen once on a loaded machine), and hold nothing.
+        #    (Counting calls, not answers: the executors run ahead of the recorder.)
         await anyio.to_thread.run_sync(publish, range(HALF))
         await _wait_for(
-            lambda: len(emu.calls()) >= HALF // 2,
-            "half the first calls",
+            lambda: len(emu.calls()) >= HALF // 5,
+            "a fifth of the first calls",
             procs,
             timeout_s=60,
             abort=failures,
