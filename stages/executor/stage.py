@@ -299,8 +299,9 @@ class ExecutorStage:
         refused = await self._prepare(envelope)
         if refused is not None:
             return refused
-        prompt = PromptTokens(prompt_messages(request))
-        prompt_estimate = estimate_messages_tokens(prompt_messages(request))  # RPM/TPM charges, corrected after
+        counted = prompt_messages(request)
+        prompt = PromptTokens(counted)
+        prompt_estimate = estimate_messages_tokens(counted)  # RPM/TPM charges, corrected after
         remaining = list(envelope.candidates)
         calls: dict[str, int] = {}  # calls made per provider, kept across rate-limit waits
         saturated: list[tuple[Candidate, float]] = []  # no room yet: (candidate, wait s)

@@ -120,7 +120,6 @@ from msgspec import Meta, Struct
 
 from pipeline.errors import ContentFilterError, InvalidRequestError, UntranslatableRequestError
 from schemas.request import (
-    BLOB_URL_PREFIX,
     FunctionCall,
     ImagePart,
     JsonObjectFormat,
@@ -131,7 +130,15 @@ from schemas.request import (
     ToolChoice,
 )
 from schemas.response import Usage
-from stages.providers.base import ProviderCall, ProviderResult, StreamDelta, StreamEnd, StreamEvent, StreamToolDelta
+from stages.providers.base import (
+    ProviderCall,
+    ProviderResult,
+    StreamDelta,
+    StreamEnd,
+    StreamEvent,
+    StreamToolDelta,
+    refuse_blob_reference,
+)
 from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.images import ImageError, decode_data_uri
@@ -194,11 +201,7 @@ def compact_json(value: Any) -> str:
 
 def _image_block(url: str, provider: str) -> dict[str, Any]:
     """An image part as an Anthropic ``image`` block: base64 source for a ``data:`` URI, url source for https."""
-    if url.startswith(BLOB_URL_PREFIX):
-        raise InvalidRequestError(
-            f"{provider}: an image is an unresolved blob reference; the executor resolves it before the call",
-            provider=provider,
-        )
+    refuse_blob_reference(url, provider)
     if url.startswith("data:"):
         try:
             media_type, _ = decode_data_uri(url, max_bytes=_NO_IMAGE_LIMIT)

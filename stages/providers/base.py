@@ -8,7 +8,8 @@ from typing import Protocol
 import httpx
 from msgspec import Struct
 
-from schemas.request import Message, ResponseFormat, Tool, ToolCall, ToolChoice
+from pipeline.errors import InvalidRequestError
+from schemas.request import BLOB_URL_PREFIX, Message, ResponseFormat, Tool, ToolCall, ToolChoice
 from schemas.response import Usage
 from stages.rules.continuation import CONTINUE_INSTRUCTION
 
@@ -21,6 +22,19 @@ __all__ = [
     "StreamEnd",
     "StreamToolDelta",
 ]
+
+
+def refuse_blob_reference(url: str, provider: str) -> None:
+    """Refuse an image still given as a blob reference: the executor resolves those before any call.
+
+    Raises:
+        InvalidRequestError: when ``url`` is an ``aipipe-blob:`` reference.
+    """
+    if url.startswith(BLOB_URL_PREFIX):
+        raise InvalidRequestError(
+            f"{provider}: an image is an unresolved blob reference; the executor resolves it before the call",
+            provider=provider,
+        )
 
 
 class ProviderCall(Struct, kw_only=True, frozen=True):

@@ -90,7 +90,6 @@ from msgspec import Meta, Struct
 
 from pipeline.errors import AuthenticationError, InvalidRequestError, UntranslatableRequestError
 from schemas.request import (
-    BLOB_URL_PREFIX,
     FunctionCall,
     ImagePart,
     JsonObjectFormat,
@@ -109,9 +108,10 @@ from stages.providers.base import (
     StreamEnd,
     StreamEvent,
     StreamToolDelta,
+    refuse_blob_reference,
 )
 from stages.providers.classify import before_sending, classify_response, malformed_response, parse_guarded, post_json
-from stages.providers.openai import tool_calls_to_wire
+from stages.providers.openai import with_tool_fields
 from stages.providers.sse import open_events, stream_cut
 from stages.rules.images import ImageError, data_uri, decode_data_uri
 from stages.rules.tokens import estimate_messages_tokens, estimate_tokens
@@ -234,11 +234,7 @@ async def read_events(events: AsyncIterator[Any], call: ProviderCall, provider: 
 
 def _image_url(url: str, provider: str) -> str:
     """An image part's URL as the ``data:`` URI Workers AI takes (module docstring)."""
-    if url.startswith(BLOB_URL_PREFIX):
-        raise InvalidRequestError(
-            f"{provider}: an image is an unresolved blob reference; the executor resolves it before the call",
-            provider=provider,
-        )
+    refuse_blob_reference(url, provider)
     if not url.startswith("data:"):
         raise UntranslatableRequestError(
             f"{provider}: Workers AI takes image bytes only; aipipe does not fetch URLs (got an https image URL)",
@@ -266,12 +262,7 @@ def _message_to_wire(m: Message, provider: str) -> dict[str, Any]:
             content = m.text()
     elif content is None:
         content = ""
-    wire: dict[str, Any] = {"role": m.role, "content": content}
-    if m.tool_calls:
-        wire["tool_calls"] = tool_calls_to_wire(m.tool_calls)
-    if m.tool_call_id is not None:
-        wire["tool_call_id"] = sanitize_tool_call_id(m.tool_call_id)
-    return wire
+    return with_tool_fields({"role": m.role, "content": content}, m)
 
 
 def tools_to_wire(tools: list[Tool]) -> list[dict[str, Any]]:

@@ -110,9 +110,8 @@ import httpx
 import msgspec
 from msgspec import Meta, Struct
 
-from pipeline.errors import ContentFilterError, InvalidRequestError
+from pipeline.errors import ContentFilterError
 from schemas.request import (
-    BLOB_URL_PREFIX,
     FunctionCall,
     ImagePart,
     JsonObjectFormat,
@@ -133,6 +132,7 @@ from stages.providers.base import (
     StreamEnd,
     StreamEvent,
     StreamToolDelta,
+    refuse_blob_reference,
 )
 from stages.providers.classify import before_sending, malformed_response, parse_guarded, post_json
 from stages.providers.sse import open_events, stream_cut
@@ -226,12 +226,7 @@ def _message_to_wire(m: Message, provider: str) -> dict[str, Any]:
         for part in m.content:
             if isinstance(part, ImagePart):
                 url = part.image_url.url
-                if url.startswith(BLOB_URL_PREFIX):
-                    raise InvalidRequestError(
-                        f"{provider}: an image is an unresolved blob reference; the executor resolves it before "
-                        "the call",
-                        provider=provider,
-                    )
+                refuse_blob_reference(url, provider)
                 image: dict[str, Any] = {"url": url}
                 if part.image_url.detail is not None:
                     image["detail"] = part.image_url.detail
@@ -239,7 +234,11 @@ def _message_to_wire(m: Message, provider: str) -> dict[str, Any]:
             else:
                 parts.append({"type": "text", "text": part.text})
         content = parts
-    wire: dict[str, Any] = {"role": m.role, "content": content}
+    return with_tool_fields({"role": m.role, "content": content}, m)
+
+
+def with_tool_fields(wire: dict[str, Any], m: Message) -> dict[str, Any]:
+    """``wire`` (one message in OpenAI's shape) with ``m``'s ``tool_calls`` and ``tool_call_id``, ids sanitised."""
     if m.tool_calls:
         wire["tool_calls"] = tool_calls_to_wire(m.tool_calls)
     if m.tool_call_id is not None:

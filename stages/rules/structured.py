@@ -128,11 +128,6 @@ def schema_problems(response_format: ResponseFormat | None, tools: list[Tool] | 
     return None
 
 
-def check_schema(response_format: ResponseFormat | None) -> str | None:
-    """Why the request's ``json_schema`` is unusable (``None``: it is fine, or there is none)."""
-    return schema_problems(response_format)
-
-
 def answer_problem(response_format: ResponseFormat | None, content: str | None) -> str | None:
     """Why ``content`` does not hold to ``response_format`` (``None``: it does).
 

@@ -15,7 +15,7 @@ from schemas.request import AIRequest, FunctionCall, JsonSchemaFormat, ResponseF
 from stages.rules.cache_key import cache_key
 from stages.rules.catalog import deployment_lacks, model_info
 from stages.rules.images import ImageError, decode_data_uri, reference_for
-from stages.rules.structured import answer_problem, check_schema, schema_problems, tool_choice_problem
+from stages.rules.structured import answer_problem, schema_problems, tool_choice_problem
 from stages.rules.tool_ids import TOOL_CALL_ID_PATTERN, sanitize_tool_call_id, synthesized_tool_call_id
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
@@ -159,7 +159,7 @@ def test_structured_answers_are_validated_against_their_schema() -> None:
     assert answer_problem(json_object, "[1]") == "not a JSON object" and answer_problem(json_object, "{}") is None
     assert answer_problem(None, "anything") is None
     bad = fmt({"type": "integer", "minimum": "zero"})
-    assert isinstance(bad, JsonSchemaFormat) and "not a valid JSON Schema" in (check_schema(bad) or "")
+    assert isinstance(bad, JsonSchemaFormat) and "not a valid JSON Schema" in (schema_problems(bad) or "")
 
 
 # --- images -------------------------------------------------------------------------------------
