@@ -17,7 +17,14 @@ CircuitState = Literal["CLOSED", "OPEN", "HALF_OPEN"]
 
 
 class Health(Struct, tag="health", tag_field="type", kw_only=True):
-    """Outcome of one provider call (``source`` ``attempt``) or probe (``probe``); latency in ms."""
+    """Outcome of one provider call (``source`` ``attempt``) or probe (``probe``); latency in ms.
+
+    ``usage`` (tokens) and ``cost_usd`` (USD, at the price table) are what an
+    attempt that returned usage will be billed by its provider, published as
+    the call ends (DESIGN A11): a call made again after a redelivery has its
+    own event, so an audit can set the calls providers invoice against the
+    requests answered. ``None`` for failed calls and probes.
+    """
 
     provider: str
     model: str
@@ -29,6 +36,8 @@ class Health(Struct, tag="health", tag_field="type", kw_only=True):
     request_id: str | None = None
     retry_after_s: float | None = None
     at: datetime
+    usage: Usage | None = None
+    cost_usd: float | None = None
 
 
 class CircuitTransition(Struct, tag="circuit_transition", tag_field="type", kw_only=True):
@@ -195,6 +204,10 @@ class CostEvent(Struct, kw_only=True):
     ``prices``) or ``default`` (its ``cost_per_token``); ``usage_source`` is
     ``estimated`` when the provider reported no usage and the tokens were
     counted (an ``openai_compatible`` server that sends none).
+
+    ``requests`` is how many requests the event stands for: 1, except for the
+    roll-ups a restore writes (ids ``restored-...``, DESIGN A11), which sum
+    the spend of many older requests per user, provider and model.
     """
 
     id: str
@@ -210,6 +223,7 @@ class CostEvent(Struct, kw_only=True):
     at: datetime
     lines: list[CostLine] = []
     status: Literal["ok", "stream_interrupted", "cancelled", "invalid_response"] = "ok"
+    requests: int = 1
 
 
 class DeadLetter(Struct, kw_only=True):

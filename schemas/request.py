@@ -19,6 +19,8 @@ Role = Literal["system", "user", "assistant", "tool"]
 MAX_ID_CHARS = 256
 #: Default overall deadline of a request (ms), DESIGN A8.
 DEFAULT_TIMEOUT_MS = 60_000
+#: The longest deadline a request may ask for (ms): one hour.
+MAX_TIMEOUT_MS = 3_600_000
 #: ``max_tokens`` used when a request leaves it out (tokens).
 DEFAULT_MAX_TOKENS = 1024
 #: ``temperature`` used when a request leaves it out (OpenAI's documented default).
@@ -264,7 +266,7 @@ class AIRequest(Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     user: Annotated[str, Meta(max_length=256)] | None = None
     metadata: dict[str, Any] | None = None
     cache: CacheOptions | None = None
-    timeout_ms: Annotated[int, Meta(gt=0, le=3_600_000)] = DEFAULT_TIMEOUT_MS
+    timeout_ms: Annotated[int, Meta(gt=0, le=MAX_TIMEOUT_MS)] = DEFAULT_TIMEOUT_MS
     providers: list[str] | None = None
     stream: bool = False
     stream_resume: bool | None = None

@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "stages.recorder",
             "stages.breaker",
             "stages.health",
+            "stages.archive",
         ),
     ),
     ("assembly", ("pipeline.assembly",)),
@@ -52,7 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 #: The stage packages: none imports another (``stages.providers`` is imported by the stages that call providers).
 STAGE_PACKAGES = tuple(
-    f"stages.{n}" for n in ("cache", "budget", "router", "executor", "recorder", "breaker", "health")
+    f"stages.{n}" for n in ("cache", "budget", "router", "executor", "recorder", "breaker", "health", "archive")
 )
 
 #: The public face: it may name the client lazily (PEP 562) and under ``TYPE_CHECKING``.

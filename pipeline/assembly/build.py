@@ -26,10 +26,12 @@ from pipeline.runtime.http_client import ProviderHttpClient
 from pipeline.runtime.messages import CONTROL_DECODER, COST_DECODER
 from pipeline.runtime.runner import Emit, Stage, StageRunner
 from pipeline.runtime.settings import Settings
+from pipeline.stores.archive_store import FileArchive
 from pipeline.stores.blob_store import BlobStore, open_blob_store
 from pipeline.stores.budget_store import BudgetStore, open_budget_store
 from pipeline.stores.cache_store import build_cache_store
 from pipeline.stores.rate_limit_store import open_rate_limiter
+from stages.archive.stage import ArchiveStage
 from stages.breaker.stage import BreakerStage
 from stages.budget.stage import BudgetGateStage
 from stages.cache.stage import CacheLookupStage
@@ -52,6 +54,8 @@ log = logging.getLogger("aipipe.app")
 #: The five stages on the request path, in pipeline order; ``aipipe run`` runs ``ALL_STAGES`` (DESIGN A6).
 PIPELINE_STAGES: tuple[str, ...] = ("cache", "budget", "router", "executor", "recorder")
 ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
+#: What ``aipipe run`` runs by default: the seven stages and the archive (DESIGN A11), off the request path.
+RUN_STAGES: tuple[str, ...] = (*ALL_STAGES, "archive")
 #: A draining stage stops once it has fetched nothing for this long (s) after the stages before it stopped.
 DRAIN_QUIET_S = 0.3
 
@@ -81,10 +85,12 @@ class Pipeline:
         settings: runtime settings (topics, concurrency).
         resolved: configuration and provider endpoints (emulator rule applied).
         bus: a started bus.
-        stages: stage names to run (subset of ``ALL_STAGES``).
+        stages: stage names to run (subset of ``RUN_STAGES``).
         prices: price table (default: the packaged one).
         rate_limiter: RPM/TPM limiter shared by this process's router and
             executor (default: Redis-shared with ``AIPIPE_REDIS_URL``, else in-process).
+        broker_id: the identity of the broker's current run, for the archive
+            (``pipeline.bus.discovery.BrokerHandle.broker_id``).
 
     Raises:
         ValueError: for an unknown stage, or an invalid ``strategy``/``weights`` in the configuration.
@@ -99,15 +105,18 @@ class Pipeline:
         stages: Sequence[str] = PIPELINE_STAGES,
         prices: PriceTable | None = None,
         rate_limiter: RateLimiter | None = None,
+        broker_id: Callable[[], str] = lambda: "memory",
     ) -> None:
-        unknown = [s for s in stages if s not in ALL_STAGES]
+        unknown = [s for s in stages if s not in RUN_STAGES]
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(RUN_STAGES)}")
+        self.broker_id = broker_id
+        self._archive: FileArchive | None = None
         self.settings = settings
         self.resolved = resolved
         self.config: PipelineConfig = resolved.config
         self.bus = bus
-        self.stage_names = [s for s in ALL_STAGES if s in stages]
+        self.stage_names = [s for s in RUN_STAGES if s in stages]
         self.topics = settings.topics
         self.prices = (prices or PriceTable.load()).with_deployments(self.config)
         # Redis (AIPIPE_REDIS_URL) shares the cache between replicas; in-process it is shared by this
@@ -143,6 +152,16 @@ class Pipeline:
             self._blobs = open_blob_store(self.settings.redis_url, self.settings.home, prefix=self.topics.prefix)
             self._exit.push_async_callback(self._blobs.aclose)
         return self._blobs
+
+    def archive_store(self) -> FileArchive:
+        """The process's archive (DESIGN A11): files under ``AIPIPE_ARCHIVE_DIR`` (default ``$AIPIPE_HOME/archive``)."""
+        if self._archive is None:
+            cfg = self.config.archive
+            self._archive = FileArchive(
+                self.settings.archive_path, self.topics, flush_ms=cfg.flush_ms, retention_days=cfg.retention()
+            )
+            self._exit.push_async_callback(self._archive.aclose)
+        return self._archive
 
     def _budget_store(self) -> BudgetStore:
         """The process's one budget store, shared by the gate and the executor (Redis when configured)."""
@@ -223,6 +242,8 @@ class Pipeline:
                 health = HealthStage(t, self.config, build_adapters(self.resolved), client)
                 self.control_feed.subscribe(health.on_control)
                 stage = health
+            elif name == "archive":
+                stage = ArchiveStage(t, self.archive_store(), self.config.archive.topics, self.broker_id)
             else:
                 log.info("stage %s is not built yet; skipping", name)
                 continue
@@ -233,7 +254,7 @@ class Pipeline:
                     stage,
                     group=f"{self.topics.prefix}{name}",
                     deadletter_topic=t.deadletter,
-                    keyed_by_request_id=t.keyed_by_request_id(stage.input_topic),
+                    keyed_by_request_id=name != "archive" and t.keyed_by_request_id(stage.input_topic),
                     carries_request_key=t.carries_request_key,
                     beside_path=t.is_stream_topic,
                     max_in_flight=self.settings.max_in_flight,
@@ -333,11 +354,12 @@ class Pipeline:
         in-flight messages at once (one log line each, offsets uncommitted).
         """
         chain = [r for r in self.runners if r.stage.name in PIPELINE_STAGES]
-        others = [r for r in self.runners if r not in chain]
+        archive = [r for r in self.runners if r.stage.name == "archive"]  # last: it keeps what the others wrote
+        others = [r for r in self.runners if r not in chain and r not in archive]
         for runner in others:
             runner.stop()
         with anyio.move_on_after(self.drain_grace_s):
-            for i, runner in enumerate(chain):
+            for i, runner in enumerate(chain + archive):
                 if i > 0:
                     while runner.quiet_for_s() < DRAIN_QUIET_S:
                         await anyio.sleep(0.05)

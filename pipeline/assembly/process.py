@@ -8,12 +8,13 @@ same everywhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.bus.discovery import resolve_broker
+from pipeline.bus.discovery import BrokerHandle, resolve_broker
+from pipeline.bus.embedded import EmbeddedBroker
 from pipeline.bus.kafka import KafkaBus, KafkaSettings
 from pipeline.bus.memory import MemoryBus
 from pipeline.bus.protocol import Bus
@@ -36,11 +37,22 @@ class OpenBus:
     kind: BusKind
     bootstrap: str | None
     owns_broker: bool
+    handle: BrokerHandle | None = None
+
+    @property
+    def broker_id(self) -> str:
+        """The identity of the broker's current run (``memory`` for the in-process bus), see ``BrokerHandle``."""
+        return self.handle.broker_id if self.handle is not None else "memory"
 
 
 @asynccontextmanager
 async def open_bus(
-    kind: BusKind, env: Mapping[str, str], *, start_broker: bool, force_new_broker: bool = False
+    kind: BusKind,
+    env: Mapping[str, str],
+    *,
+    start_broker: bool,
+    force_new_broker: bool = False,
+    on_new_broker: Callable[[EmbeddedBroker], Awaitable[None]] | None = None,
 ) -> AsyncIterator[OpenBus]:
     """Open a bus of ``kind``; Kafka finds its broker as DESIGN A6 says.
 
@@ -49,6 +61,8 @@ async def open_bus(
         env: environment (``AIPIPE_KAFKA_BOOTSTRAP``, ``AIPIPE_HOME``, Kafka settings).
         start_broker: start the embedded broker when no broker is found.
         force_new_broker: always start a private embedded broker (``demo``).
+        on_new_broker: awaited with a new shared embedded broker before the
+            runtime file names it (``aipipe run``'s restore).
 
     Raises:
         NoBrokerError: Kafka, nothing found and ``start_broker`` false.
@@ -66,13 +80,15 @@ async def open_bus(
         lookup_env = dict(env)
         if force_new_broker:
             lookup_env.pop("AIPIPE_KAFKA_BOOTSTRAP", None)
-        handle = await resolve_broker(lookup_env, start_if_missing=start_broker, force_new=force_new_broker)
+        handle = await resolve_broker(
+            lookup_env, start_if_missing=start_broker, force_new=force_new_broker, on_new_broker=on_new_broker
+        )
         stack.push_async_callback(handle.close)
         stack.callback(at_hard_exit(handle.forget_now))
         kafka = KafkaBus(handle.bootstrap, KafkaSettings.from_env(env))
         await kafka.start()
         stack.push_async_callback(kafka.stop)
-        yield OpenBus(kafka, "kafka", handle.bootstrap, handle.owned is not None)
+        yield OpenBus(kafka, "kafka", handle.bootstrap, handle.owned is not None, handle)
 
 
 def load_config(settings: Settings, env_name: str | None = None) -> PipelineConfig:

@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "aipipe_home",
     "read_runtime_broker",
     "read_runtime_broker_async",
+    "read_runtime_broker_id",
     "remove_runtime_file",
     "resolve_broker",
     "runtime_file",
@@ -59,8 +60,15 @@ def runtime_file(env: Mapping[str, str]) -> Path:
     return aipipe_home(env) / "broker"
 
 
-def write_runtime_file(env: Mapping[str, str], address: str) -> None:
-    """Write ``address`` (``host:port``) to the runtime file, atomically, creating its directory.
+def broker_id_file(env: Mapping[str, str]) -> Path:
+    """The file beside the runtime file holding the running embedded broker's id: ``$AIPIPE_HOME/broker.id``."""
+    return aipipe_home(env) / "broker.id"
+
+
+def write_runtime_file(env: Mapping[str, str], address: str, broker_id: str | None = None) -> None:
+    """Write ``address`` (``host:port``) to the runtime file, and ``broker_id`` to ``broker.id``, atomically.
+
+    The id goes first, so a reader that finds the address finds its id. Creates the directory.
 
     Raises:
         OSError: when the directory or the file cannot be written.
@@ -68,6 +76,10 @@ def write_runtime_file(env: Mapping[str, str], address: str) -> None:
     path = runtime_file(env)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if broker_id:
+        id_temporary = path.with_name(f".broker.id.{os.getpid()}.tmp")
+        id_temporary.write_text(broker_id + "\n", encoding="utf-8")
+        os.replace(id_temporary, broker_id_file(env))
     temporary.write_text(address + "\n", encoding="utf-8")
     os.replace(temporary, path)
 
@@ -79,6 +91,15 @@ def _read_runtime_address(env: Mapping[str, str]) -> str | None:
         return None
     lines = text.strip().splitlines()
     return lines[0].strip() if lines and lines[0].strip() else None
+
+
+def read_runtime_broker_id(env: Mapping[str, str]) -> str | None:
+    """The id of the embedded broker the runtime file names (``broker.id``), or ``None``."""
+    try:
+        text = broker_id_file(env).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text.splitlines()[0].strip() if text else None
 
 
 def _answers_sync(address: str, timeout_s: float) -> bool:
@@ -152,6 +173,8 @@ def remove_runtime_file(env: Mapping[str, str], address: str) -> None:
     if _read_runtime_address(env) == address:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            broker_id_file(env).unlink()
 
 
 # --------------------------------------------------------------------------- resolution
@@ -172,14 +195,34 @@ class BrokerHandle:
         env: Mapping[str, str],
         *,
         runtime_file_written: bool = True,
+        broker_id: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.owned = owned
+        self.from_runtime_file = owned is None and broker_id is None and not env.get("AIPIPE_KAFKA_BOOTSTRAP")
+        self._broker_id = broker_id
         self._env = dict(env)
         self._runtime_file_written = runtime_file_written and owned is not None
 
     def __repr__(self) -> str:
         return f"BrokerHandle({self.bootstrap!r}, owned={self.owned is not None})"
+
+    @property
+    def broker_id(self) -> str:
+        """The identity of the broker's current run (DESIGN A11: archived records are keyed by it).
+
+        An embedded broker this process started: its ``instance_id`` (new at
+        every start, so after a rotation too); one found through the runtime
+        file: the id written there (re-read each time); a configured cluster:
+        ``AIPIPE_BROKER_ID``, else ``kafka:<bootstrap>``.
+        """
+        if self.owned is not None:
+            return self.owned.instance_id
+        if self._broker_id is not None:
+            return self._broker_id
+        if self.from_runtime_file:
+            return read_runtime_broker_id(self._env) or f"embedded:{self.bootstrap}"
+        return self._env.get("AIPIPE_BROKER_ID", "").strip() or f"kafka:{self.bootstrap}"
 
     async def __aenter__(self) -> BrokerHandle:
         return self
@@ -234,7 +277,13 @@ async def _runtime_lock(env: Mapping[str, str], timeout_s: float = 30.0) -> Any:
         os.close(fd)
 
 
-async def resolve_broker(env: Mapping[str, str], *, start_if_missing: bool, force_new: bool = False) -> BrokerHandle:
+async def resolve_broker(
+    env: Mapping[str, str],
+    *,
+    start_if_missing: bool,
+    force_new: bool = False,
+    on_new_broker: Callable[[EmbeddedBroker], Awaitable[None]] | None = None,
+) -> BrokerHandle:
     """Find the broker to use (DESIGN A6).
 
     In order: ``AIPIPE_KAFKA_BOOTSTRAP`` when set (not probed: the bus retries
@@ -249,6 +298,9 @@ async def resolve_broker(env: Mapping[str, str], *, start_if_missing: bool, forc
         start_if_missing: whether to start an embedded broker when none is found.
         force_new: start a private embedded broker whatever the environment
             says (``aipipe demo``); the runtime file is neither read nor written.
+        on_new_broker: awaited with a new (shared) embedded broker before its
+            address goes into the runtime file, so no other process sees it
+            before it is ready (``aipipe run`` restores the archive there).
 
     Returns:
         A handle; ``close()`` it when done (it stops the broker only if it started it).
@@ -278,8 +330,10 @@ async def resolve_broker(env: Mapping[str, str], *, start_if_missing: bool, forc
         broker = EmbeddedBroker(log_path=home / "logs" / "broker.log")
         await broker.start()
         try:
-            write_runtime_file(env, broker.address)
-        except OSError:
+            if on_new_broker is not None:
+                await on_new_broker(broker)
+            write_runtime_file(env, broker.address, broker.instance_id)
+        except BaseException:
             await broker.stop()
             raise
     log.info("started the embedded broker at %s (runtime file %s)", broker.address, runtime_file(env))

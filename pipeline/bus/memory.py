@@ -184,7 +184,7 @@ class MemoryBus:
                 key=message.key,
                 value=message.value,
                 headers=tuple(message.headers),
-                timestamp_ms=int(time.time() * 1000),
+                timestamp_ms=message.timestamp_ms if message.timestamp_ms is not None else int(time.time() * 1000),
             )
         )
         if log.waiters:  # wake the waiting readers; with none waiting, the next one finds the record itself

@@ -43,12 +43,17 @@ class Record(msgspec.Struct, frozen=True, gc=False):
 
 
 class Outgoing(msgspec.Struct, frozen=True, gc=False):
-    """One message to publish: topic, value bytes, optional key and headers."""
+    """One message to publish: topic, value bytes, optional key and headers.
+
+    ``timestamp_ms``: the record's timestamp (Unix epoch ms); ``None``: now.
+    A restore sets it to the original record's, so reads by time still find it.
+    """
 
     topic: str
     value: bytes
     key: bytes | None = None
     headers: Headers = ()
+    timestamp_ms: int | None = None
 
 
 class Consumer(Protocol):

@@ -12,26 +12,31 @@ import logging
 import os
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, NoReturn
 
 import anyio
 import msgspec
 
-from pipeline.assembly.build import ALL_STAGES, Pipeline
+from pipeline.assembly.build import RUN_STAGES, Pipeline
 from pipeline.assembly.process import load_config, open_bus, open_providers
+from pipeline.assembly.restore import restore_into
 from pipeline.bench import add_arguments as add_bench_arguments
 from pipeline.bench import run_command
 from pipeline.bus.discovery import NoBrokerError
+from pipeline.bus.embedded import EmbeddedBroker
 from pipeline.bus.protocol import BusError
+from pipeline.cli.archive_commands import add_archive_parser
 from pipeline.cli.cache_commands import add_cache_parser
 from pipeline.cli.cost_commands import add_cost_parsers
 from pipeline.cli.demo.tour import run_demo
 from pipeline.cli.lines import formatter, printable_text
 from pipeline.cli.status_command import add_status_parser
 from pipeline.cli.strategy_commands import add_strategy_parser
+from pipeline.client.archive_reader import SOURCES, TopicReader
 from pipeline.client.pipeline_client import PipelineClient, new_request_id
-from pipeline.client.replay import audit, decode_all, parse_time, read_range, reprice, stream_topics_of
+from pipeline.client.replay import audit, decode_all, parse_time, reconcile_calls, reprice, stream_topics_of
 from pipeline.emulator import load_profile, serve_forever
 from pipeline.errors import AIProviderError, StreamInterruptedError
 from pipeline.runtime import telemetry
@@ -39,8 +44,9 @@ from pipeline.runtime.logs import setup_logging
 from pipeline.runtime.settings import Settings
 from pipeline.runtime.signals import drain_on_signal
 from pipeline.serve.openai_server import run_server
+from pipeline.stores.archive_store import FileArchive
 from pipeline.stores.blob_store import open_blob_store
-from schemas.events import CostEvent
+from schemas.events import CostEvent, Health
 from schemas.request import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TIMEOUT_MS, AIRequest
 from schemas.response import AIResponse
 from schemas.stream import StreamChunk
@@ -49,6 +55,10 @@ from stages.rules.pricing import PriceTable
 log = logging.getLogger("aipipe.cli")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+SOURCE_HELP = (
+    "where to read: the archive on disk, the broker, or auto (the archive, plus what the broker holds that it "
+    "does not yet; default)"
+)
 
 
 class CliError(Exception):
@@ -79,17 +89,24 @@ async def _run(args: argparse.Namespace) -> int:
         env["AIPIPE_EMULATE"] = "1"
     settings = Settings.from_env(env)
     config = load_config(settings)
-    stages = args.stage or list(ALL_STAGES)
+    stages = args.stage or [s for s in RUN_STAGES if s != "archive" or config.archive.enabled]
+    restore_on = config.archive.restore and not args.no_restore
+
+    async def on_new_broker(broker: EmbeddedBroker) -> None:
+        # A new embedded broker is empty: put the archive's compact state in before anyone uses it (A11).
+        if restore_on:
+            await restore_into(broker.address, env, settings, config)
+
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     try:  # tracing as OTEL_* / LOG_LEVEL say; /metrics when a port is set (flushed at exit by the SDK)
         telemetry.install(telemetry.Telemetry.from_env(env, metrics_port=metrics_port))
     except OSError as exc:
         raise CliError(f"cannot serve metrics on port {metrics_port}: {exc}") from exc
-    async with open_bus("kafka", env, start_broker=True) as opened:
+    async with open_bus("kafka", env, start_broker=True, on_new_broker=on_new_broker) as opened:
         origin = "started embedded broker" if opened.owns_broker else "using broker"
         log.info("%s at %s (stages: %s)", origin, opened.bootstrap, ", ".join(stages))
         async with open_providers(settings, config) as resolved, anyio.create_task_group() as tg:
-            pipeline = Pipeline(settings, resolved, opened.bus, stages=stages)
+            pipeline = Pipeline(settings, resolved, opened.bus, stages=stages, broker_id=lambda: opened.broker_id)
 
             tg.start_soon(drain_on_signal, pipeline.stop)
             async with pipeline:
@@ -101,6 +118,28 @@ async def _run(args: argparse.Namespace) -> int:
                 await pipeline.wait_stopped()
             tg.cancel_scope.cancel()
     return EXIT_OK
+
+
+@asynccontextmanager
+async def _topic_reader(
+    args: argparse.Namespace, env: dict[str, str], settings: Settings
+) -> AsyncIterator[TopicReader]:
+    """A reader of ``--source`` (archive, broker or auto); ``auto`` without a running broker reads the archive."""
+    config = load_config(settings)
+    archive = FileArchive(settings.archive_path, settings.topics, retention_days=config.archive.retention())
+    if args.source == "archive":
+        yield TopicReader("archive", archive, None, None, args.idle_s)
+        return
+    async with AsyncExitStack() as stack:
+        try:
+            opened = await stack.enter_async_context(open_bus("kafka", env, start_broker=False))
+        except NoBrokerError:
+            if args.source == "broker" or not archive.topic_dirs():
+                raise
+            print("no broker is running: reading the archive only", file=sys.stderr, flush=True)
+            yield TopicReader("archive", archive, None, None, args.idle_s)
+            return
+        yield TopicReader(args.source, archive, opened.bus, opened.broker_id, args.idle_s)
 
 
 # --- send ------------------------------------------------------------------------------------
@@ -281,8 +320,8 @@ async def _replay(args: argparse.Namespace) -> int:
             if not console.is_terminal and seen % REPLAY_PROGRESS_EVERY == 0:
                 print(f"read {seen} records of {topic} ...", file=sys.stderr, flush=True)
 
-        async with open_bus("kafka", env, start_broker=False) as opened:
-            records = await read_range(opened.bus, topic, since, until, idle_s=args.idle_s, on_record=progress)
+        async with _topic_reader(args, env, settings) as reader:
+            records = await reader.read(topic, since, until, on_record=progress)
     print(f"read {seen} records of {topic}", file=sys.stderr, flush=True)
     if args.out:
         try:
@@ -351,19 +390,21 @@ async def _audit(args: argparse.Namespace) -> int:
     if until is not None and until <= since:
         raise UsageError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     t = settings.topics
-    async with open_bus("kafka", env, start_broker=False) as opened:
-        requests = await read_range(opened.bus, t.requests, since, until, idle_s=args.idle_s)
-        responses, _ = decode_all(
-            await read_range(opened.bus, t.responses, since, None, idle_s=args.idle_s), AIResponse
-        )
-        costs, _ = decode_all(await read_range(opened.bus, t.costs, since, None, idle_s=args.idle_s), CostEvent)
+    async with _topic_reader(args, env, settings) as reader:
+        requests = await reader.read(t.requests, since, until)
+        responses, _ = decode_all(await reader.read(t.responses, since, None), AIResponse)
+        costs, _ = decode_all(await reader.read(t.costs, since, None), CostEvent)
+        health, _ = decode_all(await reader.read(t.control, since, None), Health)  # other control events: skipped
         chunks: list[StreamChunk] = []
         topics = sorted(stream_topics_of(requests, t))  # ai.stream and the private topics requests named
-        await opened.bus.ensure_topics(topics)
-        for topic in topics:
-            found, _ = decode_all(await read_range(opened.bus, topic, since, None, idle_s=args.idle_s), StreamChunk)
-            chunks.extend(found)
+        if reader.bus is not None:  # stream chunks are not archived by default: the broker's only
+            await reader.bus.ensure_topics(topics)
+            stream_reader = TopicReader("broker", None, reader.bus, reader.broker_id, args.idle_s)
+            for topic in topics:
+                found, _ = decode_all(await stream_reader.read(topic, since, None), StreamChunk)
+                chunks.extend(found)
     report = audit(requests, responses, costs, chunks)
+    reconcile_calls(report, health, costs)
     if args.json:
         print(json.dumps(report.to_dict()))
         return EXIT_OK if report.clean else EXIT_FAIL
@@ -391,6 +432,31 @@ async def _audit(args: argparse.Namespace) -> int:
     console.print(table)
     for provider, total in report.totals_usd.items():
         console.print(f"  {provider}: ${total:.10f}")
+    if report.calls:
+        calls = Table(title="provider calls (what providers invoice) against the ledger")
+        for column in (
+            "provider",
+            "calls",
+            "billed USD",
+            "requests answered",
+            "ledger USD",
+            "repeated calls",
+            "repeated USD",
+        ):
+            calls.add_column(column, justify="left" if column == "provider" else "right")
+        for provider, c in report.calls.items():
+            calls.add_row(
+                provider,
+                str(c.calls),
+                f"{c.billed_usd:.10f}",
+                str(c.answered),
+                f"{c.ledger_usd:.10f}",
+                str(c.repeated_calls),
+                f"{c.repeated_usd:.10f}",
+            )
+        console.print(calls)
+        if report.repeated_call_ids:
+            console.print(f"requests with repeated calls (first 10): {', '.join(report.repeated_call_ids[:10])}")
     console.print("[green]clean[/]" if report.clean else "[red]problems found[/]")
     return EXIT_OK if report.clean else EXIT_FAIL
 
@@ -462,8 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"aipipe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", help="run pipeline stages (all seven by default)")
-    p.add_argument("--stage", action="append", choices=ALL_STAGES, help="stage to run (repeatable)")
+    p = sub.add_parser("run", help="run pipeline stages (all seven and the archive by default)")
+    p.add_argument("--stage", action="append", choices=RUN_STAGES, help="stage to run (repeatable)")
+    p.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="start a new embedded broker empty, without restoring the archive's state into it",
+    )
     p.add_argument("--emulate", action="store_true", help="point every provider at the emulator")
     p.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port at /metrics (AIPIPE_METRICS_PORT)"
@@ -506,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprice", metavar="PRICES.toml", help="re-price cost events with another price table")
     p.add_argument("--out", metavar="FILE.jsonl", help="write the values, one JSON per line")
     p.add_argument("--idle-s", type=float, default=1.5, help="stop after this long without a new record (s)")
+    p.add_argument("--source", choices=SOURCES, default="auto", help=SOURCE_HELP)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_replay, is_async=True, quiet=True)
 
@@ -513,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", required=True, help="ISO 8601 start (e.g. 2026-11-29)")
     p.add_argument("--until", help="ISO 8601 end, excluded (default: now)")
     p.add_argument("--idle-s", type=float, default=1.5, help="stop reading after this long without a record (s)")
+    p.add_argument("--source", choices=SOURCES, default="auto", help=SOURCE_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_audit, is_async=True, quiet=True)
 
@@ -534,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_strategy_parser(sub)
     add_cost_parsers(sub)
     add_cache_parser(sub)
+    add_archive_parser(sub)
 
     add_status_parser(sub)
     return parser

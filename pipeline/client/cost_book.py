@@ -150,16 +150,16 @@ class _Totals:
 
     def add(self, event: CostEvent, cost: Decimal, saved: Decimal) -> None:
         if event.cached:
-            self.cache_hits += 1
+            self.cache_hits += event.requests
             self.saved += saved
         else:
-            self.requests += 1
+            self.requests += event.requests
             self.cost += cost
             self.tokens += event.usage.total_tokens
 
-    def add_line(self, cost: Decimal, tokens: int, *, request: bool) -> None:
-        """One cost line of an event (an attempt's share): its cost (USD), tokens, and the request once."""
-        self.requests += int(request)
+    def add_line(self, cost: Decimal, tokens: int, *, request: int) -> None:
+        """One cost line of an event (an attempt's share): its cost (USD), tokens, and ``request`` requests."""
+        self.requests += request
         self.cost += cost
         self.tokens += tokens
 
@@ -200,8 +200,9 @@ class CostBook:
             last = len(event.lines) - 1
             for i, line in enumerate(event.lines):
                 share, tokens = Decimal(str(line.cost_usd)), line.usage.total_tokens
-                self.providers[line.provider].add_line(share, tokens, request=i == last)
-                self.models[(line.provider, line.model)].add_line(share, tokens, request=i == last)
+                counted = event.requests if i == last else 0
+                self.providers[line.provider].add_line(share, tokens, request=counted)
+                self.models[(line.provider, line.model)].add_line(share, tokens, request=counted)
         else:
             self.providers[event.provider].add(event, cost, saved)
             self.models[(event.provider, event.model)].add(event, cost, saved)

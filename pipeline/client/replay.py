@@ -24,9 +24,10 @@ import msgspec
 
 from pipeline.bus.protocol import Bus, Record
 from pipeline.bus.topics import Topics
-from schemas.events import CostEvent
+from schemas.events import CostEvent, Health
 from schemas.response import AIResponse
 from schemas.stream import StreamChunk
+from stages.rules.archive_state import is_restored_id
 from stages.rules.ledger import provider_shares
 from stages.rules.pricing import PriceTable, round_usd
 
@@ -225,6 +226,8 @@ class AuditReport:
     totals_usd: dict[str, float] = field(default_factory=dict)
     streams: int = 0
     stream_mismatches: list[str] = field(default_factory=list)
+    calls: dict[str, ProviderCalls] = field(default_factory=dict)
+    repeated_call_ids: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -241,8 +244,82 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         data = {k: v for k, v in self.__dict__.items()}
+        data["calls"] = {p: c.to_dict() for p, c in self.calls.items()}
         data["clean"] = self.clean
         return data
+
+
+@dataclass
+class ProviderCalls:
+    """What one provider will invoice over the period, set against the ledger (DESIGN A11).
+
+    ``calls``: provider calls that returned usage (each attempt's ``health``
+    event); ``billed_usd``: what they cost at the price table (USD).
+    ``answered``: requests whose cost event charges this provider;
+    ``ledger_usd``: what those cost lines charge it. ``repeated_calls``: calls
+    beyond the ones the ledger charges for the same request (a redelivery
+    after a crash called the provider again, or an answer never reached the
+    ledger); ``repeated_usd``: their cost. ``billed_usd - ledger_usd`` is the
+    gap between the invoice and the ledger.
+    """
+
+    calls: int = 0
+    billed_usd: Decimal = Decimal(0)
+    answered: int = 0
+    ledger_usd: Decimal = Decimal(0)
+    repeated_calls: int = 0
+    repeated_usd: Decimal = Decimal(0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (USD as floats, 10 decimal places)."""
+        return {
+            "calls": self.calls,
+            "billed_usd": round_usd(self.billed_usd),
+            "answered": self.answered,
+            "ledger_usd": round_usd(self.ledger_usd),
+            "repeated_calls": self.repeated_calls,
+            "repeated_usd": round_usd(self.repeated_usd),
+        }
+
+
+def reconcile_calls(report: AuditReport, health: Iterable[Health], costs: Iterable[CostEvent]) -> None:
+    """Fill ``report.calls``: every billed provider call (``health`` with usage) against the ledger's cost lines.
+
+    Per request and provider, the calls beyond the number of cost lines that
+    charge that provider are repeated calls; the latest ones are taken as
+    the repeats.
+    """
+    called: dict[tuple[str, str], list[Decimal]] = defaultdict(list)
+    per: dict[str, ProviderCalls] = defaultdict(ProviderCalls)
+    for call in health:
+        if call.source != "attempt" or not call.ok or call.usage is None or not call.request_id:
+            continue
+        cost = Decimal(str(call.cost_usd)) if call.cost_usd is not None else Decimal(0)
+        called[(call.request_id, call.provider)].append(cost)
+        per[call.provider].calls += 1
+        per[call.provider].billed_usd += cost
+    charged: Counter[tuple[str, str]] = Counter()
+    seen: set[str] = set()
+    for event in costs:
+        if event.id in seen or is_restored_id(event.id) or event.cached:
+            continue
+        seen.add(event.id)
+        providers = [line.provider for line in event.lines] or [event.provider]
+        for provider, share in provider_shares(event):
+            per[provider].ledger_usd += share
+        for provider in set(providers):
+            per[provider].answered += 1
+        for provider in providers:
+            charged[(event.id, provider)] += 1
+    repeated: set[str] = set()
+    for (request_id, provider), costs_of_calls in called.items():
+        extra = len(costs_of_calls) - charged[(request_id, provider)]
+        if extra > 0:
+            repeated.add(request_id)
+            per[provider].repeated_calls += extra
+            per[provider].repeated_usd += sum(costs_of_calls[-extra:], Decimal(0))
+    report.calls = dict(sorted(per.items()))
+    report.repeated_call_ids = sorted(repeated)
 
 
 def _signature(response: AIResponse) -> tuple[Any, ...]:
@@ -310,6 +387,10 @@ def audit(
     counts: Counter[str] = Counter()
     totals: dict[str, Decimal] = defaultdict(Decimal)
     for event in costs:
+        if is_restored_id(event.id):  # a restore's roll-up of older spend (DESIGN A11): no request of its own
+            for provider, share in provider_shares(event):
+                totals[provider] += share
+            continue
         counts[event.id] += 1
         report.cost_events += 1
         if counts[event.id] == 1:

@@ -274,6 +274,70 @@ class ImagesConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
     max_bytes: Pos = 20 * 1024 * 1024
 
 
+#: The topics the archive stage archives by default (short names, DESIGN A11).
+ARCHIVE_TOPICS: tuple[str, ...] = ("requests", "responses", "control", "costs", "deadletter")
+#: Topics the archive may be told to archive (``archive.topics``).
+ARCHIVABLE_TOPICS: tuple[str, ...] = (*ARCHIVE_TOPICS, "stream")
+#: Default archive retention per topic (days): prompts 90, the ledger and control 400 (DESIGN A11).
+ARCHIVE_RETENTION_DAYS: dict[str, int] = {
+    "requests": 90,
+    "responses": 90,
+    "deadletter": 90,
+    "stream": 90,
+    "control": 400,
+    "costs": 400,
+}
+
+
+class ArchiveConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The archive (DESIGN A11), ``[archive]``.
+
+    ``enabled``: whether ``aipipe run`` runs the archive stage by default.
+    ``flush_ms``: longest time an archived record waits before it is written
+    and fsynced (ms); the archive commits its offsets only after that.
+    ``topics``: short names of the topics archived. ``retention_days``: days
+    kept per topic (merged over the defaults: 90 for requests, responses,
+    dead letters and streams, which hold prompts; 400 for costs and control).
+    ``restore``: whether ``aipipe run`` restores the compact state into a new
+    embedded broker (``--no-restore`` turns it off once).
+    """
+
+    enabled: bool = True
+    flush_ms: Annotated[int, Meta(ge=1, le=60_000)] = 200
+    topics: list[str] = msgspec.field(default_factory=lambda: list(ARCHIVE_TOPICS))
+    retention_days: dict[str, Annotated[int, Meta(ge=1)]] = {}
+    restore: bool = True
+
+    def __post_init__(self) -> None:
+        """Check topic names.
+
+        Raises:
+            ValueError: for a topic name the archive does not know.
+        """
+        for name in (*self.topics, *self.retention_days):
+            if name not in ARCHIVABLE_TOPICS:
+                raise ValueError(f"`archive`: unknown topic {name!r}; one of: {', '.join(ARCHIVABLE_TOPICS)}")
+
+    def retention(self) -> dict[str, int]:
+        """Days kept per short topic name: the defaults with ``retention_days`` on top."""
+        return {**ARCHIVE_RETENTION_DAYS, **self.retention_days}
+
+
+class BrokerConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The embedded broker's rotation (DESIGN A11), ``[broker]``.
+
+    The embedded broker keeps every record in memory and slows down once a
+    topic holds about 100,000 records (``EMBEDDED-BROKER.md``), so ``aipipe
+    run`` moves to a fresh one when a topic passes ``rotate_records`` records
+    or the broker's resident memory passes ``max_memory_mb`` (MiB); 0 turns
+    that trigger off. ``check_interval_s``: how often both are checked (s).
+    """
+
+    rotate_records: Annotated[int, Meta(ge=0)] = 50_000
+    max_memory_mb: Annotated[int, Meta(ge=0)] = 2048
+    check_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+
+
 class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The whole configuration: deployments, model groups, routing strategy, cache, budgets.
 
@@ -295,6 +359,8 @@ class PipelineConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     health: HealthConfig = HealthConfig()
     stream: StreamConfig = StreamConfig()
     images: ImagesConfig = ImagesConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    broker: BrokerConfig = BrokerConfig()
 
     def __post_init__(self) -> None:
         """Check cross-field rules.

@@ -109,7 +109,11 @@ class InvalidInput(Exception):
 
 
 class Stage(Protocol):
-    """A stage: one decision over one input topic."""
+    """A stage: one decision over one input topic.
+
+    A stage may also name several topics in ``input_topics`` (the archive);
+    ``input_topic`` is then the first of them.
+    """
 
     name: str
     input_topic: str
@@ -314,7 +318,8 @@ class StageRunner:
         Raises:
             BusError: when the consumer cannot be opened.
         """
-        consumer = await self.bus.consumer([self.stage.input_topic], group=self.group)
+        topics = list(getattr(self.stage, "input_topics", None) or [self.stage.input_topic])
+        consumer = await self.bus.consumer(topics, group=self.group)
         self._consumer = consumer
         if hasattr(consumer, "on_revoke"):  # Kafka: hand over finished work before a rebalance moves it
 

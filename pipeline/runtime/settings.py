@@ -134,6 +134,7 @@ class Settings:
     abandons the rest, uncommitted. ``dedup_window_s`` and ``dedup_max_ids``: the memory
     of ids the cost-recorder and the budget ledger de-duplicate with
     (``stages.rules.recent_ids``; ``AIPIPE_DEDUP_WINDOW_S``, ``AIPIPE_DEDUP_MAX_IDS``).
+    ``archive_dir``: ``AIPIPE_ARCHIVE_DIR`` (``None``: ``<home>/archive``, see ``archive_path``).
     """
 
     env_name: str = "development"
@@ -155,7 +156,13 @@ class Settings:
     drain_grace_s: float = 30.0
     dedup_window_s: float = DEFAULT_DEDUP_WINDOW_S
     dedup_max_ids: int = DEFAULT_DEDUP_MAX_IDS
+    archive_dir: Path | None = None
     env_vars: EnvVars = field(default_factory=lambda: EnvVars({}), repr=False, compare=False)
+
+    @property
+    def archive_path(self) -> Path:
+        """The archive directory (DESIGN A11): ``AIPIPE_ARCHIVE_DIR``, else ``$AIPIPE_HOME/archive``."""
+        return self.archive_dir if self.archive_dir is not None else self.home / "archive"
 
     @property
     def topics(self) -> Topics:
@@ -236,5 +243,6 @@ class Settings:
             drain_grace_s=float(_int_env(e, "AIPIPE_DRAIN_GRACE_S", 30) or 0),
             dedup_window_s=_positive(e, "AIPIPE_DEDUP_WINDOW_S", DEFAULT_DEDUP_WINDOW_S),
             dedup_max_ids=_at_least(e, "AIPIPE_DEDUP_MAX_IDS", 2, DEFAULT_DEDUP_MAX_IDS),
+            archive_dir=Path(e["AIPIPE_ARCHIVE_DIR"]).expanduser() if e.get("AIPIPE_ARCHIVE_DIR") else None,
             env_vars=EnvVars(e),
         )

@@ -40,6 +40,7 @@ from pipeline.bus.topics import Topics
 from pipeline.runtime.messages import REQUEST_DECODER, error_envelope, new_generation, now_ms, to_record
 from pipeline.runtime.runner import Emit, InvalidInput, MessageContext, decode_or_invalid, now_utc, sniff_request_id
 from pipeline.stores.cache_store import CLAIM_SLACK_MS, CacheCounters, CacheStore
+from schemas.archive import RECEIVED_AT_HEADER
 from schemas.cache import CachedAnswer
 from schemas.envelope import Envelope, Outcome
 from schemas.events import CacheClear, CacheStats, CacheStatsRequest
@@ -132,6 +133,9 @@ class CacheLookupStage:
             )
             return self.reject(request.id, error, ctx)
         received = now_ms()
+        first_received = ctx.record.header(RECEIVED_AT_HEADER)  # a restored request: its deadline counts from then
+        if first_received is not None and first_received.isdigit():
+            received = min(received, int(first_received))
         envelope = Envelope(
             id=request.id,
             request=request,

@@ -666,7 +666,18 @@ class ExecutorStage:
                 latency_ms=round(latency_ms, 3),
             )
         )
-        await self._health(envelope, candidate, True, None, result.status_code, latency_ms, ctx, None)
+        await self._health(
+            envelope,
+            candidate,
+            True,
+            None,
+            result.status_code,
+            latency_ms,
+            ctx,
+            None,
+            usage=result.usage,
+            cost_usd=self._cost_usd(candidate.provider, answered_model, result.usage),
+        )
         source: Literal["provider", "estimated"] = "estimated" if result.usage_estimated else "provider"
         problem = tool_choice_problem(request, result.tool_calls) or (
             answer_problem(request.response_format, result.content) if not result.tool_calls else None
@@ -816,7 +827,18 @@ class ExecutorStage:
                     resumed=resumed,
                 )
             )
-            await self._health(envelope, candidate, True, None, 200, latency_ms, ctx, None)
+            await self._health(
+                envelope,
+                candidate,
+                True,
+                None,
+                200,
+                latency_ms,
+                ctx,
+                None,
+                usage=usage,
+                cost_usd=self._cost_usd(candidate.provider, answered_model, usage),
+            )
             tool_calls = run.tool_calls()
             outcome = Outcome(
                 status="ok",
@@ -1016,6 +1038,9 @@ class ExecutorStage:
         latency_ms: float,
         ctx: MessageContext,
         retry_after_s: float | None,
+        *,
+        usage: Usage | None = None,
+        cost_usd: Decimal | None = None,
     ) -> None:
         event = Health(
             provider=candidate.provider,
@@ -1028,5 +1053,7 @@ class ExecutorStage:
             request_id=envelope.id,
             retry_after_s=retry_after_s,
             at=now_utc(),
+            usage=usage,
+            cost_usd=float(round(cost_usd, 10)) if cost_usd is not None else None,
         )
         await ctx.emit_now(Emit(self.topics.control, candidate.provider, event))
