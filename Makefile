@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/aipipe demo
+	# a temporary AIPIPE_HOME: a demo never restores (or archives into) an earlier one
+	AIPIPE_HOME=$$(mktemp -d) $(BIN)/aipipe demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ group until stopped.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -31,6 +32,7 @@ from pipeline.stores.blob_store import BlobStore, open_blob_store
 from pipeline.stores.budget_store import BudgetStore, open_budget_store
 from pipeline.stores.cache_store import build_cache_store
 from pipeline.stores.rate_limit_store import open_rate_limiter
+from schemas.events import CostEvent
 from stages.archive.stage import ArchiveStage
 from stages.breaker.stage import BreakerStage
 from stages.budget.stage import BudgetGateStage
@@ -41,6 +43,7 @@ from stages.health.stage import HealthStage
 from stages.providers import ProviderAdapter, build_adapter
 from stages.recorder.stage import RecorderStage
 from stages.router.stage import RouterStage
+from stages.rules.archive_state import is_restored_id
 from stages.rules.budget_view import ProviderBudgetView
 from stages.rules.circuit_view import CircuitView
 from stages.rules.ledger import BudgetLedger
@@ -58,6 +61,8 @@ ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
 RUN_STAGES: tuple[str, ...] = (*ALL_STAGES, "archive")
 #: A draining stage stops once it has fetched nothing for this long (s) after the stages before it stopped.
 DRAIN_QUIET_S = 0.3
+#: Longest time (s) the archive gets, after the request path stopped, to write what the stages wrote.
+ARCHIVE_DRAIN_S = 30.0
 
 
 def build_adapters(resolved: Resolved) -> dict[str, ProviderAdapter]:
@@ -76,6 +81,19 @@ def build_adapters(resolved: Resolved) -> dict[str, ProviderAdapter]:
             max_tokens_field=cfg.max_tokens_field,
         )
     return adapters
+
+
+def _read_to_end(runner: StageRunner, since: float) -> bool:
+    """Whether ``runner`` has read every partition to its end after ``since`` (monotonic s).
+
+    A fetch that came back empty after ``since`` says so; under steady
+    traffic none does, so a lag of zero on every partition read (the end
+    offsets as of the latest fetch) says so too.
+    """
+    if runner.last_empty_fetch_at > since:
+        return True
+    lag = runner.lag()
+    return bool(lag) and not any(lag.values())
 
 
 class Pipeline:
@@ -112,6 +130,7 @@ class Pipeline:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(RUN_STAGES)}")
         self.broker_id = broker_id
         self._archive: FileArchive | None = None
+        self._rotations = 0
         self.settings = settings
         self.resolved = resolved
         self.config: PipelineConfig = resolved.config
@@ -181,7 +200,7 @@ class Pipeline:
                 self.control_feed.subscribe(stage.on_control)
             elif name == "budget":
                 gate = BudgetGateStage(t, self.config, self.prices, self.ledger, store=self._budget_store())
-                self.cost_feed.subscribe(gate.on_cost)
+                self.cost_feed.subscribe(self._unless_restored(gate.on_cost))
                 self.control_feed.subscribe(gate.on_control)
                 gate.follow(self.cost_feed.caught_up, self.control_feed.caught_up)  # no admission before replay
                 self.control_feed.subscribe(self.budget_gauges.apply)  # aipipe.budget.* metrics
@@ -198,7 +217,7 @@ class Pipeline:
                 )
                 if "budget" not in self.stage_names:  # no gate here: the executor folds what it needs itself
                     self.control_feed.subscribe(budgets.on_control)
-                    self.cost_feed.subscribe(budgets.on_cost)
+                    self.cost_feed.subscribe(self._unless_restored(budgets.on_cost))
                     self._run_beside.append(budgets.background)
                     if self.settings.redis_url is None:
                         log.warning(
@@ -352,23 +371,129 @@ class Pipeline:
         nothing in flight), so an answer being computed still reaches the
         recorder. When the window ends, every stage still running gives up its
         in-flight messages at once (one log line each, offsets uncommitted).
+        The archive stops last, in a window of its own (``ARCHIVE_DRAIN_S``),
+        once it has written everything the other stages wrote: with the
+        embedded broker, what it has not written is gone when the broker stops.
         """
         chain = [r for r in self.runners if r.stage.name in PIPELINE_STAGES]
-        archive = [r for r in self.runners if r.stage.name == "archive"]  # last: it keeps what the others wrote
+        archive = [r for r in self.runners if r.stage.name == "archive"]
         others = [r for r in self.runners if r not in chain and r not in archive]
         for runner in others:
             runner.stop()
         with anyio.move_on_after(self.drain_grace_s):
-            for i, runner in enumerate(chain + archive):
+            for i, runner in enumerate(chain):
                 if i > 0:
                     while runner.quiet_for_s() < DRAIN_QUIET_S:
                         await anyio.sleep(0.05)
                 runner.stop()
                 await runner.finished.wait()
-        for runner in self.runners:
+        for runner in chain + others:
             if not runner.finished.is_set():
                 runner.abandon(self.drain_grace_s)
+        with anyio.move_on_after(ARCHIVE_DRAIN_S):
+            mark = time.monotonic()
+            for runner in archive:
+                while not (runner.in_flight == 0 and _read_to_end(runner, mark)):
+                    await anyio.sleep(0.01)
+                runner.stop()
+                await runner.finished.wait()
+        for runner in archive:
+            if not runner.finished.is_set():
+                runner.abandon(ARCHIVE_DRAIN_S)
         self._stop_all()
+
+    # --- broker rotation (pipeline.assembly.rotation) ------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called."""
+        return self._stopped.is_set()
+
+    def pause_intake(self) -> None:
+        """The first stage of the request path stops fetching new requests (in-flight work goes on)."""
+        for runner in self.runners:
+            if runner.stage.name == PIPELINE_STAGES[0]:
+                runner.pause()
+
+    def resume_intake(self) -> None:
+        """Every stage fetches again (after ``pause_intake`` or ``park``)."""
+        for runner in self.runners:
+            runner.resume()
+
+    async def park(self, limit_s: float) -> bool:
+        """Pause every stage and wait until none is inside a fetch or has work in flight (at most ``limit_s``).
+
+        Then no record of the current broker can reach a stage any more, so
+        the broker can be replaced (a rotation). Returns whether all parked.
+        """
+        for runner in self.runners:
+            runner.pause()
+        with anyio.move_on_after(limit_s) as waited:
+            while not all(r.parked or r.finished.is_set() for r in self.runners):
+                await anyio.sleep(0.005)
+        return not waited.cancelled_caught
+
+    async def drain_for_rotation(self, limit_s: float) -> tuple[bool, float, float]:
+        """Wait until the request path and then the archive have done all they read (at most ``limit_s`` each).
+
+        In pipeline order, a stage is done once it has nothing in flight and
+        a fetch came back empty after the stage before it was done (so it
+        has read what that stage wrote); the archive last. Intake must be
+        paused first (``pause_intake``).
+
+        Returns:
+            (whether everything drained, the request path's drain time (s), the archive's (s)).
+        """
+        started = time.monotonic()
+        chain = [r for r in self.runners if r.stage.name in PIPELINE_STAGES]
+        archive = [r for r in self.runners if r.stage.name == "archive"]
+        drained = True
+        mark = started
+        with anyio.move_on_after(limit_s) as waited:
+            for runner in chain:  # a paused stage (the first) reads nothing more: done once its work is
+                while not (runner.in_flight == 0 and (runner.paused or runner.last_empty_fetch_at > mark)):
+                    await anyio.sleep(0.01)
+                mark = time.monotonic()
+        drained = drained and not waited.cancelled_caught
+        path_s = time.monotonic() - started
+        with anyio.move_on_after(limit_s) as waited:
+            for runner in archive:  # caught up: nothing in flight and read to the end of every partition
+                while not (runner.in_flight == 0 and _read_to_end(runner, mark)):
+                    await anyio.sleep(0.005)
+        drained = drained and not waited.cancelled_caught
+        return drained, path_s, time.monotonic() - started - path_s
+
+    def busy_runners(self) -> str:
+        """The stages with messages in flight (for a log line): name and count."""
+        return ", ".join(f"{r.stage.name}: {r.in_flight} in flight" for r in self.runners if r.in_flight) or "none"
+
+    async def rotated(self) -> None:
+        """The broker was replaced by an empty one that a restore fills: read every topic from its start.
+
+        From now on the restore's roll-ups of older spend (``restored-`` cost
+        events) are skipped by this process's budget state, which counted
+        that spend already.
+        """
+        self._rotations += 1
+        for runner in self.runners:
+            await runner.restart_positions()
+        await self.control_feed.restart_from_zero()
+        await self.cost_feed.restart_from_zero()
+
+    def _unless_restored(self, listener: Callable[[CostEvent], None]) -> Callable[[CostEvent], None]:
+        """``listener``, skipping a restore's roll-ups of spend this process's budget state holds already.
+
+        That is after a rotation (this process counted the spend as it
+        happened) and with Redis (the shared state keeps the spend).
+        """
+
+        def listen(event: CostEvent) -> None:
+            # After a rotation this process counted that spend already; with Redis the shared state holds it.
+            if is_restored_id(event.id) and (self._rotations or self.settings.redis_url is not None):
+                return
+            listener(event)
+
+        return listen
 
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` has been called."""

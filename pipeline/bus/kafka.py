@@ -555,6 +555,8 @@ class KafkaConsumer:
         self._stopped = False
         self._known: frozenset[TopicPartition] = frozenset()
         self._next_offsets: dict[TopicPartition, int] = {}
+        #: How many times a broadcast reader found its partitions restarted empty (a new embedded broker).
+        self.restarts = 0
         self.on_assign: AssignmentHook | None = None
         self.on_revoke: AssignmentHook | None = None
 
@@ -659,7 +661,51 @@ class KafkaConsumer:
                 )
             if messages and self._group is None:
                 self._next_offsets[(tp.topic, tp.partition)] = messages[-1].offset + 1
+        if not records and self._group is None:
+            self._rewind_restarted()
         return records
+
+    def _rewind_restarted(self) -> None:
+        """Broadcast: read from offset 0 a partition whose end is now below the position reached (a new log).
+
+        A restarted embedded broker (or a rotation, DESIGN A11) starts every
+        partition empty, and it answers a fetch past the end with no records
+        and no error, so without this a reader would wait for offsets that
+        come only after as many new records as it had read before.
+        """
+        rewound = False
+        for tp, reached in list(self._next_offsets.items()):
+            end = self._consumer.highwater(KafkaTopicPartition(*tp))
+            if end is None or end >= reached:
+                continue
+            rewound = True
+            try:
+                self._consumer.seek(KafkaTopicPartition(*tp), 0)
+            except (IllegalStateError, AssertionError, KafkaError) as exc:
+                log.debug("consumer of %s: cannot rewind %s (%s)", list(self._topics), tp, exc)
+                continue
+            self._next_offsets[tp] = 0
+            log.info(
+                "%s:%d now ends at %d, before offset %d read already: the broker restarted empty; reading it from 0",
+                tp[0],
+                tp[1],
+                end,
+                reached,
+            )
+        self.restarts += rewound
+
+    async def restart_from_zero(self) -> None:
+        """Read every assigned partition from offset 0 again (the broker was replaced by an empty one).
+
+        Offset 0 rather than the broker's reported beginning, which the
+        embedded broker can get wrong by one (``EMBEDDED-BROKER.md``).
+        """
+        self._next_offsets.clear()
+        for tp in self._consumer.assignment():
+            try:
+                self._consumer.seek(tp, 0)
+            except (KafkaError, IllegalStateError, AssertionError) as exc:
+                log.info("consumer of %s: cannot seek %s to 0 (%s)", list(self._topics), tp, exc)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit, per partition, the offset of the next record to read.
@@ -771,6 +817,7 @@ class KafkaBus:
     """
 
     def __init__(self, bootstrap: str, settings: KafkaSettings | None = None) -> None:
+        self._published: dict[str, int] = {}
         _hosts(bootstrap)
         self._bootstrap = bootstrap
         self._settings = settings or KafkaSettings()
@@ -988,6 +1035,15 @@ class KafkaBus:
             # The topic may be gone (a broker restart): check it again next time.
             self._ready_topics.discard(message.topic)
             raise publish_error(message.topic, exc) from exc
+        self._published[message.topic] = self._published.get(message.topic, 0) + 1
+
+    def published_counts(self) -> dict[str, int]:
+        """Records this bus published per topic since start (or since ``reset_counts``)."""
+        return dict(self._published)
+
+    def reset_counts(self) -> None:
+        """Start counting published records from zero (a fresh broker)."""
+        self._published.clear()
 
     async def partition_for(self, topic: str, key: bytes) -> int:
         """The partition ``publish`` puts a message keyed ``key`` on.

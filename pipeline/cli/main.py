@@ -22,10 +22,12 @@ import msgspec
 from pipeline.assembly.build import RUN_STAGES, Pipeline
 from pipeline.assembly.process import load_config, open_bus, open_providers
 from pipeline.assembly.restore import restore_into
+from pipeline.assembly.rotation import BrokerRotation
 from pipeline.bench import add_arguments as add_bench_arguments
 from pipeline.bench import run_command
 from pipeline.bus.discovery import NoBrokerError
 from pipeline.bus.embedded import EmbeddedBroker
+from pipeline.bus.kafka import KafkaBus
 from pipeline.bus.protocol import BusError
 from pipeline.cli.archive_commands import add_archive_parser
 from pipeline.cli.cache_commands import add_cache_parser
@@ -110,6 +112,9 @@ async def _run(args: argparse.Namespace) -> int:
 
             tg.start_soon(drain_on_signal, pipeline.stop)
             async with pipeline:
+                owned = opened.handle.owned if opened.handle is not None else None
+                if owned is not None and isinstance(opened.bus, KafkaBus):  # DESIGN A11: only the broker's owner
+                    tg.start_soon(BrokerRotation(owned, opened.bus, pipeline, settings, config).run)
                 print(
                     f"aipipe running on {opened.bootstrap}: {', '.join(pipeline.stages)} (Ctrl-C to stop)",
                     file=sys.stderr,

@@ -27,6 +27,7 @@ from pipeline.runtime.logs import OUTAGE
 from pipeline.runtime.runner import SCHEMA_HEADER, TRACE_HEADER, encode, publish_with_retry
 from pipeline.stores.blob_store import BlobStore, offload_images
 from schemas import SCHEMA_VERSION
+from schemas.archive import RECEIVED_AT_HEADER
 from schemas.events import CancelRequest
 from schemas.request import AIRequest
 from schemas.response import AIResponse
@@ -41,6 +42,12 @@ _CHUNK_DECODER = msgspec.json.Decoder(StreamChunk)
 SEEN_TTL_S = 600.0
 #: Longest wait (s) for the broker to acknowledge a request before the call fails as ``service_unavailable``.
 PUBLISH_TIMEOUT_S = 10.0
+#: A request still unanswered this long (s) after its response reader saw the broker restart empty (a
+#: rotation of the embedded broker, DESIGN A11) is published once more: it may have reached the old broker
+#: after the archive's last read. Longer than a restore takes to answer what it carried over.
+RESEND_AFTER_S = 5.0
+#: How often (s) a waiting request checks for that.
+RESEND_CHECK_S = 1.0
 
 
 def new_request_id() -> str:
@@ -125,6 +132,10 @@ class PipelineClient:
         self._seen: LRUCache[str, float] = LRUCache(maxsize=100_000)
         self._stop = anyio.Event()
         self.duplicates = 0
+        #: Broker restarts the response reader noticed (a new embedded broker: a rotation, DESIGN A11), and when.
+        self.broker_restarts = 0
+        self._restarted_at = 0.0
+        self.resent = 0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Read responses (and, once asked for, stream chunks) until ``stop()``; reports started when positioned."""
@@ -137,7 +148,9 @@ class PipelineClient:
         self._tg = None
 
     async def _read_responses(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self._follow(self.topics.responses, _RESPONSE_DECODER, self._deliver, "response reader", task_status)
+        await self._follow(
+            self.topics.responses, _RESPONSE_DECODER, self._deliver, "response reader", task_status, watch=True
+        )
 
     async def _read_chunks(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.stream_topic != self.topics.stream:
@@ -156,10 +169,13 @@ class PipelineClient:
         deliver: Callable[[Any], None],
         what: str,
         task_status: anyio.abc.TaskStatus[None],
+        *,
+        watch: bool = False,
     ) -> None:
         """Read ``topic`` from its end as a broadcast until ``stop()``, handing each decodable value to ``deliver``.
 
-        Values that do not decode are skipped; a failed fetch is retried every second.
+        Values that do not decode are skipped; a failed fetch is retried every
+        second. ``watch``: count the broker restarts the reader notices.
         """
         consumer = await self.bus.consumer([topic], group=None, from_beginning=False)
         task_status.started()
@@ -167,6 +183,9 @@ class PipelineClient:
             while not self._stop.is_set():
                 try:
                     records = await consumer.getmany(100, max_records=1000)
+                    restarts = getattr(consumer, "restarts", 0)
+                    if watch and restarts != self.broker_restarts:
+                        self.broker_restarts, self._restarted_at = restarts, time.monotonic()
                 except BusError as exc:
                     log.warning("%s: fetch failed (%s); retrying", what, exc, extra=OUTAGE)
                     with anyio.move_on_after(1.0):
@@ -266,12 +285,23 @@ class PipelineClient:
                     f"{min(PUBLISH_TIMEOUT_S, request.timeout_ms / 1000):.1f}s (is it running?)",
                     request_id=request.id,
                 )
+            published_ms, restarts = int(time.time() * 1000), self.broker_restarts
             early = self._early.pop(request.id, None)
             if early is not None:
                 self._deliver(early)
             limit = timeout_s if timeout_s is not None else (request.timeout_ms + self.slack_ms) / 1000
             with anyio.move_on_after(limit):
-                await waiter.event.wait()
+                while not waiter.event.is_set():
+                    with anyio.move_on_after(RESEND_CHECK_S):
+                        await waiter.event.wait()
+                    if self._lost_in_restart(waiter, restarts):
+                        # The broker restarted empty (a rotation) after this request was published and no
+                        # answer came: the restore carries over what the archive had; this one may have
+                        # reached the old broker too late for it. Once more, its deadline unchanged.
+                        restarts = self.broker_restarts
+                        self.resent += 1
+                        received = (RECEIVED_AT_HEADER, str(published_ms).encode())
+                        await self.publish(request, headers=(*headers, received))
             if waiter.response is None:
                 raise ProviderTimeoutError(
                     f"no response for request {request.id} within {limit:.1f}s", request_id=request.id
@@ -281,6 +311,14 @@ class PipelineClient:
             self._waiters.pop(request.id, None)
             if span is not None:
                 tel.finish_request(span, waiter.response, None if waiter.response is not None else "timeout")
+
+    def _lost_in_restart(self, waiter: _Waiter, restarts_at_publish: int) -> bool:
+        """Whether a request still unanswered ``RESEND_AFTER_S`` after a broker restart should be published again."""
+        return (
+            not waiter.event.is_set()
+            and self.broker_restarts != restarts_at_publish
+            and time.monotonic() - self._restarted_at >= RESEND_AFTER_S
+        )
 
     async def stream(self, request: AIRequest) -> StreamHandle:
         """Publish ``request`` as a streamed request and return the handle that yields its chunks.

@@ -42,6 +42,7 @@ class BroadcastFeed:
         #: Set once a fetch comes back empty: the history present at start has been replayed.
         self.caught_up = anyio.Event()
         self._stop = anyio.Event()
+        self._consumer: Any = None
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(value)`` for every event from now on (and the replayed history)."""
@@ -51,9 +52,16 @@ class BroadcastFeed:
         """Stop reading."""
         self._stop.set()
 
+    async def restart_from_zero(self) -> None:
+        """The broker was replaced by an empty one: read every partition from offset 0 again."""
+        restart = getattr(self._consumer, "restart_from_zero", None)
+        if restart is not None:
+            await restart()
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Read until ``stop()``; reports started once the reader is open."""
         consumer = await self.bus.consumer([self.topic], group=None, from_beginning=True)
+        self._consumer = consumer
         task_status.started()
         try:
             while not self._stop.is_set():

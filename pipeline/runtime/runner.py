@@ -239,6 +239,9 @@ class StageRunner:
         self._trackers: dict[TopicPartition, _PartitionTracker] = {}
         self._keys: dict[tuple[str, int, int], str | None] = {}  # in-flight messages -> their keys
         self._stopping = anyio.Event()
+        self._paused = False
+        self._parked = False
+        self._resumed = anyio.Event()
         self._idle = anyio.Event()
         self._in_flight = 0
         self.processed = 0
@@ -246,12 +249,33 @@ class StageRunner:
         self._consumer: Consumer | None = None
         self.finished = anyio.Event()
         self.last_record_at = time.monotonic()
+        #: When a fetch last came back empty (monotonic s): the runner had read its topics to the end then.
+        self.last_empty_fetch_at = 0.0
         #: ``messaging.system`` of this runner's spans: ``kafka``, or the in-process bus's own name.
         self.messaging_system: str = getattr(bus, "messaging_system", "kafka")
 
     def stop(self) -> None:
         """Ask the runner to stop fetching and wind down (in-flight work gets up to ``grace_s``)."""
         self._stopping.set()
+
+    def pause(self) -> None:
+        """Stop fetching new records until ``resume`` (work in flight goes on); used by a broker rotation."""
+        if not self._paused:
+            self._paused = True
+            self._resumed = anyio.Event()
+
+    def resume(self) -> None:
+        """Fetch again after ``pause``."""
+        self._paused = False
+        self._resumed.set()
+
+    async def restart_positions(self) -> None:
+        """The broker was replaced by an empty one: forget this runner's offsets and read every partition from 0."""
+        self._trackers.clear()
+        consumer = self._consumer
+        restart = getattr(consumer, "restart_from_zero", None)
+        if restart is not None:
+            await restart()
 
     def abandon(self, window_s: float | None = None) -> None:
         """Stop at once: stop fetching and give up the messages in flight now, their offsets uncommitted.
@@ -270,6 +294,16 @@ class StageRunner:
         """The input partitions this runner's group member holds now (empty before ``run`` and after stop)."""
         consumer = self._consumer
         return consumer.assignment() if consumer is not None else frozenset()
+
+    @property
+    def paused(self) -> bool:
+        """Whether ``pause()`` holds the fetching."""
+        return self._paused
+
+    @property
+    def parked(self) -> bool:
+        """Paused and out of any fetch, with nothing in flight: the broker can be replaced under it."""
+        return self._paused and self._parked and self._in_flight == 0
 
     @property
     def stopping(self) -> bool:
@@ -340,6 +374,12 @@ class StageRunner:
             async with anyio.create_task_group() as work:
                 work.start_soon(self._commit_loop, consumer)
                 while not self._stopping.is_set():
+                    if self._paused:
+                        self._parked = True  # not inside a fetch: nothing more comes from the broker
+                        with anyio.move_on_after(0.1):
+                            await self._resumed.wait()
+                        self._parked = False
+                        continue
                     try:
                         records = await consumer.getmany(self.fetch_timeout_ms, max_records=500)
                     except BusError as exc:
@@ -348,6 +388,8 @@ class StageRunner:
                         continue
                     if records:
                         self.last_record_at = time.monotonic()
+                    else:
+                        self.last_empty_fetch_at = time.monotonic()
                     for record in records:
                         try:  # no checkpoint (a loop iteration) per record while there is room
                             limiter.acquire_nowait()

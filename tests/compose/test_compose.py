@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from pipeline.assembly.build import ALL_STAGES
+from pipeline.assembly.build import RUN_STAGES
 from pipeline.bus.kafka import KafkaSettings
 from pipeline.cli.main import build_parser
 from pipeline.runtime.settings import Settings
@@ -113,11 +113,17 @@ def test_every_stage_of_design_a6_is_its_own_service(stage_services: dict[str, d
     for name, svc in stage_services.items():
         command = list(svc["command"])
         assert len(command) == 4 and command[2] == "--stage", f"{name}: {command}"
-        assert command[3] in ALL_STAGES, f"{name}: {command[3]} is not a stage of DESIGN A6"
+        assert command[3] in RUN_STAGES, f"{name}: {command[3]} is not a stage of DESIGN A6/A11"
         args = parser.parse_args(command[1:])  # the real CLI accepts it
         assert args.stage == [command[3]]
         stage_of[name] = command[3]
-    assert sorted(stage_of.values()) == sorted(ALL_STAGES), "one service per stage, each stage once"
+    assert sorted(stage_of.values()) == sorted(RUN_STAGES), "one service per stage, each stage once"
+
+
+def test_the_archive_writes_to_a_mounted_volume(services: dict[str, dict[str, Any]]) -> None:
+    archive = services["archive"]
+    where = archive["environment"]["AIPIPE_ARCHIVE_DIR"]
+    assert any(str(v).endswith(f":{where}") for v in archive["volumes"]), archive["volumes"]
 
 
 def test_each_stage_gets_the_environment_it_needs(

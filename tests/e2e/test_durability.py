@@ -26,8 +26,10 @@ import pytest
 from pipeline.bus.kafka import KafkaBus, KafkaSettings
 from pipeline.bus.protocol import Outgoing
 from pipeline.bus.topics import Topics
+from pipeline.client.pipeline_client import PipelineClient
 from pipeline.emulator import EmulatorServer, parse_profile
 from pipeline.runtime.runner import publish_with_retry
+from schemas.request import AIRequest
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -308,3 +310,132 @@ def _archived_answers(env: dict[str, str]) -> set[str]:
             except (ValueError, KeyError):
                 continue
     return found
+
+
+ROTATION_TOML = """
+[broker]
+rotate_records = 100
+check_interval_s = 0.5
+
+[providers.openai]
+rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
+[providers.anthropic]
+rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
+[providers.cloudflare]
+rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
+"""
+
+
+async def test_rotation_under_traffic_answers_every_request_once_and_loses_no_cost_event(tmp_path: Path) -> None:
+    since = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
+    config = tmp_path / "aipipe.toml"
+    config.write_text(ROTATION_TOML, encoding="utf-8")
+    profile = parse_profile(
+        {"providers": {p: {"latency": {"dist": "fixed", "ms": 20}} for p in ("openai", "anthropic", "cloudflare")}}
+    )
+    async with EmulatorServer(profile=profile) as emu:
+        env = _env(tmp_path / "home", emu.url, AIPIPE_CONFIG=str(config))
+        run = Run(env, tmp_path / "run.log")
+        ids = [f"rot-{i:04d}" for i in range(450)]
+        answers: dict[str, str] = {}
+        try:
+            address = await run.ready()
+            bus = KafkaBus(address, KafkaSettings(session_timeout_ms=2000, heartbeat_interval_ms=300))
+            await bus.start()
+            try:
+                client = PipelineClient(bus, T)  # what `aipipe send`, `serve` and the manager use
+                async with anyio.create_task_group() as tg:
+                    await tg.start(client.run)
+
+                    async def ask(rid: str) -> None:
+                        request = AIRequest(
+                            id=rid, model="gpt-3.5-turbo", prompt=f"{rid}: name a colour", max_tokens=16
+                        )
+                        answers[rid] = (await client.request(request, timeout_s=90)).status
+
+                    async with anyio.create_task_group() as asking:
+                        for rid in ids:  # a steady stream of about 50 requests/s while the broker rotates
+                            asking.start_soon(ask, rid)
+                            await anyio.sleep(0.02)
+                    client.stop()
+                    tg.cancel_scope.cancel()
+            finally:
+                await bus.stop()
+            assert "rotated the embedded broker" in run.log()
+            assert sorted(answers) == ids and set(answers.values()) == {"ok"}
+            print(f"client: {client.resent} request(s) published again after a rotation")
+            assert run.stop() == 0
+        finally:
+            if run.proc.poll() is None:
+                run.stop(signal.SIGKILL)
+        log = run.log()
+        assert "Traceback" not in log, log[-5000:]
+        pauses = [
+            float(line.split("rotated the embedded broker in ")[1].split(" s")[0])
+            for line in log.splitlines()
+            if "rotated the embedded broker in " in line
+        ]
+        print(f"rotations: {len(pauses)}, intake paused {pauses} s")
+        audit = json.loads(_cli(env, "audit", "--since", since, "--source", "archive", "--json", check=False).stdout)
+        assert audit["requests"] == len(ids), audit
+        assert audit["missing_responses"] == [] and audit["conflicting"] == [], audit
+        assert audit["duplicate_responses"] == [], audit  # answered once, across every broker
+        assert audit["missing_costs"] == [] and audit["extra_costs"] == [], audit
+        assert audit["cost_events"] == len(ids)
+
+
+HIGH_LIMITS_TOML = """
+[providers.openai]
+rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
+[providers.anthropic]
+rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
+[providers.cloudflare]
+rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
+"""
+
+
+async def test_audit_lists_the_provider_calls_a_killed_executor_made_again(tmp_path: Path) -> None:
+    since = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
+    config = tmp_path / "aipipe.toml"
+    config.write_text(HIGH_LIMITS_TOML, encoding="utf-8")
+    profile = parse_profile(
+        {"providers": {p: {"latency": {"dist": "fixed", "ms": 60}} for p in ("openai", "anthropic", "cloudflare")}}
+    )
+    async with EmulatorServer(profile=profile) as emu:
+        env = _env(tmp_path / "home", emu.url, AIPIPE_CONFIG=str(config))
+        others = [s for s in ("cache", "budget", "router", "recorder", "breaker", "health", "archive")]
+        rest = Run(env, tmp_path / "rest.log", *[a for s in others for a in ("--stage", s)])
+        executor: Run | None = None
+        ids = [f"x-{i:04d}" for i in range(400)]
+        try:
+            address = await rest.ready()
+            executor = Run(env, tmp_path / "executor-1.log", "--stage", "executor")
+            await executor.ready()
+            async with Client(address) as client:
+                for rid in ids:
+                    await client.send(rid)
+                # kill -9 in the middle of the stream of answers: some calls answered, not yet committed
+                await _wait_for(lambda: len(client.responses) >= 120, "120 answers", rest, tick=client.pump)
+                executor.proc.kill()
+                executor.proc.wait()
+                executor = Run(env, tmp_path / "executor-2.log", "--stage", "executor")
+                await client.answers(ids, rest, timeout_s=120)
+            audit = json.loads(_cli(env, "audit", "--since", since, "--json").stdout)
+            assert audit["clean"] and audit["requests"] == len(ids), audit
+            calls = audit["calls"]
+            made = sum(c["calls"] for c in calls.values())
+            answered = sum(c["answered"] for c in calls.values())
+            repeated = sum(c["repeated_calls"] for c in calls.values())
+            completed = sum(1 for c in emu.calls() if c.outcome == "ok")
+            print(f"executor kill -9: {completed} provider calls answered by the emulator for {len(ids)} requests; "
+                  f"audit: {made} calls with usage, {answered} answered, {repeated} repeated "
+                  f"(${sum(c['repeated_usd'] for c in calls.values()):.8f})")
+            assert answered == len(ids)  # the ledger: one cost per request
+            assert made == answered + repeated  # every call with usage is a ledger line or a repeat
+            assert made <= completed  # a call the killed executor never heard back from is not seen
+            assert repeated >= 1 and len(audit["repeated_call_ids"]) >= 1
+            assert all(c["repeated_usd"] > 0 for c in calls.values() if c["repeated_calls"])
+        finally:
+            for run in (executor, rest):
+                if run is not None and run.proc.poll() is None:
+                    run.stop()
