@@ -95,7 +95,7 @@ def _restored_headers(extra: tuple[tuple[str, bytes], ...] = ()) -> tuple[tuple[
 
 
 def plan_restore(
-    archive: FileArchive, topics: Topics, config: PipelineConfig, now: datetime, *, close_days: bool = True
+    archive: FileArchive, topics: Topics, config: PipelineConfig, now: datetime, *, close_days: bool = False
 ) -> RestorePlan:
     """Read the archive and decide what to publish (blocking: run it in a worker thread).
 
@@ -104,7 +104,8 @@ def plan_restore(
         topics: the pipeline's topic names.
         config: the configuration (``budget.timezone`` for the open windows).
         now: the time of the restore (aware).
-        close_days: close the days that ended first (nothing else writes the archive then).
+        close_days: close the days that ended first. Off by default: the archive stage closes them in
+            the background, and a day left open is entered by a binary search instead of decompressed whole.
     """
     plan = RestorePlan()
     skipped_before = archive.skipped_lines

@@ -201,6 +201,7 @@ class BrokerHandle:
         self.owned = owned
         self.from_runtime_file = owned is None and broker_id is None and not env.get("AIPIPE_KAFKA_BOOTSTRAP")
         self._broker_id = broker_id
+        self._file_id: tuple[float, str] | None = None  # (read at, monotonic s; id) of the broker.id file
         self._env = dict(env)
         self._runtime_file_written = runtime_file_written and owned is not None
 
@@ -220,8 +221,11 @@ class BrokerHandle:
             return self.owned.instance_id
         if self._broker_id is not None:
             return self._broker_id
-        if self.from_runtime_file:
-            return read_runtime_broker_id(self._env) or f"embedded:{self.bootstrap}"
+        if self.from_runtime_file:  # re-read at most once a second: it changes when the owner rotates it
+            now = time.monotonic()
+            if self._file_id is None or now - self._file_id[0] >= 1.0:
+                self._file_id = (now, read_runtime_broker_id(self._env) or f"embedded:{self.bootstrap}")
+            return self._file_id[1]
         return self._env.get("AIPIPE_BROKER_ID", "").strip() or f"kafka:{self.bootstrap}"
 
     async def __aenter__(self) -> BrokerHandle:

@@ -350,19 +350,28 @@ class FileArchive:
         else:
             records = sum(1 for _ in self._lines_of(raw))
         total = prior + records
+        last_ms = max(self._meta_value(topic, day, "last_ms"), self._last_time(raw))
         with raw.open("rb") as source, gzip.open(folder / f"{day}.jsonl.gz", "ab") as target:
             shutil.copyfileobj(source, target)
-        _write_atomic(folder / f"{day}.meta.json", msgspec.json.encode({"records": total}))
+        _write_atomic(folder / f"{day}.meta.json", msgspec.json.encode({"records": total, "last_ms": last_ms}))
         raw.unlink()
         log.info("archive: closed %s %s (%d records)", topic, day, records)
 
     def _meta_records(self, topic: str, day: str) -> int:
+        return self._meta_value(topic, day, "records")
+
+    def _meta_value(self, topic: str, day: str, name: str) -> int:
+        """An integer of a closed day's ``meta.json`` (``records``, ``last_ms``); 0 when unknown."""
         try:
             data = msgspec.json.decode((self.root / topic / f"{day}.meta.json").read_bytes())
         except (OSError, msgspec.DecodeError):
             return 0
-        value = data.get("records", 0) if isinstance(data, dict) else 0
+        value = data.get(name, 0) if isinstance(data, dict) else 0
         return value if isinstance(value, int) else 0
+
+    def _last_time(self, path: Path) -> int:
+        """The newest timestamp (ms) among the last lines of a plain day file; 0 for none."""
+        return max((line.timestamp_ms for line in self._tail_lines(path.parent, path.name.split(".", 1)[0])), default=0)
 
     def _summary(self, topic: str, day: str, type_: type[_T]) -> _T | None:
         try:
@@ -479,15 +488,18 @@ class FileArchive:
             days = self.days(topic)
             if not days:
                 continue
-            for line in self._tail_lines(self.root / topic, days[-1]):
-                newest = line.timestamp_ms if newest is None else max(newest, line.timestamp_ms)
+            found = max(
+                self._last_time(self.root / topic / f"{days[-1]}.jsonl"), self._meta_value(topic, days[-1], "last_ms")
+            )
+            if found:
+                newest = found if newest is None else max(newest, found)
         return newest
 
     def _tail_lines(self, folder: Path, day: str, block: int = 1 << 16) -> list[ArchiveLine]:
-        """The readable lines in the last ``block`` bytes of a day's file (plain), or all of a closed day's."""
+        """The readable lines in the last ``block`` bytes of a day's plain file (none for a closed day)."""
         raw = folder / f"{day}.jsonl"
         if not raw.exists():
-            return list(self._lines_of(folder / f"{day}.jsonl.gz"))
+            return []
         with raw.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()

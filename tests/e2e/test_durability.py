@@ -129,8 +129,10 @@ class Client:
         await self._reader.stop()
         await self.bus.stop()
 
-    async def send(self, rid: str, *, user: str = "alice", timeout_ms: int = 60_000) -> None:
-        body = {
+    async def send(
+        self, rid: str, *, user: str = "alice", timeout_ms: int = 60_000, providers: list[str] | None = None
+    ) -> None:
+        body: dict[str, Any] = {
             "id": rid,
             "model": "gpt-3.5-turbo",
             "prompt": f"{rid}: name a colour",
@@ -138,6 +140,8 @@ class Client:
             "user": user,
             "timeout_ms": timeout_ms,
         }
+        if providers:
+            body["providers"] = providers
         await self.bus.publish(Outgoing(topic=T.requests, value=json.dumps(body).encode(), key=rid.encode()))
 
     async def send_with_retry(self, rid: str) -> None:
@@ -406,19 +410,32 @@ async def test_audit_lists_the_provider_calls_a_killed_executor_made_again(tmp_p
         others = [s for s in ("cache", "budget", "router", "recorder", "breaker", "health", "archive")]
         rest = Run(env, tmp_path / "rest.log", *[a for s in others for a in ("--stage", s)])
         executor: Run | None = None
-        ids = [f"x-{i:04d}" for i in range(400)]
+        ids = [f"x-{i:04d}" for i in range(200)]
         try:
             address = await rest.ready()
             executor = Run(env, tmp_path / "executor-1.log", "--stage", "executor")
             await executor.ready()
             async with Client(address) as client:
+                # One request per partition of the executor's topic waits at a held provider: nothing
+                # after it in its partition can be committed, however soon it is answered.
+                blockers: dict[int, str] = {}
+                n = 0
+                while len(blockers) < 6:
+                    rid = f"blocker-{n}"
+                    blockers.setdefault(await client.bus.partition_for(T.stage_execute, rid.encode()), rid)
+                    n += 1
+                emu.hold(10**6, provider="openai")
+                for rid in blockers.values():
+                    await client.send(rid, providers=["openai"])
+                await _wait_for(lambda: _pending(emu) >= 6, "the six held calls", rest)
                 for rid in ids:
-                    await client.send(rid)
-                # kill -9 in the middle of the stream of answers: some calls answered, not yet committed
-                await _wait_for(lambda: len(client.responses) >= 120, "120 answers", rest, tick=client.pump)
-                executor.proc.kill()
+                    await client.send(rid, providers=["cloudflare"])
+                await _wait_for(lambda: len(client.responses) >= 100, "100 answers", rest, tick=client.pump)
+                executor.proc.kill()  # with 100+ answered calls not committed
                 executor.proc.wait()
+                emu.release()
                 executor = Run(env, tmp_path / "executor-2.log", "--stage", "executor")
+                ids += list(blockers.values())
                 await client.answers(ids, rest, timeout_s=120)
             audit = json.loads(_cli(env, "audit", "--since", since, "--json").stdout)
             assert audit["clean"] and audit["requests"] == len(ids), audit
@@ -427,13 +444,15 @@ async def test_audit_lists_the_provider_calls_a_killed_executor_made_again(tmp_p
             answered = sum(c["answered"] for c in calls.values())
             repeated = sum(c["repeated_calls"] for c in calls.values())
             completed = sum(1 for c in emu.calls() if c.outcome == "ok")
-            print(f"executor kill -9: {completed} provider calls answered by the emulator for {len(ids)} requests; "
-                  f"audit: {made} calls with usage, {answered} answered, {repeated} repeated "
-                  f"(${sum(c['repeated_usd'] for c in calls.values()):.8f})")
+            print(
+                f"executor kill -9: {completed} provider calls answered by the emulator for {len(ids)} requests; "
+                f"audit: {made} calls with usage, {answered} answered, {repeated} repeated "
+                f"(${sum(c['repeated_usd'] for c in calls.values()):.8f})"
+            )
             assert answered == len(ids)  # the ledger: one cost per request
             assert made == answered + repeated  # every call with usage is a ledger line or a repeat
             assert made <= completed  # a call the killed executor never heard back from is not seen
-            assert repeated >= 1 and len(audit["repeated_call_ids"]) >= 1
+            assert repeated >= 100 - 6 and len(audit["repeated_call_ids"]) == repeated  # each answered one, again
             assert all(c["repeated_usd"] > 0 for c in calls.values() if c["repeated_calls"])
         finally:
             for run in (executor, rest):
