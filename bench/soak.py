@@ -1,6 +1,6 @@
 """Soak: 200,000 requests through the default `aipipe run` (embedded broker, rotation on), throughput per window.
 
-    .venv/bin/python bench/soak.py [--requests 200000] [--clients 100] [--window 10000]
+    .venv/bin/python bench/soak.py [--requests 200000] [--clients 100] [--window 10000] [--no-archive]
 
 Starts the provider emulator (no added latency) as its own process and the
 default ``aipipe run --emulate`` (one process: every stage and the archive,
@@ -13,7 +13,10 @@ and the script prints the throughput of every ``--window`` answers, the
 broker's rotations (from the log) and the archive's size. "Flat" is read
 from the table: the last windows against the first ones. A client that
 waits longer than its request's deadline plus 5 s counts as failed (the
-request was lost). Writes ``bench/results/soak-<UTC time>.json``.
+request was lost). Each window also gives the latency of its requests
+(p50, p99, max, ms, from the client's send to its answer), so a rotation's
+pause shows as a window's max. ``--no-archive`` runs without the archive
+stage, for its overhead. Writes ``bench/results/soak-<UTC time>.json``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ enabled = false
 
 async def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="aipipe-soak-"))
-    (work / "aipipe.toml").write_text(CONFIG)
+    (work / "aipipe.toml").write_text(CONFIG + ("\n[archive]\nenabled = false\n" if args.no_archive else ""))
     windows: list[dict[str, float]] = []
     answered = failed = 0
     async with EmulatorProcess() as emulator:
@@ -86,6 +89,7 @@ async def main(args: argparse.Namespace) -> int:
                 next_index = 0
                 started = window_start = time.monotonic()
                 window_done = 0
+                latencies: list[float] = []
 
                 def close_window() -> None:
                     nonlocal window_start, window_done
@@ -120,11 +124,13 @@ async def main(args: argparse.Namespace) -> int:
                             user=f"user-{i % 200}",
                             timeout_ms=60_000,
                         )
+                        asked = time.perf_counter()
                         try:
                             response = await client.request(request, timeout_s=65)
                             ok = response.status == "ok"
                         except (TimeoutError, AIProviderError):
                             ok = False
+                        latencies.append((time.perf_counter() - asked) * 1000)
                         answered += ok
                         failed += not ok
                         window_done += 1
@@ -163,4 +169,5 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--window", type=int, default=10_000, help="answers per throughput window")
+    parser.add_argument("--no-archive", action="store_true", help="run without the archive stage (for its overhead)")
     sys.exit(anyio.run(main, parser.parse_args()))
