@@ -111,8 +111,10 @@ def _records(start: datetime, seconds: int, rate: int) -> dict[str, list[bytes]]
 
 
 def main(args: argparse.Namespace) -> int:
-    root = Path(tempfile.mkdtemp(prefix="aipipe-restore-")) / "archive"
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if args.archive:  # time an archive written by an earlier run again
+        return _time(Path(args.archive), today, args)
+    root = Path(tempfile.mkdtemp(prefix="aipipe-restore-")) / "archive"
     written = time.monotonic()
     fold = ControlFold()
     commands = [
@@ -155,6 +157,10 @@ def main(args: argparse.Namespace) -> int:
         f"archive written in {time.monotonic() - written:.0f} s: {args.days} closed days + {args.hours_today} h "
         f"today at {args.rate} requests/s = {total:,} requests; {size / 2**20:.0f} MiB on disk at {root}"
     )
+    return _time(root, today, args)
+
+
+def _time(root: Path, today: datetime, args: argparse.Namespace) -> int:
     archive = FileArchive(root, T)
     config = preset("development")
     timings = []
@@ -177,4 +183,5 @@ if __name__ == "__main__":
     parser.add_argument("--hours-today", type=int, default=20, help="hours of today's open files")
     parser.add_argument("--full-days", action="store_true", help="write every closed day whole (slow, large)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--archive", help="time this archive (written by an earlier run) instead of writing one")
     sys.exit(main(parser.parse_args()))

@@ -56,6 +56,8 @@ log = logging.getLogger("aipipe.restore")
 
 _CONTROL_DECODER = msgspec.json.Decoder(ControlEvent)
 _COST_DECODER = msgspec.json.Decoder(CostEvent)
+#: The ``type`` tags of the control events that are state (the rest, mostly ``health``, is skipped unread).
+_STATE_EVENTS: tuple[bytes, ...] = (b'"set_budget"', b'"set_strategy"', b'"circuit_snapshot"', b'"circuit_transition"')
 #: Records published at once while restoring.
 _PUBLISH_CONCURRENCY = 64
 
@@ -126,7 +128,7 @@ def _plan_control(plan: RestorePlan, archive: FileArchive, topics: Topics, today
         path = archive.root / topics.control / f"{day}.jsonl"
         if not path.exists() or (summary is not None and day < summary.day):
             continue
-        for line in archive.read_file(path):
+        for line in archive.read_file(path, containing=_STATE_EVENTS):
             try:
                 fold.add(_CONTROL_DECODER.decode(line.raw_value()))
             except (msgspec.DecodeError, msgspec.ValidationError):

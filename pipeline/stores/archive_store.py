@@ -24,6 +24,7 @@ import contextlib
 import gzip
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -422,12 +423,17 @@ class FileArchive:
 
     # --------------------------------------------------------------------------- reading
 
-    def read_file(self, path: Path, start: int = 0) -> Iterator[ArchiveLine]:
-        """The lines of one day file (plain or gzip) from byte ``start``, skipping (and counting) unreadable ones."""
-        return self._lines_of(path, start)
+    def read_file(self, path: Path, start: int = 0, *, containing: tuple[bytes, ...] = ()) -> Iterator[ArchiveLine]:
+        """The lines of one day file (plain or gzip) from byte ``start``, skipping (and counting) unreadable ones.
 
-    def _lines_of(self, path: Path, start: int = 0) -> Iterator[ArchiveLine]:
+        ``containing``: only lines holding one of these byte strings are decoded
+        (a restore reads the few commands among a day of ``health`` events).
+        """
+        return self._lines_of(path, start, containing)
+
+    def _lines_of(self, path: Path, start: int = 0, containing: tuple[bytes, ...] = ()) -> Iterator[ArchiveLine]:
         """The lines of one day file (plain or gzip), skipping (and counting) those that cannot be read."""
+        wanted = re.compile(b"|".join(re.escape(c) for c in containing)) if containing else None
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
             handle = opener(path, "rb")
@@ -438,7 +444,7 @@ class FileArchive:
                 handle.seek(start)
             try:
                 for number, raw in enumerate(handle, 1):
-                    if not raw.strip():
+                    if not raw.strip() or (wanted is not None and wanted.search(raw) is None):
                         continue
                     try:
                         yield _LINE_DECODER.decode(raw)

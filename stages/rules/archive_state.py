@@ -44,7 +44,6 @@ from stages.rules.ledger import WINDOWS, window_start
 RESTORED_ID_PREFIX = "restored-"
 _HOUR_MS = 3_600_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ZERO = Decimal(0)
 
 
 def is_restored_id(request_id: str) -> bool:
@@ -130,10 +129,24 @@ class ControlFold:
         return out
 
 
+#: Amounts are summed as integers of this many USD (1e-10: cost events carry 10 decimal places), exactly and fast.
+_UNIT = Decimal("1e-10")
+
+
+def _units(usd: float) -> int:
+    """``usd`` in units of 1e-10 USD (a cost event's amounts have at most 10 decimal places)."""
+    return round(usd * 10_000_000_000)
+
+
+def _usd(units: int) -> float:
+    """Units of 1e-10 USD back to USD."""
+    return float(Decimal(units) * _UNIT)
+
+
 @dataclass
 class _Sums:
-    cost: Decimal = _ZERO
-    saved: Decimal = _ZERO
+    cost: int = 0  # 1e-10 USD
+    saved: int = 0  # 1e-10 USD
     prompt: int = 0
     completion: int = 0
     requests: int = 0
@@ -166,8 +179,8 @@ class CostRollup:
         count = event.requests
         if event.cached or not event.lines:
             sums = _Sums(
-                cost=Decimal(str(event.cost_usd)),
-                saved=Decimal(str(event.saved_usd)),
+                cost=_units(event.cost_usd),
+                saved=_units(event.saved_usd),
                 prompt=event.usage.prompt_tokens,
                 completion=event.usage.completion_tokens,
                 requests=count,
@@ -178,7 +191,7 @@ class CostRollup:
         last = len(event.lines) - 1
         for i, line in enumerate(event.lines):
             sums = _Sums(
-                cost=Decimal(str(line.cost_usd)),
+                cost=_units(line.cost_usd),
                 prompt=line.usage.prompt_tokens,
                 completion=line.usage.completion_tokens,
                 requests=count if i == last else 0,  # the request counts once, with its last line
@@ -188,8 +201,8 @@ class CostRollup:
     def add_bucket(self, bucket: CostBucket) -> None:
         """Add a bucket of a day summary."""
         sums = _Sums(
-            cost=Decimal(str(bucket.cost_usd)),
-            saved=Decimal(str(bucket.saved_usd)),
+            cost=_units(bucket.cost_usd),
+            saved=_units(bucket.saved_usd),
             prompt=bucket.prompt_tokens,
             completion=bucket.completion_tokens,
             requests=bucket.requests,
@@ -213,8 +226,8 @@ class CostRollup:
                 provider=who[1],
                 model=who[2],
                 hour_ms=hour,
-                cost_usd=float(round(s.cost, 10)),
-                saved_usd=float(round(s.saved, 10)),
+                cost_usd=_usd(s.cost),
+                saved_usd=_usd(s.saved),
                 prompt_tokens=s.prompt,
                 completion_tokens=s.completion,
                 requests=s.requests,
@@ -267,7 +280,7 @@ def restored_cost_events(buckets: Iterable[CostBucket], now: datetime, tz: ZoneI
         at = datetime.fromtimestamp(first_ms / 1000, UTC)
         if piece > 0:
             at = max(at, starts[piece - 1])
-        cost = float(round(s.cost, 10))
+        cost = _usd(s.cost)
         usage = Usage(prompt_tokens=s.prompt, completion_tokens=s.completion, total_tokens=s.prompt + s.completion)
         digest = hashlib.sha256(
             repr((user, provider, model, hit, piece, day, str(s.cost), str(s.saved), s.requests)).encode()
@@ -280,7 +293,7 @@ def restored_cost_events(buckets: Iterable[CostBucket], now: datetime, tz: ZoneI
                 model=model,
                 usage=usage,
                 cost_usd=cost,
-                saved_usd=float(round(s.saved, 10)),
+                saved_usd=_usd(s.saved),
                 cached=hit,
                 at=at,
                 lines=[] if hit or not cost else [CostLine(provider=provider, model=model, usage=usage, cost_usd=cost)],
