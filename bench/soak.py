@@ -96,20 +96,29 @@ async def main(args: argparse.Namespace) -> int:
                     now = time.monotonic()
                     rate = window_done / (now - window_start)
                     rotations = log_path.read_text(errors="replace").count("rotated the embedded broker in ")
+                    latencies.sort()
+                    p50 = latencies[len(latencies) // 2] if latencies else 0.0
+                    p99 = latencies[int(len(latencies) * 0.99)] if latencies else 0.0
+                    worst = latencies[-1] if latencies else 0.0
                     row = {
                         "answered": answered,
                         "failed": failed,
                         "elapsed_s": round(now - started, 1),
                         "rate": round(rate, 1),
                         "rotations": rotations,
+                        "p50_ms": round(p50, 1),
+                        "p99_ms": round(p99, 1),
+                        "max_ms": round(worst, 1),
                     }
                     windows.append(row)
                     print(
                         f"{answered:>7} answered {failed:>5} failed  {row['elapsed_s']:>7} s  "
-                        f"{rate:7.1f} req/s  rotations {rotations}",
+                        f"{rate:7.1f} req/s  p50 {p50:6.1f} ms  p99 {p99:7.1f} ms  max {worst:7.1f} ms  "
+                        f"rotations {rotations}",
                         flush=True,
                     )
                     window_start, window_done = now, 0
+                    latencies.clear()
 
                 async def worker() -> None:
                     nonlocal answered, failed, next_index, window_done

@@ -111,6 +111,7 @@ def plan_restore(
     """
     plan = RestorePlan()
     skipped_before = archive.skipped_lines
+    archive.recover()  # a day close a crash interrupted: finished first, so nothing is counted twice
     if close_days:
         archive.close_days(now)
     today = now.astimezone(UTC).date().isoformat()

@@ -40,6 +40,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NO_BROKER_MESSAGE = "no broker: start `aipipe run` or set AIPIPE_KAFKA_BOOTSTRAP"
+#: Beside the runtime file: the address of the last embedded broker started here (never removed), so a
+#: restarted `aipipe run` listens where long-running clients (`tail`, `serve`) already reconnect.
+LAST_ADDRESS_FILE = "broker.last"
 
 
 class NoBrokerError(BrokerError):
@@ -82,6 +85,10 @@ def write_runtime_file(env: Mapping[str, str], address: str, broker_id: str | No
         os.replace(id_temporary, broker_id_file(env))
     temporary.write_text(address + "\n", encoding="utf-8")
     os.replace(temporary, path)
+    with contextlib.suppress(OSError):  # kept after exit: the next embedded broker takes the same address
+        last = path.with_name(f".{LAST_ADDRESS_FILE}.{os.getpid()}.tmp")
+        last.write_text(address + "\n", encoding="utf-8")
+        os.replace(last, path.with_name(LAST_ADDRESS_FILE))
 
 
 def _read_runtime_address(env: Mapping[str, str]) -> str | None:
@@ -252,6 +259,27 @@ class BrokerHandle:
         await owned.stop()
 
 
+async def _start_where_last(home: Path) -> EmbeddedBroker:
+    """Start the embedded broker on the port the last one here had (``broker.last``) when it is free, else any."""
+    port: int | None = None
+    try:
+        last = (home / LAST_ADDRESS_FILE).read_text(encoding="utf-8").strip()
+        port_text = last.rpartition(":")[2]
+        port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+    except (OSError, UnicodeDecodeError):
+        port = None
+    if port is not None:
+        broker = EmbeddedBroker(port=port, log_path=home / "logs" / "broker.log")
+        try:
+            await broker.start()
+            return broker
+        except BrokerError as exc:
+            log.info("the embedded broker's last port %d is taken (%s); using another", port, exc)
+    broker = EmbeddedBroker(log_path=home / "logs" / "broker.log")
+    await broker.start()
+    return broker
+
+
 @contextlib.asynccontextmanager
 async def _runtime_lock(env: Mapping[str, str], timeout_s: float = 30.0) -> Any:
     """Hold ``$AIPIPE_HOME/broker.lock`` so two processes do not both start a broker (POSIX; else no-op)."""
@@ -331,8 +359,7 @@ async def resolve_broker(
         found = await read_runtime_broker_async(env)  # someone may have started one while we waited
         if found is not None:
             return BrokerHandle(found, None, env)
-        broker = EmbeddedBroker(log_path=home / "logs" / "broker.log")
-        await broker.start()
+        broker = await _start_where_last(home)
         try:
             if on_new_broker is not None:
                 await on_new_broker(broker)

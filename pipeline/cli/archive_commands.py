@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from pipeline.assembly.process import load_config
 from pipeline.runtime.settings import Settings
 from pipeline.stores.archive_store import FileArchive
 
-EXIT_OK = 0
+EXIT_OK, EXIT_FAIL = 0, 1
 
 
 def _archive(args: argparse.Namespace) -> int:
@@ -25,6 +26,9 @@ def _archive(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(dict(os.environ))
     config = load_config(settings)
+    if settings.archive_path.exists() and not settings.archive_path.is_dir():
+        print(f"aipipe archive stats: error: {settings.archive_path} is not a directory", file=sys.stderr)
+        return EXIT_FAIL
     archive = FileArchive(settings.archive_path, settings.topics, retention_days=config.archive.retention())
     days = archive.stats()
     if args.json:

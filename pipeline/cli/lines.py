@@ -38,6 +38,7 @@ from schemas.events import (
     SetStrategy,
 )
 from schemas.stream import StreamChunk
+from stages.rules.archive_state import is_restored_id
 
 #: Characters of a prompt or an answer a line shows.
 TEXT_CHARS = 60
@@ -100,6 +101,7 @@ def _cost(value: CostEvent) -> str:
             ("usage=estimated", value.usage_source == "estimated"),
             (value.status, value.status != "ok"),
             (f"lines={len(value.lines)}", len(value.lines) > 1),
+            (f"restored roll-up of {value.requests} request(s)", is_restored_id(value.id)),
         )
         if on
     )

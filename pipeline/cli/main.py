@@ -14,6 +14,7 @@ import sys
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
@@ -93,6 +94,8 @@ async def _run(args: argparse.Namespace) -> int:
     config = load_config(settings)
     stages = args.stage or [s for s in RUN_STAGES if s != "archive" or config.archive.enabled]
     restore_on = config.archive.restore and not args.no_restore
+    if "archive" in stages:  # a directory the archive cannot write is a set-up error, said at once
+        _check_archive_dir(settings.archive_path)
 
     async def on_new_broker(broker: EmbeddedBroker) -> None:
         # A new embedded broker is empty: put the archive's compact state in before anyone uses it (A11).
@@ -132,6 +135,8 @@ async def _topic_reader(
     """A reader of ``--source`` (archive, broker or auto); ``auto`` without a running broker reads the archive."""
     config = load_config(settings)
     archive = FileArchive(settings.archive_path, settings.topics, retention_days=config.archive.retention())
+    if args.source == "archive" and not settings.archive_path.is_dir():
+        raise CliError(f"no archive at {settings.archive_path} (AIPIPE_ARCHIVE_DIR, default $AIPIPE_HOME/archive)")
     if args.source == "archive":
         yield TopicReader("archive", archive, None, None, args.idle_s)
         return
@@ -145,6 +150,24 @@ async def _topic_reader(
             yield TopicReader("archive", archive, None, None, args.idle_s)
             return
         yield TopicReader(args.source, archive, opened.bus, opened.broker_id, args.idle_s)
+
+
+def _check_archive_dir(path: Path) -> None:
+    """Create the archive directory if needed and check that it can be written.
+
+    Raises:
+        CliError: naming the directory, when it is not a writable directory.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CliError(
+            f"the archive directory {path} cannot be written ({exc.strerror or exc}); set AIPIPE_ARCHIVE_DIR "
+            "to a writable directory, or run without the archive ([archive] enabled = false)"
+        ) from exc
 
 
 # --- send ------------------------------------------------------------------------------------

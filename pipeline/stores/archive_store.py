@@ -61,6 +61,30 @@ class _TimeOnly(msgspec.Struct):
 
 
 _TIME_DECODER = msgspec.json.Decoder(_TimeOnly)
+#: The file names of a day: open, being closed (after a crash), closed.
+_DAY_SUFFIXES = (".jsonl", ".closing", ".jsonl.gz")
+
+
+def _is_day(name: str) -> bool:
+    """Whether ``name`` is a real ``YYYY-MM-DD`` date."""
+    if len(name) != 10:
+        return False
+    try:
+        date.fromisoformat(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _day_bounds(day: str) -> tuple[int, int]:
+    """A UTC day's [start, end) in Unix epoch ms."""
+    start = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() * 1000)
+    return start, start + 86_400_000
+
+
+def _fsync_path(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
 
 
 class ArchiveError(RuntimeError):
@@ -197,6 +221,7 @@ class FileArchive:
         self._lock = anyio.Lock()
         self.lines_written = 0
         self.skipped_lines = 0
+        self._warned: set[Path] = set()
 
     # --------------------------------------------------------------------------- writing
 
@@ -293,11 +318,25 @@ class FileArchive:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def days(self, topic: str) -> list[str]:
-        """The UTC days (``YYYY-MM-DD``) ``topic``'s archive holds, oldest first."""
+        """The UTC days (``YYYY-MM-DD``) ``topic``'s archive holds, oldest first.
+
+        Only regular files named after a real date count; anything else in the
+        folder (a directory, ``notaday.jsonl``) is skipped with a warning.
+        """
         folder = self.root / topic
         if not folder.is_dir():
             return []
-        found = {p.name.split(".", 1)[0] for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz"))}
+        found = set()
+        for path in folder.iterdir():
+            if not path.name.endswith(_DAY_SUFFIXES):
+                continue
+            day = path.name.split(".", 1)[0]
+            if not path.is_file() or not _is_day(day):
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("archive: skipping %s (not a day file of the archive)", path)
+                continue
+            found.add(day)
         return sorted(found)
 
     async def maintain(self, now: datetime) -> None:
@@ -309,54 +348,99 @@ class FileArchive:
     def close_days(self, now: datetime) -> list[tuple[str, str]]:
         """Close every open day before ``now``'s UTC day: summary (costs, control), gzip, record count.
 
-        Blocking. Returns the (topic, day) pairs closed.
+        Blocking. Finishes a close a crash interrupted first. Returns the (topic, day) pairs closed.
         """
+        self.recover()
         today = now.astimezone(UTC).date().isoformat()
         closed = []
         for topic in self.topic_dirs():
             for day in self.days(topic):
-                if day < today and (self.root / topic / f"{day}.jsonl").exists():
+                if day < today and (self.root / topic / f"{day}.jsonl").is_file():
                     self._close_day(topic, day)
                     closed.append((topic, day))
         return closed
 
+    def recover(self) -> None:
+        """Finish every day close a crash (kill -9) interrupted, so no day is counted twice or lost. Blocking."""
+        for topic in self.topic_dirs():
+            folder = self.root / topic
+            pending = {p.name.split(".", 1)[0] for p in folder.glob("*.closing")}
+            pending |= {p.name.split(".", 1)[0] for p in folder.glob("*.close.new")}
+            for day in sorted(d for d in pending if _is_day(d)):
+                log.warning("archive: finishing the close of %s %s that was interrupted", topic, day)
+                self._finish_closing(topic, day)
+
     def _close_day(self, topic: str, day: str) -> None:
+        """Close one day: its file is renamed ``.closing`` (atomically), then folded in (``_finish_closing``)."""
         folder = self.root / topic
-        raw = folder / f"{day}.jsonl"
         handle = self._files.pop((topic, day), None)
         if handle is not None:
             handle.close()
-        prior = self._meta_records(topic, day)  # a day closed before, reopened by late records
-        records = 0
-        if topic == self.topics.costs:
-            rollup = CostRollup()
-            known = self._summary(topic, day, CostSummary)
-            for bucket in known.buckets if known is not None else []:
-                rollup.add_bucket(bucket)
-            for line in self._lines_of(raw):
-                records += 1
-                event = _decode_or_none(_COST_DECODER, line.raw_value())
-                if event is not None:
-                    rollup.add(event)
-            summary = CostSummary(day=day, records=prior + records, buckets=rollup.to_buckets())
-            _write_atomic(folder / f"{day}.summary.json", msgspec.json.encode(summary))
-        elif topic == self.topics.control:
-            fold = ControlFold(self.control_summary_before(topic, day, include=True))
-            for line in self._lines_of(raw):
-                records += 1
-                command = _decode_or_none(_CONTROL_DECODER, line.raw_value())
-                if command is not None:
-                    fold.add(command)
-            _write_atomic(folder / f"{day}.summary.json", msgspec.json.encode(fold.summary(day, prior + records)))
-        else:
-            records = sum(1 for _ in self._lines_of(raw))
-        total = prior + records
-        last_ms = max(self._meta_value(topic, day, "last_ms"), self._last_time(raw))
-        with raw.open("rb") as source, gzip.open(folder / f"{day}.jsonl.gz", "ab") as target:
-            shutil.copyfileobj(source, target)
-        _write_atomic(folder / f"{day}.meta.json", msgspec.json.encode({"records": total, "last_ms": last_ms}))
-        raw.unlink()
-        log.info("archive: closed %s %s (%d records)", topic, day, records)
+        if (folder / f"{day}.closing").exists() or (folder / f"{day}.close.new").exists():
+            self._finish_closing(topic, day)
+        os.replace(folder / f"{day}.jsonl", folder / f"{day}.closing")
+        self._finish_closing(topic, day)
+
+    def _finish_closing(self, topic: str, day: str) -> None:
+        """Fold ``<day>.closing`` into the day's summary, count and compressed file; safe to run again after a crash.
+
+        The new summary and count are staged in ``<day>.close.new`` first; the
+        ``.closing`` file is removed only once its lines are in the ``.gz``; the
+        staged values then replace the day's. A crash before the removal redoes
+        the whole fold from the day's previous summary (the ``.gz`` may hold
+        some lines twice: readers count a record once); a crash after it only
+        puts the staged values in place.
+        """
+        folder = self.root / topic
+        closing, staged = folder / f"{day}.closing", folder / f"{day}.close.new"
+        if closing.exists():
+            staged.unlink(missing_ok=True)  # folded from a state that may be stale: fold again
+            prior = self._meta_value(topic, day, "records")
+            records = 0
+            summary: bytes | None = None
+            if topic == self.topics.costs:
+                rollup = CostRollup()
+                known = self._summary(topic, day, CostSummary)
+                for bucket in known.buckets if known is not None else []:
+                    rollup.add_bucket(bucket)
+                for line in self._lines_of(closing):
+                    records += 1
+                    event = _decode_or_none(_COST_DECODER, line.raw_value())
+                    if event is not None:
+                        rollup.add(event)
+                summary = msgspec.json.encode(
+                    CostSummary(day=day, records=prior + records, buckets=rollup.to_buckets())
+                )
+            elif topic == self.topics.control:
+                fold = ControlFold(self.control_summary_before(topic, day, include=True))
+                for line in self._lines_of(closing):
+                    records += 1
+                    command = _decode_or_none(_CONTROL_DECODER, line.raw_value())
+                    if command is not None:
+                        fold.add(command)
+                summary = msgspec.json.encode(fold.summary(day, prior + records))
+            else:
+                records = sum(1 for _ in self._lines_of(closing))
+            last_ms = max(self._meta_value(topic, day, "last_ms"), self._last_time(closing))
+            meta = {"records": prior + records, "last_ms": last_ms}
+            staging = {"meta": meta, "summary": msgspec.Raw(summary) if summary is not None else None}
+            _write_atomic(staged, msgspec.json.encode(staging))
+            with closing.open("rb") as source, gzip.open(folder / f"{day}.jsonl.gz", "ab") as target:
+                shutil.copyfileobj(source, target)
+            _fsync_path(folder / f"{day}.jsonl.gz")
+            closing.unlink()
+            log.info("archive: closed %s %s (%d records)", topic, day, records)
+        if staged.exists():
+            try:
+                done = msgspec.json.decode(staged.read_bytes())
+            except (OSError, msgspec.DecodeError) as exc:
+                log.warning("archive: unreadable %s (%s); left for an operator", staged, exc)
+                return
+            if isinstance(done, dict) and done.get("summary") is not None:
+                _write_atomic(folder / f"{day}.summary.json", msgspec.json.encode(done["summary"]))
+            if isinstance(done, dict):
+                _write_atomic(folder / f"{day}.meta.json", msgspec.json.encode(done.get("meta", {})))
+            staged.unlink()
 
     def _meta_records(self, topic: str, day: str) -> int:
         return self._meta_value(topic, day, "records")
@@ -375,10 +459,29 @@ class FileArchive:
         return max((line.timestamp_ms for line in self._tail_lines(path.parent, path.name.split(".", 1)[0])), default=0)
 
     def _summary(self, topic: str, day: str, type_: type[_T]) -> _T | None:
+        path = self.root / topic / f"{day}.summary.json"
         try:
-            return msgspec.json.decode((self.root / topic / f"{day}.summary.json").read_bytes(), type=type_)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return msgspec.json.decode(path.read_bytes(), type=type_)
+        except FileNotFoundError:
             return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("archive: unreadable summary %s (%s)", path, exc)
+            return None
+
+    def _rebuilt_cost_summary(self, topic: str, day: str) -> CostSummary:
+        """A closed day's cost summary made again from its compressed records (its own was missing or corrupt)."""
+        log.warning("archive: rebuilding the cost summary of %s from its records", day)
+        rollup = CostRollup()
+        records = 0
+        for line in self.read(topic, *_day_bounds(day)):
+            records += 1
+            event = _decode_or_none(_COST_DECODER, line.raw_value())
+            if event is not None:
+                rollup.add(event)
+        summary = CostSummary(day=day, records=records, buckets=rollup.to_buckets())
+        with contextlib.suppress(OSError):
+            _write_atomic(self.root / topic / f"{day}.summary.json", msgspec.json.encode(summary))
+        return summary
 
     def control_summary_before(self, topic: str, day: str, *, include: bool = False) -> ControlSummary | None:
         """The latest control summary of a day before ``day`` (or ``day`` itself when ``include``)."""
@@ -396,10 +499,9 @@ class FileArchive:
         """The cost summaries of the closed days from ``since_day`` on."""
         out = []
         for day in self.days(topic):
-            if day >= since_day:
+            if day >= since_day and (self.root / topic / f"{day}.jsonl.gz").exists():
                 found = self._summary(topic, day, CostSummary)
-                if found is not None:
-                    out.append(found)
+                out.append(found if found is not None else self._rebuilt_cost_summary(topic, day))
         return out
 
     def apply_retention(self, now: datetime) -> int:
@@ -439,6 +541,9 @@ class FileArchive:
             handle = opener(path, "rb")
         except FileNotFoundError:
             return
+        except OSError as exc:  # a directory, no permission
+            log.warning("archive: cannot read %s (%s); skipped", path, exc)
+            return
         with handle:
             if start:
                 handle.seek(start)
@@ -470,8 +575,8 @@ class FileArchive:
         for day in self.days(topic):
             if (first_day is not None and day < first_day) or (last_day is not None and day > last_day):
                 continue
-            for path in (folder / f"{day}.jsonl.gz", folder / f"{day}.jsonl"):
-                if not path.exists():
+            for path in (folder / f"{day}.jsonl.gz", folder / f"{day}.closing", folder / f"{day}.jsonl"):
+                if not path.is_file():
                     continue
                 start = 0
                 if since_ms is not None and path.suffix == ".jsonl":

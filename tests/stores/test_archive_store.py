@@ -132,3 +132,68 @@ async def test_closing_a_day_compresses_it_and_summarizes_costs_and_control(tmp_
     assert archive.apply_retention(datetime.now(UTC) + timedelta(days=3)) > 0
     assert archive.days(T.costs) == []
     assert archive.control_summary_before(T.control, "9999-12-31") is not None
+
+
+async def _two_days_of_costs(tmp_path: Path) -> tuple[FileArchive, str]:
+    archive = FileArchive(tmp_path, T, flush_ms=10)
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    ts = int(yesterday.timestamp() * 1000)
+    for i in range(4):
+        await archive.write(T.costs, archive_line(_record(T.costs, i, ts + i, _cost(f"r{i}", yesterday, 0.5)), "b1"))
+    await archive.aclose()
+    return archive, yesterday.date().isoformat()
+
+
+def _spent(archive: FileArchive, day: str) -> float:
+    return sum(b.cost_usd for s in archive.cost_summaries(T.costs, day) for b in s.buckets)
+
+
+@pytest.mark.parametrize("crash_after", ["rename", "staged", "gzip"])
+async def test_a_day_close_interrupted_by_a_crash_is_finished_once(tmp_path: Path, crash_after: str) -> None:
+    archive, day = await _two_days_of_costs(tmp_path)
+    folder = tmp_path / T.costs
+    finish = archive._finish_closing
+    calls = []
+
+    def crashing(topic: str, d: str) -> None:  # the state a kill -9 leaves at each step
+        calls.append(d)
+        closing = folder / f"{d}.closing"
+        if crash_after == "rename":
+            return
+        if crash_after == "staged":
+            (folder / f"{d}.close.new").write_bytes(b'{"meta": {"records": 99}, "summary": null}')
+            return
+        # killed after the .gz got the lines, before the .closing file was removed
+        kept = closing.read_bytes()
+        finish(topic, d)
+        (folder / f"{d}.summary.json").unlink()
+        (folder / f"{d}.meta.json").unlink()
+        closing.write_bytes(kept)
+        (folder / f"{d}.close.new").write_bytes(b'{"meta": {"records": 99}, "summary": null}')
+
+    archive._finish_closing = crashing  # type: ignore[method-assign]
+    archive.close_days(datetime.now(UTC))
+    assert calls == [day]
+    archive._finish_closing = finish  # type: ignore[method-assign]
+    reopened = FileArchive(tmp_path, T)
+    reopened.recover()
+    assert not (folder / f"{day}.closing").exists() and not (folder / f"{day}.close.new").exists()
+    assert _spent(reopened, day) == pytest.approx(2.0)  # four events of $0.50, once
+    assert [s.records for s in reopened.stats() if s.topic == T.costs] == [4]
+    reopened.recover()  # again: nothing changes
+    assert _spent(reopened, day) == pytest.approx(2.0)
+
+
+async def test_a_missing_or_corrupt_summary_is_rebuilt_and_stray_entries_are_skipped(tmp_path: Path) -> None:
+    archive, day = await _two_days_of_costs(tmp_path)
+    archive.close_days(datetime.now(UTC))
+    (tmp_path / T.costs / f"{day}.summary.json").write_bytes(b"{bad json")
+    (tmp_path / T.costs / "2026-12-04.jsonl").mkdir()  # a directory named like a day file
+    (tmp_path / T.costs / "notaday.jsonl").write_bytes(b"{}\n")
+    (tmp_path / T.costs / "2026-02-30.jsonl").write_bytes(b"{}\n")
+    reopened = FileArchive(tmp_path, T)
+    assert reopened.days(T.costs) == [day]
+    assert _spent(reopened, day) == pytest.approx(2.0)  # rebuilt from the day's records
+    assert _spent(FileArchive(tmp_path, T), day) == pytest.approx(2.0)  # and written back
+    assert len(list(reopened.read(T.costs))) == 4
+    assert reopened.close_days(datetime.now(UTC)) == []
