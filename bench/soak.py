@@ -42,6 +42,9 @@ from pipeline.runtime.settings import Settings
 from schemas.request import AIRequest
 
 CONFIG = """
+[budget]
+global_daily_usd = 1000000.0
+
 [providers.openai]
 priority = 1
 rate_limit = { requests_per_minute = 100000000, tokens_per_minute = 100000000000 }

@@ -127,13 +127,9 @@ def _plan_control(plan: RestorePlan, archive: FileArchive, topics: Topics, today
     fold = ControlFold(summary)
     for day in archive.days(topics.control):
         path = archive.root / topics.control / f"{day}.jsonl"
-        if not path.exists() or (summary is not None and day < summary.day):
+        if not path.is_file() or (summary is not None and day < summary.day):
             continue
-        for line in archive.read_file(path, containing=_STATE_EVENTS):
-            try:
-                fold.add(_CONTROL_DECODER.decode(line.raw_value()))
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
+        fold = fold.merged(archive.fold_open_control(path))  # cached: a rotation reads only the new lines
     for event in fold.events():
         plan.messages.append(Outgoing(topic=topics.control, value=encode(event), key=b"*", headers=_restored_headers()))
         plan.control_events += 1
@@ -196,24 +192,24 @@ def _plan_costs(
     tz = zone(config.budget.timezone)
     oldest = open_windows_start(now, tz)
     since_day = (oldest.astimezone(UTC) - timedelta(days=1)).date().isoformat()
-    rollup = CostRollup()
     raw: list[tuple[CostEvent, Record]] = []
     buckets = [b for s in archive.cost_summaries(topics.costs, since_day) for b in s.buckets]
     for day in archive.days(topics.costs):
         path = archive.root / topics.costs / f"{day}.jsonl"
-        if day < since_day or not path.exists():
+        if day < since_day or not path.is_file():
             continue
-        for line in archive.read_file(path):
-            try:
-                event = _COST_DECODER.decode(line.raw_value())
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            if event.id in pending:  # its request runs again: the recorder must find its cost event as it was
-                raw.append((event, as_record(topics.costs, line)))
-            else:
-                rollup.add(event)
-    plan.rolled_up_costs = sum(s.requests for s in rollup.buckets.values()) + sum(b.requests for b in buckets)
-    events = restored_cost_events([*buckets, *rollup.to_buckets()], now, tz)
+        buckets += archive.fold_open_costs(path).to_buckets()  # cached: a rotation reads only the new lines
+        if pending:  # a restored request's cost event goes back as it was (the recorder must find its id)...
+            recent = int((now - timedelta(milliseconds=2 * MAX_TIMEOUT_MS)).timestamp() * 1000)
+            back_out = CostRollup()
+            for line in archive.read(topics.costs, since_ms=recent):
+                event = _decode_cost(line.raw_value())
+                if event is not None and event.id in pending and event.id not in {e.id for e, _ in raw}:
+                    raw.append((event, as_record(topics.costs, line)))
+                    back_out.add(event, sign=-1)  # ... and out of the roll-up
+            buckets += back_out.to_buckets()
+    plan.rolled_up_costs = sum(b.requests for b in buckets)
+    events = restored_cost_events(buckets, now, tz)
     for event in events:
         plan.messages.append(
             Outgoing(
@@ -235,6 +231,13 @@ def _plan_costs(
             )
         )
     plan.cost_events = len(events) + len(raw)
+
+
+def _decode_cost(raw: bytes) -> CostEvent | None:
+    try:
+        return _COST_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _id_of(raw: bytes) -> str | None:

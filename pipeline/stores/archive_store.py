@@ -82,6 +82,53 @@ def _day_bounds(day: str) -> tuple[int, int]:
     return start, start + 86_400_000
 
 
+#: The control events that are state (what a restore folds); the rest, mostly ``health``, is skipped unread.
+_STATE_RE = re.compile(rb'"(?:set_budget|set_strategy|circuit_snapshot|circuit_transition)"')
+
+
+class _ValueOnly(msgspec.Struct):
+    value: msgspec.Raw = msgspec.Raw()
+
+
+_VALUE_DECODER = msgspec.json.Decoder(_ValueOnly)
+
+
+def _value_of(raw: bytes) -> bytes:
+    """The JSON value of one archive line (its other fields are skipped), or ``b""`` when there is none."""
+    found = _decode_or_none(_VALUE_DECODER, raw)
+    return bytes(found.value) if found is not None else b""
+
+
+def _complete_lines(path: Path, start: int, wanted: re.Pattern[bytes] | None = None) -> Iterator[tuple[bytes, int]]:
+    """``(line, offset after it)`` for each whole line of ``path`` from byte ``start`` (a half-written last one waits).
+
+    ``wanted``: only lines it matches are yielded (offsets still advance).
+    """
+    try:
+        handle = path.open("rb")
+    except OSError:
+        return
+    with handle:
+        handle.seek(start)
+        offset = start
+        rest = b""
+        while chunk := handle.read(1 << 23):
+            data = rest + chunk
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+                continue
+            rest = data[cut + 1 :]
+            base = offset
+            for raw in data[:cut].split(b"\n"):
+                base += len(raw) + 1
+                if raw and (wanted is None or wanted.search(raw) is not None):
+                    yield raw, base
+            offset = base
+        if offset > start:
+            yield b"", offset  # the final position, for the caller's cache
+
+
 def _fsync_path(path: Path) -> None:
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
@@ -222,6 +269,9 @@ class FileArchive:
         self.lines_written = 0
         self.skipped_lines = 0
         self._warned: set[Path] = set()
+        #: Open days already folded by a restore: (bytes read, fold), so the next (a rotation) reads only the rest.
+        self._cost_folds: dict[Path, tuple[int, CostRollup]] = {}
+        self._control_folds: dict[Path, tuple[int, ControlFold]] = {}
 
     # --------------------------------------------------------------------------- writing
 
@@ -524,6 +574,31 @@ class FileArchive:
         return removed
 
     # --------------------------------------------------------------------------- reading
+
+    def fold_open_costs(self, path: Path) -> CostRollup:
+        """The cost events of an open day's file, rolled up; cached, so a later call reads only the new lines.
+
+        The rollup returned is the cache's own: do not change it. Blocking.
+        """
+        start, rollup = self._cost_folds.get(path, (0, CostRollup()))
+        reached = start
+        for raw, reached in _complete_lines(path, start):  # noqa: B007 - the last offset is kept
+            event = _decode_or_none(_COST_DECODER, _value_of(raw))
+            if event is not None:
+                rollup.add(event)
+        self._cost_folds[path] = (reached, rollup)
+        return rollup
+
+    def fold_open_control(self, path: Path) -> ControlFold:
+        """The state commands of an open day's control file, folded from nothing; cached like ``fold_open_costs``."""
+        start, fold = self._control_folds.get(path, (0, ControlFold()))
+        reached = start
+        for raw, reached in _complete_lines(path, start, _STATE_RE):  # noqa: B007 - the last offset is kept
+            event = _decode_or_none(_CONTROL_DECODER, _value_of(raw))
+            if event is not None:
+                fold.add(event)
+        self._control_folds[path] = (reached, fold)
+        return fold
 
     def read_file(self, path: Path, start: int = 0, *, containing: tuple[bytes, ...] = ()) -> Iterator[ArchiveLine]:
         """The lines of one day file (plain or gzip) from byte ``start``, skipping (and counting) unreadable ones.

@@ -97,6 +97,26 @@ class ControlFold:
             self.states[event.provider] = event.to_state
             self.snapshot_at = max(self.snapshot_at or event.at, event.at)
 
+    def merged(self, later: ControlFold) -> ControlFold:
+        """A new fold: this one, then what ``later`` folded (a later day), the latest ``at`` winning per command."""
+        out = ControlFold()
+        out.budgets = {scope: dict(windows) for scope, windows in self.budgets.items()}
+        out._budget_at = dict(self._budget_at)
+        for (scope, window), at in later._budget_at.items():
+            known = out._budget_at.get((scope, window))
+            if known is None or at >= known:
+                out._budget_at[(scope, window)] = at
+                out.budgets.setdefault(scope, {})[window] = later.budgets[scope][window]
+        out.strategy = self.strategy
+        if later.strategy is not None and (
+            out.strategy is None or (later.strategy.at or _EPOCH) >= (out.strategy.at or _EPOCH)
+        ):
+            out.strategy = later.strategy
+        out.states = {**self.states, **later.states}
+        stamps = [t for t in (self.snapshot_at, later.snapshot_at) if t is not None]
+        out.snapshot_at = max(stamps) if stamps else None
+        return out
+
     def summary(self, day: str, records: int) -> ControlSummary:
         """The fold as a day summary (``records``: how many records the day held)."""
         snapshot = CircuitSnapshot(states=dict(self.states), at=self.snapshot_at) if self.snapshot_at else None
@@ -172,17 +192,20 @@ class CostRollup:
     buckets: dict[tuple[_Who, int], _Sums] = field(default_factory=dict)
     events: int = 0
 
-    def add(self, event: CostEvent) -> None:
-        """Add one cost event: each of its ``lines`` to its own provider and model (a cache hit: its saving)."""
-        self.events += 1
+    def add(self, event: CostEvent, *, sign: int = 1) -> None:
+        """Add one cost event: each of its ``lines`` to its own provider and model (a cache hit: its saving).
+
+        ``sign=-1`` takes an event added before out again.
+        """
+        self.events += sign
         hour = int(event.at.timestamp() * 1000) // _HOUR_MS * _HOUR_MS
-        count = event.requests
+        count = event.requests * sign
         if event.cached or not event.lines:
             sums = _Sums(
-                cost=_units(event.cost_usd),
-                saved=_units(event.saved_usd),
-                prompt=event.usage.prompt_tokens,
-                completion=event.usage.completion_tokens,
+                cost=_units(event.cost_usd) * sign,
+                saved=_units(event.saved_usd) * sign,
+                prompt=event.usage.prompt_tokens * sign,
+                completion=event.usage.completion_tokens * sign,
                 requests=count,
                 hits=count if event.cached else 0,
             )
@@ -191,9 +214,9 @@ class CostRollup:
         last = len(event.lines) - 1
         for i, line in enumerate(event.lines):
             sums = _Sums(
-                cost=_units(line.cost_usd),
-                prompt=line.usage.prompt_tokens,
-                completion=line.usage.completion_tokens,
+                cost=_units(line.cost_usd) * sign,
+                prompt=line.usage.prompt_tokens * sign,
+                completion=line.usage.completion_tokens * sign,
                 requests=count if i == last else 0,  # the request counts once, with its last line
             )
             self._add((event.user, line.provider, line.model, False), hour, sums)
@@ -208,7 +231,7 @@ class CostRollup:
             requests=bucket.requests,
             hits=bucket.cache_hits,
         )
-        hit = bucket.cache_hits > 0 and bucket.cache_hits == bucket.requests
+        hit = bucket.cache_hits != 0 and bucket.cache_hits == bucket.requests
         self._add((bucket.user, bucket.provider, bucket.model, hit), bucket.hour_ms, sums)
 
     def _add(self, who: _Who, hour_ms: int, sums: _Sums) -> None:
