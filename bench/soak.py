@@ -4,7 +4,7 @@
 
 Starts the provider emulator (no added latency) as its own process and the
 default ``aipipe run --emulate`` (one process: every stage and the archive,
-its own embedded broker, ``broker.rotate_records`` at its default 50,000),
+its own embedded broker, ``broker.rotate_records`` at its default 20,000),
 under a temporary ``AIPIPE_HOME``. Then ``--clients`` concurrent clients
 (``PipelineClient`` on Kafka, found through the runtime file, as ``aipipe
 send`` finds it) send ``--requests`` requests made of the 160 real MT-Bench

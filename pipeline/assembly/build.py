@@ -109,6 +109,8 @@ class Pipeline:
             executor (default: Redis-shared with ``AIPIPE_REDIS_URL``, else in-process).
         broker_id: the identity of the broker's current run, for the archive
             (``pipeline.bus.discovery.BrokerHandle.broker_id``).
+        archive: the archive to write (default: one under ``settings.archive_path``); the
+            process's restore passes its own, whose folds a rotation reuses.
 
     Raises:
         ValueError: for an unknown stage, or an invalid ``strategy``/``weights`` in the configuration.
@@ -124,13 +126,15 @@ class Pipeline:
         prices: PriceTable | None = None,
         rate_limiter: RateLimiter | None = None,
         broker_id: Callable[[], str] = lambda: "memory",
+        archive: FileArchive | None = None,
     ) -> None:
         unknown = [s for s in stages if s not in RUN_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(RUN_STAGES)}")
         self.broker_id = broker_id
-        self._archive: FileArchive | None = None
+        self._archive: FileArchive | None = archive
         self._rotations = 0
+        self._archive_closing = False
         self.settings = settings
         self.resolved = resolved
         self.config: PipelineConfig = resolved.config
@@ -179,6 +183,8 @@ class Pipeline:
             self._archive = FileArchive(
                 self.settings.archive_path, self.topics, flush_ms=cfg.flush_ms, retention_days=cfg.retention()
             )
+        if not self._archive_closing:
+            self._archive_closing = True
             self._exit.push_async_callback(self._archive.aclose)
         return self._archive
 

@@ -287,16 +287,19 @@ async def restore(bus: Bus, archive: FileArchive, topics: Topics, config: Pipeli
 
 
 async def restore_into(
-    address: str, env: Mapping[str, str], settings: Settings, config: PipelineConfig
+    address: str, env: Mapping[str, str], settings: Settings, config: PipelineConfig, archive: FileArchive | None = None
 ) -> RestorePlan | None:
-    """Restore the archive (``settings.archive_path``) into the fresh broker at ``address``.
+    """Restore the archive (``settings.archive_path``, or ``archive``) into the fresh broker at ``address``.
 
-    Returns ``None`` (and publishes nothing) when the archive is empty.
+    Returns ``None`` (and publishes nothing) when the archive is empty. Give
+    the process's own ``archive`` so that what this restore folds is cached
+    for the rotations that follow.
 
     Raises:
         BusError: when the broker cannot be reached or refuses a record.
     """
-    archive = FileArchive(settings.archive_path, settings.topics, retention_days=config.archive.retention())
+    if archive is None:
+        archive = FileArchive(settings.archive_path, settings.topics, retention_days=config.archive.retention())
     if not archive.topic_dirs():
         return None
     bus = KafkaBus(address, KafkaSettings.from_env(env))

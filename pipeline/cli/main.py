@@ -97,10 +97,13 @@ async def _run(args: argparse.Namespace) -> int:
     if "archive" in stages:  # a directory the archive cannot write is a set-up error, said at once
         _check_archive_dir(settings.archive_path)
 
+    cfg = config.archive
+    archive = FileArchive(settings.archive_path, settings.topics, flush_ms=cfg.flush_ms, retention_days=cfg.retention())
+
     async def on_new_broker(broker: EmbeddedBroker) -> None:
         # A new embedded broker is empty: put the archive's compact state in before anyone uses it (A11).
         if restore_on:
-            await restore_into(broker.address, env, settings, config)
+            await restore_into(broker.address, env, settings, config, archive)
 
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     try:  # tracing as OTEL_* / LOG_LEVEL say; /metrics when a port is set (flushed at exit by the SDK)
