@@ -85,7 +85,10 @@ async def open_bus(
         )
         stack.push_async_callback(handle.close)
         stack.callback(at_hard_exit(handle.forget_now))
-        kafka = KafkaBus(handle.bootstrap, KafkaSettings.from_env(env))
+        settings = KafkaSettings.from_env(env)
+        if handle.owned is not None or handle.from_runtime_file:
+            settings = settings.for_embedded(env)
+        kafka = KafkaBus(handle.bootstrap, settings)
         await kafka.start()
         stack.push_async_callback(kafka.stop)
         yield OpenBus(kafka, "kafka", handle.bootstrap, handle.owned is not None, handle)

@@ -302,7 +302,7 @@ async def restore_into(
         archive = FileArchive(settings.archive_path, settings.topics, retention_days=config.archive.retention())
     if not archive.topic_dirs():
         return None
-    bus = KafkaBus(address, KafkaSettings.from_env(env))
+    bus = KafkaBus(address, KafkaSettings.from_env(env).for_embedded(env))
     await bus.start()
     try:
         return await restore(bus, archive, settings.topics, config)

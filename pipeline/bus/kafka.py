@@ -33,7 +33,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -72,6 +72,10 @@ _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 _TOPIC_ALREADY_EXISTS = 36
 _DEFAULT_KAFKA_PORT = 9092
 _MASK = "***"
+
+
+#: Partitions of aipipe's topics on the embedded broker: what it gives a topic it creates on its own.
+EMBEDDED_PARTITIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,18 @@ class KafkaSettings:
         return f"KafkaSettings({', '.join(parts)})"
 
     __str__ = __repr__
+
+    def for_embedded(self, env: Mapping[str, str]) -> KafkaSettings:
+        """These settings for the embedded broker: ``EMBEDDED_PARTITIONS`` per topic unless ``AIPIPE_KAFKA_PARTITIONS``.
+
+        The embedded broker creates a topic a client merely names with 4
+        partitions (``EMBEDDED-BROKER.md``); after it restarts (a rotation) a
+        reconnecting client may name a topic before aipipe re-creates it, so
+        aipipe's own topics get the same count and the race changes nothing.
+        """
+        if env.get("AIPIPE_KAFKA_PARTITIONS"):
+            return self
+        return replace(self, partitions=EMBEDDED_PARTITIONS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KafkaSettings:

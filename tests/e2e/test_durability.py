@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 
-from pipeline.bus.kafka import KafkaBus, KafkaSettings
+from pipeline.bus.kafka import EMBEDDED_PARTITIONS, KafkaBus, KafkaSettings
 from pipeline.bus.protocol import Outgoing
 from pipeline.bus.topics import Topics
 from pipeline.client.pipeline_client import PipelineClient
@@ -420,14 +420,14 @@ async def test_audit_lists_the_provider_calls_a_killed_executor_made_again(tmp_p
                 # after it in its partition can be committed, however soon it is answered.
                 blockers: dict[int, str] = {}
                 n = 0
-                while len(blockers) < 6:
+                while len(blockers) < EMBEDDED_PARTITIONS:
                     rid = f"blocker-{n}"
                     blockers.setdefault(await client.bus.partition_for(T.stage_execute, rid.encode()), rid)
                     n += 1
                 emu.hold(10**6, provider="openai")
                 for rid in blockers.values():
                     await client.send(rid, providers=["openai"])
-                await _wait_for(lambda: _pending(emu) >= 6, "the six held calls", rest)
+                await _wait_for(lambda: _pending(emu) >= EMBEDDED_PARTITIONS, "a held call per partition", rest)
                 for rid in ids:
                     await client.send(rid, providers=["cloudflare"])
                 await _wait_for(lambda: len(client.responses) >= 100, "100 answers", rest, tick=client.pump)
@@ -452,7 +452,9 @@ async def test_audit_lists_the_provider_calls_a_killed_executor_made_again(tmp_p
             assert answered == len(ids)  # the ledger: one cost per request
             assert made == answered + repeated  # every call with usage is a ledger line or a repeat
             assert made <= completed  # a call the killed executor never heard back from is not seen
-            assert repeated >= 100 - 6 and len(audit["repeated_call_ids"]) == repeated  # each answered one, again
+            assert (
+                repeated >= 100 - EMBEDDED_PARTITIONS and len(audit["repeated_call_ids"]) == repeated
+            )  # each answered one, again
             assert all(c["repeated_usd"] > 0 for c in calls.values() if c["repeated_calls"])
         finally:
             for run in (executor, rest):
