@@ -398,8 +398,8 @@ class Pipeline:
                 runner.abandon(self.drain_grace_s)
         with anyio.move_on_after(ARCHIVE_DRAIN_S):
             mark = time.monotonic()
-            for runner in archive:
-                while not (runner.in_flight == 0 and _read_to_end(runner, mark)):
+            for runner in archive:  # an empty fetch after the others stopped: everything they wrote is read
+                while not (runner.in_flight == 0 and runner.last_empty_fetch_at > mark):
                     await anyio.sleep(0.01)
                 runner.stop()
                 await runner.finished.wait()
