@@ -56,8 +56,6 @@ log = logging.getLogger("aipipe.restore")
 
 _CONTROL_DECODER = msgspec.json.Decoder(ControlEvent)
 _COST_DECODER = msgspec.json.Decoder(CostEvent)
-#: The ``type`` tags of the control events that are state (the rest, mostly ``health``, is skipped unread).
-_STATE_EVENTS: tuple[bytes, ...] = (b'"set_budget"', b'"set_strategy"', b'"circuit_snapshot"', b'"circuit_transition"')
 #: Records published at once while restoring.
 _PUBLISH_CONCURRENCY = 64
 

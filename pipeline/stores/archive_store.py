@@ -600,17 +600,8 @@ class FileArchive:
         self._control_folds[path] = (reached, fold)
         return fold
 
-    def read_file(self, path: Path, start: int = 0, *, containing: tuple[bytes, ...] = ()) -> Iterator[ArchiveLine]:
-        """The lines of one day file (plain or gzip) from byte ``start``, skipping (and counting) unreadable ones.
-
-        ``containing``: only lines holding one of these byte strings are decoded
-        (a restore reads the few commands among a day of ``health`` events).
-        """
-        return self._lines_of(path, start, containing)
-
-    def _lines_of(self, path: Path, start: int = 0, containing: tuple[bytes, ...] = ()) -> Iterator[ArchiveLine]:
+    def _lines_of(self, path: Path, start: int = 0) -> Iterator[ArchiveLine]:
         """The lines of one day file (plain or gzip), skipping (and counting) those that cannot be read."""
-        wanted = re.compile(b"|".join(re.escape(c) for c in containing)) if containing else None
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
             handle = opener(path, "rb")
@@ -624,7 +615,7 @@ class FileArchive:
                 handle.seek(start)
             try:
                 for number, raw in enumerate(handle, 1):
-                    if not raw.strip() or (wanted is not None and wanted.search(raw) is None):
+                    if not raw.strip():
                         continue
                     try:
                         yield _LINE_DECODER.decode(raw)
@@ -776,8 +767,3 @@ def _line_start(handle: IO[bytes], position: int) -> int:
     handle.seek(position)
     handle.readline()
     return handle.tell()
-
-
-def utc_today() -> date:
-    """Today's UTC date."""
-    return datetime.now(UTC).date()

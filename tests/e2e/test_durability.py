@@ -162,15 +162,24 @@ class Client:
         )
 
 
+def _profile(latency_ms: int) -> Any:
+    """An emulator profile: every provider answers after ``latency_ms``."""
+    return parse_profile(
+        {
+            "providers": {
+                p: {"latency": {"dist": "fixed", "ms": latency_ms}} for p in ("openai", "anthropic", "cloudflare")
+            }
+        }
+    )
+
+
 def _pending(emu: EmulatorServer) -> int:
     return sum(1 for c in emu.calls() if c.outcome == "pending")
 
 
 async def test_sigterm_then_restart_keeps_budget_strategy_costs_and_answers_each_request_once(tmp_path: Path) -> None:
     since = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
-    profile = parse_profile(
-        {"providers": {p: {"latency": {"dist": "fixed", "ms": 20}} for p in ("openai", "anthropic", "cloudflare")}}
-    )
+    profile = _profile(20)
     async with EmulatorServer(profile=profile) as emu:
         env = _env(tmp_path / "home", emu.url)
         first = Run(env, tmp_path / "run1.log")
@@ -235,9 +244,7 @@ async def test_sigterm_then_restart_keeps_budget_strategy_costs_and_answers_each
 
 async def test_kill_9_loses_at_most_the_last_flush_and_the_archive_audits_after_no_restore(tmp_path: Path) -> None:
     since = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
-    profile = parse_profile(
-        {"providers": {p: {"latency": {"dist": "fixed", "ms": 10}} for p in ("openai", "anthropic", "cloudflare")}}
-    )
+    profile = _profile(10)
     async with EmulatorServer(profile=profile) as emu:
         env = _env(tmp_path / "home", emu.url)
         first = Run(env, tmp_path / "run1.log")
@@ -316,11 +323,7 @@ def _archived_answers(env: dict[str, str]) -> set[str]:
     return found
 
 
-ROTATION_TOML = """
-[broker]
-rotate_records = 100
-check_interval_s = 0.5
-
+HIGH_LIMITS_TOML = """
 [providers.openai]
 rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
 [providers.anthropic]
@@ -330,13 +333,21 @@ rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
 """
 
 
+ROTATION_TOML = (
+    """
+[broker]
+rotate_records = 100
+check_interval_s = 0.5
+"""
+    + HIGH_LIMITS_TOML
+)
+
+
 async def test_rotation_under_traffic_answers_every_request_once_and_loses_no_cost_event(tmp_path: Path) -> None:
     since = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
     config = tmp_path / "aipipe.toml"
     config.write_text(ROTATION_TOML, encoding="utf-8")
-    profile = parse_profile(
-        {"providers": {p: {"latency": {"dist": "fixed", "ms": 20}} for p in ("openai", "anthropic", "cloudflare")}}
-    )
+    profile = _profile(20)
     async with EmulatorServer(profile=profile) as emu:
         env = _env(tmp_path / "home", emu.url, AIPIPE_CONFIG=str(config))
         run = Run(env, tmp_path / "run.log")
@@ -391,23 +402,11 @@ async def test_rotation_under_traffic_answers_every_request_once_and_loses_no_co
         assert audit["cost_events"] == len(ids)
 
 
-HIGH_LIMITS_TOML = """
-[providers.openai]
-rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
-[providers.anthropic]
-rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
-[providers.cloudflare]
-rate_limit = { requests_per_minute = 1000000, tokens_per_minute = 1000000000 }
-"""
-
-
 async def test_audit_lists_the_provider_calls_a_killed_executor_made_again(tmp_path: Path) -> None:
     since = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
     config = tmp_path / "aipipe.toml"
     config.write_text(HIGH_LIMITS_TOML, encoding="utf-8")
-    profile = parse_profile(
-        {"providers": {p: {"latency": {"dist": "fixed", "ms": 60}} for p in ("openai", "anthropic", "cloudflare")}}
-    )
+    profile = _profile(60)
     async with EmulatorServer(profile=profile) as emu:
         env = _env(tmp_path / "home", emu.url, AIPIPE_CONFIG=str(config))
         others = [s for s in ("cache", "budget", "router", "recorder", "breaker", "health", "archive")]
