@@ -15,12 +15,12 @@ from pathlib import Path
 
 from pipeline.bench.driver import BenchOptions, run_bench, write_results
 from pipeline.bench.report import print_report
-from pipeline.bench.stats import RunResult, Skipped
+from pipeline.bench.stats import TARGETS, RunResult, Skipped
 from pipeline.bench.targets import litellm_available
 
 __all__ = ["add_arguments", "run_command"]
 
-_TARGET_NAMES = ("limit", "litellm", "aipipe-memory", "aipipe-kafka")
+_TARGET_NAMES = TARGETS
 
 
 def _numbers(kind: type[float] | type[int]) -> Callable[[str], tuple[float | int, ...]]:
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", type=_targets, help=f"comma-separated subset of {','.join(_TARGET_NAMES)}")
     parser.add_argument("--timeout", type=_positive, help="limit of one call, s (default 10; --quick 5)")
     parser.add_argument("--out", default="bench/results", help="directory for the JSON and PNG (default bench/results)")
-    parser.add_argument("--bootstrap", help="use this Kafka broker for aipipe-kafka instead of the embedded one")
+    parser.add_argument("--bootstrap", help="a Kafka broker for aipipe-kafka and kafka-floor (default: embedded)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     parser.add_argument("--no-transports", action="store_true", help="skip the HTTP client comparison")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")

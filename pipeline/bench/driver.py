@@ -1,8 +1,8 @@
 """The benchmark driver: emulator process, targets, load plan, measurement, results on disk.
 
 One run of ``run_bench`` starts the provider emulator as a child process,
-then for each target (``limit``, ``aipipe-memory``, ``aipipe-kafka``,
-``litellm`` last) and each emulator latency profile, two blocks, each on a
+then for each target (``limit``, ``aipipe-memory``, ``kafka-floor``,
+``aipipe-kafka``, ``litellm`` last) and each emulator latency profile, two blocks, each on a
 freshly started target after a warm-up: the open-loop rates in ascending
 order (a rate the target does not sustain ends its ladder: the higher ones
 are recorded as skipped), then the closed-loop runs. The emulator's call log
@@ -33,6 +33,7 @@ import anyio
 import httpx
 import msgspec
 
+from pipeline.bench.floor import KafkaFloorTarget
 from pipeline.bench.load import LoadSamples, ProcessMonitor, closed_loop, open_loop
 from pipeline.bench.report import plot_latency
 from pipeline.bench.stats import (
@@ -79,7 +80,7 @@ class BenchOptions:
         transports: also compare aiohttp, httpx on aiohttp and plain httpx (closed loop).
         out_dir: where the JSON and PNG go (``None``: nowhere).
         plot: draw the PNG (needs matplotlib).
-        bootstrap: a broker for ``aipipe-kafka`` (``None``: start the embedded one).
+        bootstrap: a broker for ``aipipe-kafka`` and ``kafka-floor`` (``None``: start the embedded one).
         quick: the ``--quick`` preset (recorded in the results).
         settle_s: pause between runs (s), so one run's tail does not load the next.
     """
@@ -263,6 +264,8 @@ def _make_target(key: str, url: str, prompts: list[str], options: BenchOptions) 
         return LiteLLMTarget(url, prompts, timeout_s=options.timeout_s)
     if key == "aipipe-memory":
         return AipipeTarget(url, prompts, bus="memory", timeout_s=options.timeout_s)
+    if key == "kafka-floor":
+        return KafkaFloorTarget(url, prompts, timeout_s=options.timeout_s, bootstrap=options.bootstrap)
     if key == "aipipe-kafka":
         return AipipeTarget(url, prompts, bus="kafka", timeout_s=options.timeout_s, bootstrap=options.bootstrap)
     raise ValueError(f"unknown target {key!r}")

@@ -99,7 +99,7 @@ def four_way_table(report: BenchReport) -> Table:
     """Rows: profile and load; columns: the targets; cells: throughput, p50/p99 overhead (ms), errors."""
     targets = present_targets(report)
     table = Table(
-        title="four-way: requests/s · overhead p50 / p99 (ms, latency minus the emulator's)",
+        title="side by side: requests/s · overhead p50 / p99 (ms, latency minus the emulator's)",
         title_justify="left",
     )
     table.add_column("profile")
@@ -206,6 +206,7 @@ def plot_latency(report: BenchReport, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(profiles), figsize=(6.5 * len(profiles), 4.8), squeeze=False)
     colors = {"limit": "tab:gray", "litellm": "tab:red", "aipipe-memory": "tab:blue", "aipipe-kafka": "tab:green"}
+    colors["kafka-floor"] = "tab:olive"
     for ax, profile in zip(axes[0], profiles, strict=True):
         for key in present_targets(report):
             color = colors.get(key, "black")

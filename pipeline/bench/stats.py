@@ -13,13 +13,19 @@ from typing import Any, Literal
 from msgspec import Struct
 
 #: Target keys, in the order of the table's columns.
-TARGETS: tuple[str, ...] = ("limit", "litellm", "aipipe-memory", "aipipe-kafka")
+TARGETS: tuple[str, ...] = ("limit", "litellm", "aipipe-memory", "kafka-floor", "aipipe-kafka")
 #: Column titles of the four-way table.
 TARGET_TITLES: dict[str, str] = {
     "limit": "limit (aiohttp)",
     "litellm": "LiteLLM Router",
     "aipipe-memory": "aipipe in-process",
+    "kafka-floor": "Kafka floor",
     "aipipe-kafka": "aipipe Kafka",
+}
+#: Baselines each aipipe target is compared with (``ratios``): the Kafka path also with its floor.
+BASELINES: dict[str, tuple[str, ...]] = {
+    "aipipe-memory": ("limit", "litellm"),
+    "aipipe-kafka": ("kafka-floor", "limit", "litellm"),
 }
 #: An open-loop run counts as sustained when every call was answered in time (no error, none dropped)
 #: and its median overhead stays under this (ms): past it, requests queue faster than they leave.
@@ -236,12 +242,10 @@ def _ratio(num: float | None, den: float | None, *, floor: float = 0.05) -> floa
 
 
 def ratios(runs: Sequence[RunResult]) -> list[Ratio]:
-    """For each aipipe run, its ratios to ``limit`` and ``litellm`` at the same profile and load."""
+    """For each aipipe run, its ratios to its ``BASELINES`` (the limit, LiteLLM, the Kafka floor) at the same load."""
     out: list[Ratio] = []
     for mine in runs:
-        if not mine.target.startswith("aipipe-"):
-            continue
-        for baseline in ("limit", "litellm"):
+        for baseline in BASELINES.get(mine.target, ()):
             other = next((r for r in runs if r.target == baseline and _same_load(mine, r)), None)
             if other is None:
                 continue
@@ -380,4 +384,52 @@ def evaluate_goals(runs: Sequence[RunResult], skipped: Sequence[Skipped] = (), p
         )
     else:
         goals.append(Goal(name=name, target="< 25 ms", reached="not measured", met=None))
+    goals.extend(floor_goals(runs, skipped, profile_ms))
+    return goals
+
+
+def floor_goals(runs: Sequence[RunResult], skipped: Sequence[Skipped] = (), profile_ms: float = 50.0) -> list[Goal]:
+    """aipipe-Kafka against the Kafka floor at ``profile_ms``: the goals of issue 21.
+
+    p50 overhead at 100 requests/s <= 1.3x the floor's and p99 <= 1.5x; maximum
+    closed-loop throughput >= 75 % of the floor's; 500 requests/s open loop
+    sustained with no errors when the floor sustains it. ``met=None`` when a run is missing.
+    """
+    goals: list[Goal] = []
+    mine = _open_run(runs, "aipipe-kafka", profile_ms, 100)
+    floor = _open_run(runs, "kafka-floor", profile_ms, 100)
+    for quantile, limit in (("p50", 1.3), ("p99", 1.5)):
+        name = f"Kafka {quantile} overhead at 100/s vs floor"
+        ours = getattr(mine.overhead_ms, quantile) if mine is not None else None
+        theirs = getattr(floor.overhead_ms, quantile) if floor is not None else None
+        ratio = _ratio(ours, theirs)
+        if ratio is None:
+            goals.append(Goal(name=name, target=f"<= {limit}x", reached="not measured", met=None))
+        else:
+            reached = f"{ratio:.2f}x ({ours:.1f} vs {theirs:.1f} ms)"
+            goals.append(Goal(name=name, target=f"<= {limit}x", reached=reached, met=ratio <= limit))
+    ours_max = max_throughput(runs, "aipipe-kafka", profile_ms)
+    floor_max = max_throughput(runs, "kafka-floor", profile_ms)
+    name = "Kafka max closed-loop throughput vs floor"
+    if ours_max is not None and floor_max is not None and floor_max.throughput_rps > 0:
+        share = ours_max.throughput_rps / floor_max.throughput_rps
+        reached = f"{share:.0%} ({ours_max.throughput_rps:,.0f} vs {floor_max.throughput_rps:,.0f} requests/s)"
+        goals.append(Goal(name=name, target=">= 75 %", reached=reached, met=share >= 0.75))
+    else:
+        goals.append(Goal(name=name, target=">= 75 %", reached="not measured", met=None))
+    name = "Kafka 500/s open loop, no errors (floor sustains it)"
+    ours_500 = _open_run(runs, "aipipe-kafka", profile_ms, 500)
+    floor_500 = _open_run(runs, "kafka-floor", profile_ms, 500)
+    if floor_500 is not None and not floor_500.sustained:
+        goals.append(Goal(name=name, target="sustained", reached="the floor did not sustain 500/s", met=None))
+    elif ours_500 is not None:
+        reached = f"{ours_500.throughput_rps:,.0f} requests/s, {ours_500.errors} errors"
+        goals.append(Goal(name=name, target="sustained", reached=reached, met=bool(ours_500.sustained)))
+    else:
+        gave_up = next(
+            (s for s in skipped if s.target == "aipipe-kafka" and s.profile_ms == profile_ms and s.rate_rps == 500),
+            None,
+        )
+        reached = f"not run: {gave_up.reason}" if gave_up else "not measured"
+        goals.append(Goal(name=name, target="sustained", reached=reached, met=False if gave_up else None))
     return goals

@@ -125,7 +125,9 @@ def _check(status: int, raw: bytes) -> None:
         raise CallFailed("empty answer", status)
 
 
-class _Base:
+class BaseTarget:
+    """What every target shares: the emulator URL, the prompts, and an exit stack closed by ``__aexit__``."""
+
     key = ""
 
     def __init__(self, emulator_url: str, prompts: Sequence[str]) -> None:
@@ -147,7 +149,7 @@ class _Base:
         return {}
 
 
-class AiohttpTarget(_Base):
+class AiohttpTarget(BaseTarget):
     """The limit: ``aiohttp.ClientSession`` (keep-alive pool of up to 1,000 connections) posting to the emulator."""
 
     key = "limit"
@@ -180,7 +182,7 @@ class AiohttpTarget(_Base):
         return {"client": f"aiohttp {aiohttp.__version__}", "max_connections": BARE_CONNECTIONS}
 
 
-class HttpxTarget(_Base):
+class HttpxTarget(BaseTarget):
     """The httpx API posting to the emulator, on the aiohttp transport (``httpx-aiohttp``) or httpx's own pool."""
 
     def __init__(self, emulator_url: str, prompts: Sequence[str], *, transport: str) -> None:
@@ -250,7 +252,7 @@ async def close_litellm() -> None:
         await closer()
 
 
-class LiteLLMTarget(_Base):
+class LiteLLMTarget(BaseTarget):
     """LiteLLM's ``Router`` with the emulator as OpenAI-compatible deployments.
 
     ``gpt-3.5-turbo``, falling back to ``gpt-4o-mini``, two retries (LiteLLM's documented Router options:
@@ -314,7 +316,7 @@ class LiteLLMTarget(_Base):
         return {"litellm": version("litellm")}
 
 
-class AipipeTarget(_Base):
+class AipipeTarget(BaseTarget):
     """aipipe: the five stages and a ``PipelineClient`` in this process, on the ``memory`` or ``kafka`` bus.
 
     The configuration is the production preset with OpenAI first and Cloudflare as its fallback, no rate
@@ -383,8 +385,7 @@ class AipipeTarget(_Base):
 
     async def _kafka_bus(self) -> Any:
 
-        env = {"AIPIPE_KAFKA_SESSION_TIMEOUT_MS": "2000", **{k: v for k, v in self.env.items() if v}}
-        self._kafka_settings = KafkaSettings.from_env(env)
+        self._kafka_settings = bench_kafka_settings(self.env)
         bootstrap = self.bootstrap
         if bootstrap is None:
             log_dir = Path(tempfile.mkdtemp(prefix="aipipe-bench-broker-"))
@@ -454,6 +455,15 @@ class AipipeTarget(_Base):
                 broker="embedded (Tansu)" if self.bootstrap is None else self.bootstrap,
             )
         return out
+
+
+def bench_kafka_settings(env: dict[str, str]) -> KafkaSettings:
+    """The Kafka client settings of the bench's Kafka targets: ``AIPIPE_KAFKA_*`` with a 2 s session timeout.
+
+    The short session makes the groups join fast on the embedded broker (a join is held for half of it).
+    """
+    merged = {"AIPIPE_KAFKA_SESSION_TIMEOUT_MS": "2000", **{k: v for k, v in env.items() if v}}
+    return KafkaSettings.from_env(merged)
 
 
 def bench_config() -> Any:

@@ -55,6 +55,7 @@ __all__ = [
     "KafkaConsumer",
     "KafkaSettings",
     "broker_answers",
+    "client_kwargs",
     "wait_until_ready",
 ]
 
@@ -310,7 +311,7 @@ class KafkaSettings:
 # --------------------------------------------------------------------------- helpers
 
 
-def _client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
     """Build the connection keyword arguments shared by aiokafka's producer, consumer and admin client."""
     ssl_context = None
     if settings.security_protocol in ("SSL", "SASL_SSL"):
@@ -396,7 +397,7 @@ def _tp_text(partitions: Iterable[TopicPartition]) -> str:
 
 async def _metadata_probe(host: str, port: int, timeout_s: float, settings: KafkaSettings) -> None:
     """Open one connection and ask for cluster metadata (no topics, so nothing is auto-created)."""
-    kwargs = _client_kwargs(settings)
+    kwargs = client_kwargs(settings)
     async with asyncio.timeout(timeout_s):
         conn = await create_conn(
             host,
@@ -485,7 +486,7 @@ async def _leave_group(bootstrap: str, settings: KafkaSettings, group: str, memb
     its partitions until its session times out, and the next member to join
     (a restarted stage) would wait that long.
     """
-    kwargs = _client_kwargs(settings)
+    kwargs = client_kwargs(settings)
     for host, port in _hosts(bootstrap):
         try:
             async with asyncio.timeout(2.0):
@@ -878,7 +879,7 @@ class KafkaBus:
         settings = self._settings
         deadline = time.monotonic() + settings.start_timeout_s
         await wait_until_ready(self._bootstrap, settings.start_timeout_s, settings)
-        kwargs = _client_kwargs(settings)
+        kwargs = client_kwargs(settings)
         pause_s = 0.05
         while True:
             producer = AIOKafkaProducer(
@@ -1126,7 +1127,7 @@ class KafkaBus:
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             max_partition_fetch_bytes=settings.max_request_size_bytes,
-            **_client_kwargs(settings),
+            **client_kwargs(settings),
         )
         wrapper = KafkaConsumer(
             raw,

@@ -20,6 +20,7 @@ from pipeline.bench.stats import (
     RunResult,
     Skipped,
     evaluate_goals,
+    floor_goals,
     percentile,
     percentiles,
     ratios,
@@ -62,24 +63,48 @@ def test_percentiles_are_nearest_rank_and_overhead_subtracts_the_profile() -> No
 
 def test_summarize_marks_an_open_loop_run_sustained_only_without_errors_and_near_its_rate() -> None:
     ok = summarize(
-        target="limit", profile_ms=50.0, mode="open", latencies_ms=[51.0] * 95, error_kinds={}, sent=95,
-        elapsed_s=1.0, rate_rps=100,
+        target="limit",
+        profile_ms=50.0,
+        mode="open",
+        latencies_ms=[51.0] * 95,
+        error_kinds={},
+        sent=95,
+        elapsed_s=1.0,
+        rate_rps=100,
     )
     assert (ok.ok, ok.errors, ok.throughput_rps, ok.sustained) == (95, 0, 95.0, True)
     assert ok.overhead_ms.p50 == 1.0
     dropped = summarize(
-        target="limit", profile_ms=50.0, mode="open", latencies_ms=[51.0] * 99, error_kinds={"dropped": 1},
-        sent=100, elapsed_s=1.0, rate_rps=100,
+        target="limit",
+        profile_ms=50.0,
+        mode="open",
+        latencies_ms=[51.0] * 99,
+        error_kinds={"dropped": 1},
+        sent=100,
+        elapsed_s=1.0,
+        rate_rps=100,
     )
     assert (dropped.errors, dropped.sustained) == (1, False)
     queued = summarize(
-        target="limit", profile_ms=50.0, mode="open", latencies_ms=[850.0] * 100, error_kinds={}, sent=100,
-        elapsed_s=1.0, rate_rps=100,
+        target="limit",
+        profile_ms=50.0,
+        mode="open",
+        latencies_ms=[850.0] * 100,
+        error_kinds={},
+        sent=100,
+        elapsed_s=1.0,
+        rate_rps=100,
     )
     assert (queued.errors, queued.throughput_rps, queued.sustained) == (0, 100.0, False)  # 800 ms median overhead
     closed = summarize(
-        target="limit", profile_ms=0.0, mode="closed", latencies_ms=[2.0] * 10, error_kinds={}, sent=10,
-        elapsed_s=0.5, concurrency=4,
+        target="limit",
+        profile_ms=0.0,
+        mode="closed",
+        latencies_ms=[2.0] * 10,
+        error_kinds={},
+        sent=10,
+        elapsed_s=0.5,
+        concurrency=4,
     )
     assert (closed.sustained, closed.throughput_rps, closed.load_label) == (None, 20.0, "closed 4")
 
@@ -105,6 +130,32 @@ def test_ratios_and_goals_compare_aipipe_with_the_limit_and_litellm_at_the_same_
     assert goals["in-process p99 overhead at 500/s vs LiteLLM"].met is True
     assert goals["Kafka: 1,000/s, no errors, p99 overhead < 50 ms"].met is False
     assert goals["Kafka: p50 overhead at 100/s"].met is True
+
+
+def test_floor_goals_compare_aipipe_kafka_with_the_kafka_floor_at_the_same_load() -> None:
+    runs = [
+        run("kafka-floor", "open", 100, thr=99, p50=20, p99=30),
+        run("aipipe-kafka", "open", 100, thr=99, p50=24, p99=50),
+        run("kafka-floor", "open", 500, thr=495, p50=30, p99=60),
+        run("aipipe-kafka", "open", 500, thr=495, p50=40, p99=80),
+        run("kafka-floor", "closed", 100, thr=1000, p50=50, p99=100),
+        run("aipipe-kafka", "closed", 100, thr=800, p50=70, p99=120),
+    ]
+    found = {(r.aipipe, r.baseline, r.mode, r.rate_rps): r for r in ratios(runs)}
+    at_100 = found[("aipipe-kafka", "kafka-floor", "open", 100)]
+    assert (at_100.p50_overhead, at_100.p99_overhead) == (1.2, round(50 / 30, 2))
+    assert found[("aipipe-kafka", "kafka-floor", "closed", None)].throughput == 0.8
+    goals = {g.name: g for g in floor_goals(runs)}
+    assert goals["Kafka p50 overhead at 100/s vs floor"].met is True  # 1.2 <= 1.3
+    assert goals["Kafka p99 overhead at 100/s vs floor"].met is False  # 1.67 > 1.5
+    assert goals["Kafka max closed-loop throughput vs floor"].met is True  # 80 % >= 75 %
+    assert goals["Kafka 500/s open loop, no errors (floor sustains it)"].met is True
+    # A floor that does not sustain 500/s leaves that goal unmeasured, whatever aipipe did.
+    slow_floor = [*runs[:2], run("kafka-floor", "open", 500, thr=300, p50=400, p99=900, errors=5)]
+    assert {g.name: g for g in floor_goals(slow_floor)}[
+        "Kafka 500/s open loop, no errors (floor sustains it)"
+    ].met is None
+    assert all(g.met is None for g in floor_goals([runs[1]]) if "vs floor" in g.name)
 
 
 def test_goals_count_a_kafka_ladder_that_stopped_below_1000_as_not_met() -> None:
@@ -168,8 +219,8 @@ def test_tiny_bench_run_without_litellm_gives_the_four_way_structure(kafka_boots
     data: dict[str, Any] = json.loads(done.stdout)
     report = msgspec.convert(data, BenchReport)
 
-    assert {r.target for r in report.runs} == {"limit", "aipipe-memory", "aipipe-kafka"}
-    for target in ("limit", "aipipe-memory", "aipipe-kafka"):
+    assert {r.target for r in report.runs} == {"limit", "aipipe-memory", "kafka-floor", "aipipe-kafka"}
+    for target in ("limit", "aipipe-memory", "kafka-floor", "aipipe-kafka"):
         mine = [r for r in report.runs if r.target == target]
         assert [(r.mode, r.rate_rps, r.concurrency) for r in mine] == [("open", 40.0, None), ("closed", None, 4)]
         for r in mine:
@@ -179,8 +230,16 @@ def test_tiny_bench_run_without_litellm_gives_the_four_way_structure(kafka_boots
             assert "bench" in r.processes and "emulator" in r.processes
     assert all("broker" not in r.processes for r in report.runs)  # the broker was not started by the bench
     assert report.meta["targets"]["aipipe-kafka"]["fetch_max_wait_ms"] >= 0
-    assert {(x.aipipe, x.baseline) for x in report.ratios} == {("aipipe-memory", "limit"), ("aipipe-kafka", "limit")}
-    assert len(report.goals) == 5
+    floor_info = report.meta["targets"]["kafka-floor"]
+    assert (
+        floor_info["relays"] == 5 and floor_info["partitions"] == report.meta["targets"]["aipipe-kafka"]["partitions"]
+    )
+    assert {(x.aipipe, x.baseline) for x in report.ratios} == {
+        ("aipipe-memory", "limit"),
+        ("aipipe-kafka", "limit"),
+        ("aipipe-kafka", "kafka-floor"),
+    }
+    assert len(report.goals) == 9
     assert any("litellm is not installed" in note for note in report.notes)
     assert (out / "latest.json").is_file() and json.loads((out / "latest.json").read_text())["runs"]
 
@@ -188,4 +247,5 @@ def test_tiny_bench_run_without_litellm_gives_the_four_way_structure(kafka_boots
     print_report(report, console)
     text = console.export_text()
     assert "limit (aiohttp)" in text and "aipipe in-process" in text and "aipipe Kafka" in text
+    assert "Kafka floor" in text
     assert "LiteLLM Router" not in text
