@@ -57,6 +57,8 @@ log = logging.getLogger("aipipe.app")
 #: The five stages on the request path, in pipeline order; ``aipipe run`` runs ``ALL_STAGES`` (DESIGN A6).
 PIPELINE_STAGES: tuple[str, ...] = ("cache", "budget", "router", "executor", "recorder")
 ALL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, "breaker", "health")
+#: Stages off the request path: their consumers fetch with ``background_fetch_max_wait_ms`` (less idle CPU).
+BACKGROUND_STAGES: frozenset[str] = frozenset({"breaker", "health", "archive"})
 #: What ``aipipe run`` runs by default: the seven stages and the archive (DESIGN A11), off the request path.
 RUN_STAGES: tuple[str, ...] = (*ALL_STAGES, "archive")
 #: A draining stage stops once it has fetched nothing for this long (s) after the stages before it stopped.
@@ -156,9 +158,9 @@ class Pipeline:
         self.provider_budgets = ProviderBudgetView()
         self.strategy = StrategyState.from_config(self.config, prices=self.prices)
         self.rate_limiter: RateLimiter = rate_limiter or open_rate_limiter(settings)
-        self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER)
+        self.control_feed = BroadcastFeed(bus, self.topics.control, CONTROL_DECODER, background=True)
         self.control_feed.subscribe(self.provider_budgets.apply)  # budget_status, for readers of the pipeline
-        self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER)
+        self.cost_feed = BroadcastFeed(bus, self.topics.costs, COST_DECODER, background=True)
         self.budget_gauges = telemetry.BudgetGauges()
         self.runners: list[StageRunner] = []
         self.stages: dict[str, Stage] = {}
@@ -284,6 +286,7 @@ class Pipeline:
                     beside_path=t.is_stream_topic,
                     max_in_flight=self.settings.max_in_flight,
                     grace_s=self.settings.drain_grace_s,
+                    background=name in BACKGROUND_STAGES,
                 )
             )
             bind_runner = getattr(stage, "bind_runner", None)

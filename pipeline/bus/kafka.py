@@ -87,7 +87,12 @@ class KafkaSettings:
 
     Attributes:
         fetch_max_wait_ms: longest time (ms) the broker holds a fetch with no data;
-            on the embedded broker the latency per hop is about half of it.
+            on the embedded broker the latency per hop is about half of it, and
+            each consumer sends about ``1000 / fetch_max_wait_ms`` fetches a second
+            while idle (``bench/idle_cpu.py`` measures what that costs).
+        background_fetch_max_wait_ms: the same for consumers off a request's path
+            (``consumer(..., background=True)``: circuit breaker, health monitor,
+            archive, the control and cost feeds), which need no 10 ms reaction.
         session_timeout_ms: consumer group session timeout (ms); a group join
             takes at least half of it on the embedded broker.
         heartbeat_interval_ms: consumer group heartbeat period (ms), below the session timeout.
@@ -123,6 +128,7 @@ class KafkaSettings:
     """
 
     fetch_max_wait_ms: int = 10
+    background_fetch_max_wait_ms: int = 100
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 500
     max_poll_interval_ms: int = 600_000
@@ -159,7 +165,7 @@ class KafkaSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"KafkaSettings.{name} must be at least 1, got {getattr(self, name)!r}")
-        for name in ("fetch_max_wait_ms", "linger_ms", "retry_backoff_ms"):
+        for name in ("fetch_max_wait_ms", "background_fetch_max_wait_ms", "linger_ms", "retry_backoff_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"KafkaSettings.{name} must not be negative, got {getattr(self, name)!r}")
         if self.start_timeout_s <= 0:
@@ -217,7 +223,8 @@ class KafkaSettings:
     def from_env(cls, env: Mapping[str, str]) -> KafkaSettings:
         """Build settings from ``AIPIPE_KAFKA_*`` environment variables; unset or empty ones keep defaults.
 
-        Reads ``AIPIPE_KAFKA_FETCH_MAX_WAIT_MS``, ``AIPIPE_KAFKA_SESSION_TIMEOUT_MS``,
+        Reads ``AIPIPE_KAFKA_FETCH_MAX_WAIT_MS``, ``AIPIPE_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS``,
+        ``AIPIPE_KAFKA_SESSION_TIMEOUT_MS``,
         ``AIPIPE_KAFKA_PARTITIONS``, ``AIPIPE_KAFKA_REPLICATION_FACTOR``,
         ``AIPIPE_KAFKA_IDEMPOTENCE`` (``1``/``true``/``yes``/``on`` or
         ``0``/``false``/``no``/``off``), ``AIPIPE_KAFKA_SECURITY_PROTOCOL``,
@@ -239,6 +246,7 @@ class KafkaSettings:
         values: dict[str, Any] = {}
         int_vars = {
             "AIPIPE_KAFKA_FETCH_MAX_WAIT_MS": ("fetch_max_wait_ms", 0),
+            "AIPIPE_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS": ("background_fetch_max_wait_ms", 0),
             "AIPIPE_KAFKA_SESSION_TIMEOUT_MS": ("session_timeout_ms", 2),
             "AIPIPE_KAFKA_PARTITIONS": ("partitions", 1),
             "AIPIPE_KAFKA_REPLICATION_FACTOR": ("replication_factor", 1),
@@ -1087,6 +1095,7 @@ class KafkaBus:
         *,
         group: str | None,
         from_beginning: bool = True,
+        background: bool = False,
     ) -> KafkaConsumer:
         """Open a consumer; for a group, return once this member has joined and got its partitions.
 
@@ -1102,6 +1111,8 @@ class KafkaBus:
             topics: topic names to read (at least one).
             group: consumer group id; ``None`` makes a broadcast reader of every partition.
             from_beginning: where to start without a committed offset.
+            background: off a request's path: fetch with ``settings.background_fetch_max_wait_ms``
+                instead of ``settings.fetch_max_wait_ms``.
 
         Returns:
             The started consumer, with ``on_assign``/``on_revoke`` hooks to set.
@@ -1122,7 +1133,7 @@ class KafkaBus:
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            fetch_max_wait_ms=settings.background_fetch_max_wait_ms if background else settings.fetch_max_wait_ms,
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,

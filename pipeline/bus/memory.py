@@ -201,8 +201,9 @@ class MemoryBus:
         *,
         group: str | None,
         from_beginning: bool = True,
+        background: bool = False,
     ) -> MemoryConsumer:
-        """A group member (sharing the group's cursor) or a broadcast reader."""
+        """A group member (sharing the group's cursor) or a broadcast reader; ``background`` changes nothing here."""
         for topic in topics:
             self._log(topic)
         if group is not None:

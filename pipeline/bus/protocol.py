@@ -119,6 +119,7 @@ class Bus(Protocol):
         *,
         group: str | None,
         from_beginning: bool = True,
+        background: bool = False,
     ) -> Consumer:
         """Open a consumer.
 
@@ -127,6 +128,9 @@ class Bus(Protocol):
             group: consumer group id; ``None`` makes a broadcast reader of every partition.
             from_beginning: where to start without a committed offset: the
                 earliest record, or the current end of each partition.
+            background: the reader is off a request's path (circuit breaker, health
+                monitor, archive, the control and cost feeds): a bus may fetch for
+                it less often, trading latency it does not need for idle CPU.
         """
         ...
 

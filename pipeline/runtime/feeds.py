@@ -31,10 +31,13 @@ class BroadcastFeed:
         bus: the bus.
         topic: topic to read (every partition).
         decoder: msgspec decoder of the topic's value type.
+        background: the feed informs decisions but is not on a request's path
+            (the control and cost feeds): its reader may fetch less often (``Bus.consumer``).
     """
 
-    def __init__(self, bus: Bus, topic: str, decoder: msgspec.json.Decoder[Any]) -> None:
+    def __init__(self, bus: Bus, topic: str, decoder: msgspec.json.Decoder[Any], *, background: bool = False) -> None:
         self.bus = bus
+        self.background = background
         self.topic = topic
         self.decoder = decoder
         self.listeners: list[Listener] = []
@@ -60,7 +63,7 @@ class BroadcastFeed:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Read until ``stop()``; reports started once the reader is open."""
-        consumer = await self.bus.consumer([self.topic], group=None, from_beginning=True)
+        consumer = await self.bus.consumer([self.topic], group=None, from_beginning=True, background=self.background)
         self._consumer = consumer
         task_status.started()
         try:

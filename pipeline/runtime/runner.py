@@ -206,6 +206,9 @@ class StageRunner:
         max_in_flight: messages handled at once.
         commit_interval_s: how often offsets are committed (s).
         grace_s: time given to in-flight work on stop (s).
+        fetch_timeout_ms: longest wait of one fetch call for records (ms).
+        background: the stage is off a request's path (circuit breaker, health
+            monitor, archive): its consumer may fetch less often (``Bus.consumer``).
     """
 
     def __init__(
@@ -222,6 +225,7 @@ class StageRunner:
         commit_interval_s: float = 0.2,
         grace_s: float = 10.0,
         fetch_timeout_ms: int = 200,
+        background: bool = False,
     ) -> None:
         self.bus = bus
         self.stage = stage
@@ -236,6 +240,7 @@ class StageRunner:
         self._window_s: float | None = None  # the drain window named by the abandon line
         self._grace_scope: anyio.CancelScope | None = None
         self.fetch_timeout_ms = fetch_timeout_ms
+        self.background = background
         self._trackers: dict[TopicPartition, _PartitionTracker] = {}
         self._keys: dict[tuple[str, int, int], str | None] = {}  # in-flight messages -> their keys
         self._stopping = anyio.Event()
@@ -353,7 +358,7 @@ class StageRunner:
             BusError: when the consumer cannot be opened.
         """
         topics = list(getattr(self.stage, "input_topics", None) or [self.stage.input_topic])
-        consumer = await self.bus.consumer(topics, group=self.group)
+        consumer = await self.bus.consumer(topics, group=self.group, background=self.background)
         self._consumer = consumer
         if hasattr(consumer, "on_revoke"):  # Kafka: hand over finished work before a rebalance moves it
 
