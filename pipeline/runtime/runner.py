@@ -77,11 +77,23 @@ class MessageContext:
     record: Record
     stage: str
     publish: Callable[[Emit], Awaitable[None]] | None = None
+    publish_soon: Callable[[Emit], None] | None = None
 
     async def emit_now(self, output: Emit) -> None:
-        """Publish ``output`` at once (before the stage returns), e.g. a health event per attempt."""
+        """Publish ``output`` and wait for its acknowledgement before going on (e.g. stream chunks, in order)."""
         if self.publish is not None:
             await self.publish(output)
+
+    def emit_soon(self, output: Emit) -> None:
+        """Start publishing ``output`` now without waiting for it (e.g. a health event per attempt).
+
+        The message still counts as done only once ``output`` is acknowledged,
+        with the stage's own outputs; the stage goes on meanwhile, so the
+        acknowledgement is not on the request's path. Without a runner
+        (``publish_soon`` unset) it falls back to nothing, like ``emit_now``.
+        """
+        if self.publish_soon is not None:
+            self.publish_soon(output)
 
     @property
     def traceparent(self) -> bytes | None:
@@ -549,11 +561,18 @@ class StageRunner:
         async def publish_now(output: Emit) -> None:
             await self._publish_all([output], trace, source_key)
 
-        ctx = MessageContext(record=record, stage=self.stage.name, publish=publish_now)
+        soon: list[asyncio.Task[None]] = []
+
+        def publish_soon(output: Emit) -> None:
+            soon.append(asyncio.get_running_loop().create_task(self._publish_all([output], trace, source_key)))
+
+        ctx = MessageContext(record=record, stage=self.stage.name, publish=publish_now, publish_soon=publish_soon)
         done = False
         try:
             outputs = await self._decide(record, ctx)
             await self._publish_all(outputs, trace, source_key)
+            if soon:  # done only once everything the message made is acknowledged
+                await asyncio.gather(*soon)
             done = True
         except asyncio.CancelledError:
             raise  # abandoned (shutdown): not done, so its offset is never committed
@@ -561,6 +580,8 @@ class StageRunner:
             done = True  # a bug: logged by the task's callback; never retried for ever
             raise
         finally:
+            for task in soon:
+                task.cancel()  # a no-op for those already finished
             if span is not None:
                 tel.end_stage_span(span, token)
             self._finish(record, done=done)

@@ -1056,4 +1056,6 @@ class ExecutorStage:
             usage=usage,
             cost_usd=float(round(cost_usd, 10)) if cost_usd is not None else None,
         )
-        await ctx.emit_now(Emit(self.topics.control, candidate.provider, event))
+        # Not awaited: the acknowledgement is off the request's path, but the runner still waits for it
+        # before the message counts as done (at-least-once).
+        ctx.emit_soon(Emit(self.topics.control, candidate.provider, event))
