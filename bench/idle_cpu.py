@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,70 +39,27 @@ import psutil  # type: ignore[import-untyped]
 from pipeline.assembly.build import ALL_STAGES
 from pipeline.assembly.process import open_bus
 from pipeline.bench.driver import EmulatorProcess
+from pipeline.bench.processes import bench_env, cpu_seconds, start_run, stop_all
 from pipeline.bench.stats import percentile
 from pipeline.bench.targets import bench_prompts
 from pipeline.client.pipeline_client import PipelineClient
 from pipeline.runtime.settings import Settings
 from schemas.request import AIRequest
 
-CONFIG = """
-[budget]
-global_daily_usd = 1000000.0
-
-[providers.openai]
-priority = 1
-rate_limit = { requests_per_minute = 100000000, tokens_per_minute = 100000000000 }
-
-[providers.anthropic]
-enabled = false
-"""
-
-
-def _cpu_s(procs: list[Any]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
 
 async def measure(wait_ms: int, args: argparse.Namespace, emulator: EmulatorProcess) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="aipipe-idle-"))
-    (work / "aipipe.toml").write_text(CONFIG)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AIPIPE_")},
-        "AIPIPE_HOME": str(work / "home"),
-        "AIPIPE_CONFIG": str(work / "aipipe.toml"),
-        "AIPIPE_EMULATE": "1",
-        "AIPIPE_EMULATOR_URL": emulator.url,
-        "AIPIPE_KAFKA_FETCH_MAX_WAIT_MS": str(wait_ms),
-        "LOG_LEVEL": "WARNING",
-    }
-    command = [sys.executable, "-m", "pipeline.cli", "run"]
-    if args.stages == "seven":
-        for stage in ALL_STAGES:
-            command += ["--stage", stage]
-    log_path = work / "run.log"
-    with log_path.open("wb") as log:
-        run = await anyio.open_process(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = bench_env(work, emulator.url, AIPIPE_KAFKA_FETCH_MAX_WAIT_MS=str(wait_ms))
+    run = await start_run(env, work / "run.log", stages=ALL_STAGES if args.stages == "seven" else ())
     try:
-        deadline = time.monotonic() + 60
-        while "aipipe running on" not in log_path.read_text(errors="replace"):
-            if time.monotonic() > deadline or run.returncode is not None:
-                raise SystemExit(f"aipipe run did not start:\n{log_path.read_text()[-3000:]}")
-            await anyio.sleep(0.2)
-        main = psutil.Process(run.pid)
-        broker = [c for c in main.children(recursive=True)]
+        broker = [c.pid for c in psutil.Process(run.pid).children(recursive=True)]
         await anyio.sleep(args.settle_s)
-        procs = {"aipipe": [main], "broker": broker}
-        before = {name: _cpu_s(p) for name, p in procs.items()}
+        procs = {"aipipe": [run.pid], "broker": broker}
+        before = {name: cpu_seconds(p) for name, p in procs.items()}
         started = time.monotonic()
         await anyio.sleep(args.idle_s)
         elapsed = time.monotonic() - started
-        idle = {name: round(100 * (_cpu_s(p) - before[name]) / elapsed, 1) for name, p in procs.items()}
+        idle = {name: round(100 * (cpu_seconds(p) - before[name]) / elapsed, 1) for name, p in procs.items()}
 
         prompts = bench_prompts()
         settings = Settings.from_env(env)
@@ -114,7 +70,7 @@ async def measure(wait_ms: int, args: argparse.Namespace, emulator: EmulatorProc
             await tg.start(client.run)
             for i in range(20):  # warm-up: connections, the first routing decisions
                 await client.request(_request(f"warm-{wait_ms}-{i}", prompts, i), timeout_s=30)
-            before = {name: _cpu_s(p) for name, p in procs.items()}
+            before = {name: cpu_seconds(p) for name, p in procs.items()}
 
             async def one(i: int) -> None:
                 nonlocal failed
@@ -135,16 +91,12 @@ async def measure(wait_ms: int, args: argparse.Namespace, emulator: EmulatorProc
                     await anyio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
                     senders.start_soon(one, i)
             per_request = {
-                name: round(1000 * (_cpu_s(p) - before[name]) / args.requests, 2) for name, p in procs.items()
+                name: round(1000 * (cpu_seconds(p) - before[name]) / args.requests, 2) for name, p in procs.items()
             }
             client.stop()
             tg.cancel_scope.cancel()
     finally:
-        run.terminate()
-        with anyio.move_on_after(30):
-            await run.wait()
-        if run.returncode is None:
-            run.kill()
+        await stop_all([run])
     latencies.sort()
     row = {
         "fetch_max_wait_ms": wait_ms,

@@ -33,6 +33,7 @@ import anyio.abc
 
 from pipeline.assembly.process import open_bus
 from pipeline.bench.driver import EmulatorProcess
+from pipeline.bench.processes import NO_LIMITS_CONFIG
 from pipeline.bench.targets import bench_prompts
 from pipeline.bus.embedded import EmbeddedBroker
 from pipeline.client.pipeline_client import PipelineClient
@@ -41,21 +42,7 @@ from schemas.request import AIRequest
 
 STAGES = ("cache", "budget", "router", "executor", "recorder", "breaker", "health")
 
-CONFIG = """
-[budget]
-global_daily_usd = 1000000.0
-
-[providers.openai]
-priority = 1
-rate_limit = { requests_per_minute = 100000000, tokens_per_minute = 100000000000 }
-
-[providers.cloudflare]
-priority = 2
-rate_limit = { requests_per_minute = 100000000, tokens_per_minute = 100000000000 }
-
-[providers.anthropic]
-enabled = false
-"""
+CONFIG = NO_LIMITS_CONFIG
 
 
 def rss_mib(pid: int) -> float:

@@ -35,27 +35,14 @@ import anyio
 
 from pipeline.assembly.process import open_bus
 from pipeline.bench.driver import EmulatorProcess
+from pipeline.bench.processes import NO_LIMITS_CONFIG
 from pipeline.bench.targets import bench_prompts
 from pipeline.client.pipeline_client import PipelineClient
 from pipeline.errors import AIProviderError
 from pipeline.runtime.settings import Settings
 from schemas.request import AIRequest
 
-CONFIG = """
-[budget]
-global_daily_usd = 1000000.0
-
-[providers.openai]
-priority = 1
-rate_limit = { requests_per_minute = 100000000, tokens_per_minute = 100000000000 }
-
-[providers.cloudflare]
-priority = 2
-rate_limit = { requests_per_minute = 100000000, tokens_per_minute = 100000000000 }
-
-[providers.anthropic]
-enabled = false
-"""
+CONFIG = NO_LIMITS_CONFIG
 
 
 async def main(args: argparse.Namespace) -> int:
