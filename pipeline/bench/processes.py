@@ -82,8 +82,8 @@ async def start_run(
     command = [sys.executable, "-m", "pipeline.cli", "run"]
     for stage in stages:
         command += ["--stage", stage]
-    with log_path.open("wb") as log:
-        proc = await anyio.open_process(command, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("wb") as out:
+        proc = await anyio.open_process(command, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
     if wait_for is None:
         return proc
     deadline = time.monotonic() + timeout_s
