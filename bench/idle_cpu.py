@@ -1,6 +1,6 @@
 """Idle CPU of ``aipipe run`` and latency at a light load, per ``fetch_max_wait_ms``: the trade-off in numbers.
 
-    .venv/bin/python bench/idle_cpu.py [--waits 5,10,25,50] [--idle-s 20] [--requests 300 --rate 20]
+    .venv/bin/python bench/idle_cpu.py [--waits 5,10,25,50] [--idle-s 20] [--requests 1000 --rate 50]
                                        [--stages all|seven] [--seconds-between 2]
 
 For each value of ``AIPIPE_KAFKA_FETCH_MAX_WAIT_MS`` it starts the default
@@ -12,8 +12,10 @@ then measures:
 * idle: CPU time (user + system) of the ``aipipe run`` process and of the
   broker (its child) over ``--idle-s`` seconds with no traffic, as a share of
   one core (%);
-* light load: ``--requests`` requests sent at ``--rate`` requests/s (open loop,
-  each distinct so none is a cache hit) through ``PipelineClient``, the
+* light load: ``--requests`` requests sent at ``--rate`` requests/s on average
+  (open loop with Poisson arrivals, seeded: a fixed interval that divides the
+  fetch cycle lines requests up with it and shows a latency no real traffic
+  sees; each request distinct, so none is a cache hit) through ``PipelineClient``, the
   emulator answering at once; latency p50 and p99 from send to answer (ms),
   and the CPU the run and the broker used per request (ms).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -85,10 +88,12 @@ async def measure(wait_ms: int, args: argparse.Namespace, emulator: EmulatorProc
                     return
                 latencies.append((time.perf_counter() - asked) * 1000)
 
+            arrivals = random.Random(wait_ms)
             async with anyio.create_task_group() as senders:
-                t0 = time.monotonic()
+                due = time.monotonic()
                 for i in range(args.requests):
-                    await anyio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
+                    due += arrivals.expovariate(args.rate)
+                    await anyio.sleep(max(0.0, due - time.monotonic()))
                     senders.start_soon(one, i)
             per_request = {
                 name: round(1000 * (cpu_seconds(p) - before[name]) / args.requests, 2) for name, p in procs.items()
@@ -147,8 +152,8 @@ if __name__ == "__main__":
     parser.add_argument("--waits", type=lambda t: [int(x) for x in t.split(",")], default=[5, 10, 25, 50])
     parser.add_argument("--idle-s", type=float, default=20.0)
     parser.add_argument("--settle-s", type=float, default=5.0)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=50.0, help="mean requests/s (Poisson arrivals)")
     parser.add_argument("--stages", choices=("all", "seven"), default="all")
     parser.add_argument("--seconds-between", type=float, default=2.0)
     sys.exit(anyio.run(main, parser.parse_args()))
