@@ -94,7 +94,8 @@ class KafkaSettings:
             while idle (``bench/idle_cpu.py`` measures what that costs).
         background_fetch_max_wait_ms: the same for consumers off a request's path
             (``consumer(..., background=True)``: circuit breaker, health monitor,
-            archive, the control and cost feeds), which need no 10 ms reaction.
+            archive, the control and cost feeds), which need no 10 ms reaction;
+            never below ``fetch_max_wait_ms`` (``fetch_wait_ms``).
         session_timeout_ms: consumer group session timeout (ms); a group join
             takes at least half of it on the embedded broker.
         heartbeat_interval_ms: consumer group heartbeat period (ms), below the session timeout.
@@ -208,6 +209,12 @@ class KafkaSettings:
         return f"KafkaSettings({', '.join(parts)})"
 
     __str__ = __repr__
+
+    def fetch_wait_ms(self, *, background: bool = False) -> int:
+        """``fetch_max_wait_ms`` (ms) of a consumer: a background one never waits less than one on the path."""
+        if background:
+            return max(self.background_fetch_max_wait_ms, self.fetch_max_wait_ms)
+        return self.fetch_max_wait_ms
 
     def for_embedded(self, env: Mapping[str, str]) -> KafkaSettings:
         """These settings for the embedded broker: ``EMBEDDED_PARTITIONS`` per topic unless ``AIPIPE_KAFKA_PARTITIONS``.
@@ -1161,7 +1168,7 @@ class KafkaBus:
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
-            fetch_max_wait_ms=settings.background_fetch_max_wait_ms if background else settings.fetch_max_wait_ms,
+            fetch_max_wait_ms=settings.fetch_wait_ms(background=background),
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,

@@ -1,4 +1,4 @@
-"""The producer's partitioner: the same partition as aiokafka's default (Kafka's murmur2) for every key."""
+"""Kafka client choices: the producer's partitioner (aiokafka's default partitions, hashes cached), fetch waits."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def test_a_message_without_a_key_goes_to_an_available_partition() -> None:
     mine = KeyHashPartitioner()
     seen = {mine(None, [0, 1, 2, 3], [1, 3]) for _ in range(200)}
     assert seen == {1, 3}
+
+
+def test_a_background_reader_never_fetches_more_often_than_one_on_the_path() -> None:
+    from pipeline.bus.kafka import KafkaSettings
+
+    settings = KafkaSettings.from_env({})
+    assert (settings.fetch_wait_ms(), settings.fetch_wait_ms(background=True)) == (10, 100)
+    kafka_like = KafkaSettings.from_env({"AIPIPE_KAFKA_FETCH_MAX_WAIT_MS": "500"})
+    assert kafka_like.fetch_wait_ms(background=True) == 500
+    tuned = KafkaSettings.from_env({"AIPIPE_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS": "250"})
+    assert tuned.fetch_wait_ms(background=True) == 250
