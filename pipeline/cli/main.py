@@ -46,6 +46,7 @@ from pipeline.runtime import telemetry
 from pipeline.runtime.logs import setup_logging
 from pipeline.runtime.settings import Settings
 from pipeline.runtime.signals import drain_on_signal
+from pipeline.serve.dashboard_server import DEFAULT_DASHBOARD_PORT, run_dashboard
 from pipeline.serve.openai_server import run_server
 from pipeline.stores.archive_store import FileArchive
 from pipeline.stores.blob_store import open_blob_store
@@ -510,6 +511,12 @@ def _emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _dashboard(args: argparse.Namespace) -> int:
+
+    await run_dashboard(_env(), host=args.host, port=args.port)
+    return EXIT_OK
+
+
 async def _serve(args: argparse.Namespace) -> int:
 
     await run_server(_env(), host=args.host, port=args.port)
@@ -629,6 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark aipipe against direct calls and LiteLLM's Router on the emulator")
     add_bench_arguments(p)
     p.set_defaults(func=_bench, is_async=True)
+
+    p = sub.add_parser("dashboard", help="the operator dashboard alone, reading the broker's topics (/dashboard/)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_DASHBOARD_PORT, help="TCP port (default 8001)")
+    p.set_defaults(func=_dashboard, is_async=True)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoint (POST /v1/chat/completions, GET /v1/models)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")

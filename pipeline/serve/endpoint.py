@@ -31,7 +31,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 from pipeline.client.stream_handle import StreamHandle
 from pipeline.errors import AIProviderError, ProviderTimeoutError
@@ -134,6 +135,7 @@ class ServeState:
     config: PipelineConfig
     api_keys: ApiKeys | None
     stream: Callable[[AIRequest], Awaitable[StreamHandle]] | None = None
+    dashboard: ASGIApp | None = None
 
 
 def _sse(data: Any) -> bytes:
@@ -194,7 +196,7 @@ async def _events(
 
 
 def create_app(state: ServeState) -> Starlette:
-    """The Starlette app: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{model}``.
+    """The Starlette app: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``/dashboard``.
 
     Errors (also 404/405 for unknown routes and methods) are OpenAI error bodies.
     """
@@ -335,11 +337,14 @@ def create_app(state: ServeState) -> Starlette:
         message = f"{detail}: {request.method} {request.url.path}"
         return _error_response(OpenAIHTTPError(status, message, type_=type_, code=None))
 
+    routes: list[BaseRoute] = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ]
+    if state.dashboard is not None:  # the operator dashboard (DESIGN A12), its own auth and session
+        routes.append(Mount("/dashboard", app=state.dashboard))
     return Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        ],
+        routes=routes,
         exception_handlers={HTTPException: http_error, Exception: http_error},
     )

@@ -28,6 +28,7 @@ from pipeline.errors import ProviderTimeoutError
 from pipeline.runtime.asgi import InLoopServer, bind_tcp
 from pipeline.runtime.settings import Settings
 from pipeline.runtime.signals import drain_on_signal
+from pipeline.serve.dashboard import open_dashboard
 from pipeline.serve.endpoint import ServeState, create_app
 from pipeline.serve.keys import ApiKeys, ServeConfigError, api_keys_for
 from schemas.request import AIRequest
@@ -57,6 +58,8 @@ class OpenAIServer:
     Use as ``async with manager, OpenAIServer(manager) as server:`` and point the
     SDK at ``server.base_url``. Client keys come from ``AIPIPE_API_KEYS`` in the
     manager's environment (``api_keys_for``); an open endpoint logs a warning.
+    The operator dashboard is served at ``/dashboard`` (``dashboard_url``), its
+    readers of the topics running while the server runs.
 
     Args:
         manager: a started manager (its ``client`` answers, its ``config`` lists the models).
@@ -78,6 +81,7 @@ class OpenAIServer:
         self.port = port
         self.graceful_shutdown_s = graceful_shutdown_s
         self.api_keys: ApiKeys | None = None
+        self._feed_task: asyncio.Task[None] | None = None
         self._server: InLoopServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -93,6 +97,11 @@ class OpenAIServer:
         if self._url is None:
             raise RuntimeError("OpenAIServer is not started")
         return self._url
+
+    @property
+    def dashboard_url(self) -> str:
+        """The operator dashboard: ``url + "/dashboard/"``."""
+        return f"{self.url}/dashboard/"
 
     @property
     def base_url(self) -> str:
@@ -125,8 +134,23 @@ class OpenAIServer:
         client = self.manager.client
         name = re.sub(r"[^A-Za-z0-9._-]", "-", f"serve-{socket.gethostname()}-{sock.getsockname()[1]}")
         client.stream_topic = f"{client.topics.stream}.{name}"[:249]  # this replica reads only its own chunks
+        feed, dashboard = open_dashboard(
+            client.bus,
+            client.topics,
+            self.manager.config,
+            self.api_keys,
+            self.manager.env,
+            bootstrap=self.manager.bootstrap,
+        )
+        self._feed_task = asyncio.create_task(feed.run(), name="aipipe-dashboard-feed")
         app = create_app(
-            ServeState(ask=self._ask, config=self.manager.config, api_keys=self.api_keys, stream=client.stream)
+            ServeState(
+                ask=self._ask,
+                config=self.manager.config,
+                api_keys=self.api_keys,
+                stream=client.stream,
+                dashboard=dashboard,
+            )
         )
         config = uvicorn.Config(
             app,
@@ -170,6 +194,11 @@ class OpenAIServer:
         server, task, sock = self._server, self._task, self._sock
         self._server = self._task = self._sock = None
         self._url = None
+        feed_task, self._feed_task = self._feed_task, None
+        if feed_task is not None:
+            feed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feed_task
         if server is None or task is None:
             return
         server.should_exit = True
@@ -221,7 +250,7 @@ async def run_server(env: Mapping[str, str], *, host: str = DEFAULT_HOST, port: 
             where = f"broker {manager.bootstrap}" if manager.pipeline is None else "in-process stages"
             print(
                 f"aipipe serve: {server.base_url} ({where}; streamed chunks on {manager.client.stream_topic}; "
-                "Ctrl-C to stop)",
+                f"operator dashboard {server.dashboard_url}; Ctrl-C to stop)",
                 file=sys.stderr,
                 flush=True,
             )

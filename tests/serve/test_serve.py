@@ -332,7 +332,11 @@ def test_a_client_key_user_cannot_be_overridden_by_the_body() -> None:
             "`tool_call_id` 'c1' answers no tool call of an earlier assistant message",
         ),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}
+                ]
+            },
             "messages[0].content[0].image_url",
             "an image URL must be an https URL",
         ),
