@@ -527,7 +527,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
     if "LOG_LEVEL" not in os.environ:
         setup_logging("WARNING")  # the table is the demo's output; set LOG_LEVEL to see the stages' logs
-    return await run_demo(count=args.count, json_out=args.json)
+    return await run_demo(count=args.count, json_out=args.json, keep=args.keep, dashboard_port=args.dashboard_port)
 
 
 async def _bench(args: argparse.Namespace) -> int:
@@ -582,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on real prompts and print a results table")
     p.add_argument("--count", type=_positive_int, default=12, help="distinct prompts to send (default 12)")
     p.add_argument("--json", action="store_true", help="print the responses as JSON lines")
+    p.add_argument("--keep", action="store_true", help="keep the stages and the dashboard running after the demo")
+    p.add_argument(
+        "--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="the dashboard's port (default 8001)"
+    )
     p.set_defaults(func=_demo, is_async=True)
 
     p = sub.add_parser("send", help="publish one request and print its answer")

@@ -7,10 +7,12 @@ The page is at ``http://HOST:PORT/dashboard/``; ``/`` redirects there.
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Mapping
 
 import anyio
+import anyio.abc
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import RedirectResponse
@@ -25,7 +27,7 @@ from pipeline.runtime.signals import drain_on_signal
 from pipeline.serve.dashboard import open_dashboard
 from pipeline.serve.keys import ServeConfigError, api_keys_for
 
-__all__ = ["DEFAULT_DASHBOARD_PORT", "run_dashboard"]
+__all__ = ["DEFAULT_DASHBOARD_PORT", "run_dashboard", "serve_dashboard", "stop_dashboard"]
 
 #: Default port of ``aipipe dashboard`` (``aipipe serve`` serves the page on its own port).
 DEFAULT_DASHBOARD_PORT = 8001
@@ -60,19 +62,9 @@ async def run_dashboard(
     async with open_bus("kafka", env, start_broker=False) as opened, anyio.create_task_group() as tg:
         feed, dashboard = open_dashboard(opened.bus, settings.topics, config, keys, env, bootstrap=opened.bootstrap)
         await tg.start(feed.run)
-        app = Starlette(
-            routes=[
-                Route("/", lambda _request: RedirectResponse("/dashboard/", status_code=307)),
-                Mount("/dashboard", app=dashboard),
-            ]
-        )
-        server = InLoopServer(
-            uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", http="h11")
-        )
+        server, url = await serve_dashboard(tg, dashboard, sock)
         stopping = anyio.Event()
         tg.start_soon(drain_on_signal, stopping.set, "the dashboard")
-        tg.start_soon(server.serve, [sock])
-        url = url_of(host, sock)
         open_note = " (open: no AIPIPE_API_KEYS, development only)" if keys is None else ""
         print(
             f"aipipe dashboard: {url}/dashboard/{open_note} reading {opened.bootstrap}; Ctrl-C to stop",
@@ -80,8 +72,35 @@ async def run_dashboard(
             flush=True,
         )
         await stopping.wait()
-        server.should_exit = True  # open event streams end with it; nothing to drain on a read-only page
-        with anyio.move_on_after(2):
-            while server.started:
-                await anyio.sleep(0.05)
+        await stop_dashboard(server)
         tg.cancel_scope.cancel()
+
+
+async def serve_dashboard(
+    tg: anyio.abc.TaskGroup, dashboard: Starlette, sock: socket.socket
+) -> tuple[InLoopServer, str]:
+    """Serve ``dashboard`` at ``/dashboard`` (``/`` redirects there) on the bound ``sock`` in ``tg``.
+
+    Returns:
+        The server (stop it with ``stop_dashboard``) and its root URL, ``http://host:port``.
+    """
+    app = Starlette(
+        routes=[
+            Route("/", lambda _request: RedirectResponse("/dashboard/", status_code=307)),
+            Mount("/dashboard", app=dashboard),
+        ]
+    )
+    server = InLoopServer(
+        uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", http="h11")
+    )
+    tg.start_soon(server.serve, [sock])
+    host = sock.getsockname()[0]
+    return server, url_of(host, sock)
+
+
+async def stop_dashboard(server: InLoopServer, timeout_s: float = 2.0) -> None:
+    """Ask ``server`` to exit and wait up to ``timeout_s`` (s); open event streams end with it."""
+    server.should_exit = True
+    with anyio.move_on_after(timeout_s):
+        while server.started:
+            await anyio.sleep(0.05)

@@ -315,3 +315,37 @@ def test_operator_keys_are_read_checked_and_never_quoted(tmp_path: Path) -> None
     with pytest.raises(ServeConfigError, match="operator key needs a name") as bad:
         ApiKeys.from_file(nameless)
     assert OPERATOR_KEY not in str(bad.value)
+
+
+async def test_the_feed_says_when_the_broker_does_not_answer_and_when_it_is_back() -> None:
+    import json
+
+    from pipeline.bus.memory import MemoryBus
+    from pipeline.bus.topics import Topics
+    from pipeline.serve.dashboard import DashboardFeed
+
+    answers = True
+
+    async def probe() -> bool:
+        return answers
+
+    bus = MemoryBus()
+    await bus.start()
+    feed = DashboardFeed(bus, Topics("dash-feed."), OperatorBoard(_config()), tick_s=0.05, probe=probe)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(feed.run)
+            assert json.loads(feed.latest_json)["connected"] is True
+            answers = False
+            with anyio.fail_after(5):
+                while json.loads(feed.latest_json)["connected"]:
+                    await feed.next_tick()
+            assert json.loads(feed.latest_json)["disconnected_s"] >= 0
+            answers = True
+            with anyio.fail_after(5):
+                while not json.loads(feed.latest_json)["connected"]:
+                    await feed.next_tick()
+            assert json.loads(feed.latest_json)["disconnected_s"] is None
+            tg.cancel_scope.cancel()
+    finally:
+        await bus.stop()

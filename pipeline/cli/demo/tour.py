@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import statistics
 import sys
 import time
@@ -47,9 +48,14 @@ from pipeline.client.pipeline_client import PipelineClient
 from pipeline.client.strategy_control import publish_strategy, wait_applied
 from pipeline.data.prompts import load_prompts, spread_by_category
 from pipeline.emulator import EmulatorServer
+from pipeline.runtime.asgi import bind_tcp
 from pipeline.runtime.config import config_from_mapping, preset
 from pipeline.runtime.endpoints import resolve_endpoints
 from pipeline.runtime.settings import Settings
+from pipeline.runtime.signals import drain_on_signal
+from pipeline.serve.dashboard import open_dashboard
+from pipeline.serve.dashboard_server import DEFAULT_DASHBOARD_PORT, serve_dashboard, stop_dashboard
+from pipeline.serve.keys import ApiKeys
 from schemas.request import AIRequest, CacheOptions
 from schemas.response import AIResponse
 from stages.rules.strategies import StrategySpec
@@ -132,8 +138,27 @@ async def _progress(console: Console) -> AsyncIterator[Status]:
         yield status
 
 
-async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, str] | None = None) -> int:
+def _dashboard_socket(port: int) -> socket.socket:
+    """A socket on 127.0.0.1 for the demo's dashboard: ``port``, or any free one when it is taken."""
+    try:
+        return bind_tcp("127.0.0.1", port)
+    except OSError:
+        return bind_tcp("127.0.0.1", 0)
+
+
+async def run_demo(
+    *,
+    count: int = 12,
+    json_out: bool = False,
+    env: dict[str, str] | None = None,
+    keep: bool = False,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+) -> int:
     """Run the demo; returns the exit code (0 when every request got a response and the moments showed).
+
+    The operator dashboard is served on ``dashboard_port`` (or a free port when it is taken) while the
+    demo runs, open (no login) unless ``AIPIPE_API_KEYS`` names a key file; with ``keep`` the stages and
+    the dashboard stay up after the table until SIGINT/SIGTERM.
 
     Raises:
         BusError: when the embedded broker cannot start.
@@ -161,6 +186,13 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
         ):
             client = PipelineClient(opened.bus, settings.topics)
             await tg.start(client.run)
+            keys = ApiKeys.from_file(settings.api_keys_path) if settings.api_keys_path is not None else None
+            feed, dashboard = open_dashboard(
+                opened.bus, settings.topics, resolved.config, keys, env, bootstrap=opened.bootstrap
+            )
+            await tg.start(feed.run)
+            dashboard_server, dashboard_url = await serve_dashboard(tg, dashboard, _dashboard_socket(dashboard_port))
+            console.print(f"[bold]operator dashboard[/]: {dashboard_url}/dashboard/ (live while the demo runs)")
 
             async def ask(phase: str, request: AIRequest) -> None:
                 rows.append((phase, request, await client.request(request)))
@@ -219,6 +251,34 @@ async def run_demo(*, count: int = 12, json_out: bool = False, env: dict[str, st
             console.print("budget: a user's daily budget fits 1.5 requests; 3 sent at once ...")
             budget = await budget_moment(opened.bus, settings.topics, pipeline, ask_one, pool)
             client.stop()
+            status.stop()
+            code = _report(
+                console, rows, json_out=json_out, started=started, moment=moment, budget=budget, streamed=streamed
+            )
+            if keep:
+                console.print(
+                    f"[bold]operator dashboard[/] still at {dashboard_url}/dashboard/ with the stages running "
+                    "(--keep); Ctrl-C to stop"
+                )
+                stopping = anyio.Event()
+                tg.start_soon(drain_on_signal, stopping.set, "the demo")
+                await stopping.wait()
+            await stop_dashboard(dashboard_server)
+            tg.cancel_scope.cancel()
+    return code
+
+
+def _report(
+    console: Console,
+    rows: list[tuple[str, AIRequest, AIResponse]],
+    *,
+    json_out: bool,
+    started: float,
+    moment: Any,
+    budget: Any,
+    streamed: Any,
+) -> int:
+    """Print the results table (or JSON lines) and the summary; 0 when every moment showed, else 1."""
     phase_order = {"first": 0, "repeat": 1, "circuit": 2, "round_robin": 3, "budget": 4}
     rows.sort(key=lambda r: (phase_order.get(r[0], 9), r[2].id))
     if json_out:
