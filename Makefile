@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# `make demo DEMO_ARGS=--keep` leaves the stages and the operator dashboard running after the demo.
 demo: $(STAMP)
 	# a temporary AIPIPE_HOME: a demo never restores (or archives into) an earlier one
-	AIPIPE_HOME=$$(mktemp -d) $(BIN)/aipipe demo
+	AIPIPE_HOME=$$(mktemp -d) $(BIN)/aipipe demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
