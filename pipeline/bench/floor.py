@@ -45,6 +45,7 @@ from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from pipeline.bench.targets import (
+    COMPLETION_DECODER,
     EMULATOR_KEY,
     MAX_TOKENS,
     MODEL,
@@ -53,7 +54,7 @@ from pipeline.bench.targets import (
     bench_kafka_settings,
 )
 from pipeline.bus.embedded import EmbeddedBroker
-from pipeline.bus.kafka import client_kwargs, wait_until_ready
+from pipeline.bus.kafka import client_kwargs, producer_kwargs, wait_until_ready
 from pipeline.runtime.http_client import ProviderHttpClient
 
 __all__ = ["HOP_BYTES", "KafkaFloorTarget"]
@@ -94,21 +95,8 @@ class _Hop(msgspec.Struct, omit_defaults=True):
     pad: str = ""
 
 
-class _Answer(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    message: _Answer
-
-
-class _Completion(msgspec.Struct):
-    choices: list[_Choice]
-
-
 _HOP_DECODER = msgspec.json.Decoder(_Hop)
 _NULL = msgspec.Raw(b"null")
-_COMPLETION_DECODER = msgspec.json.Decoder(_Completion)
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -174,16 +162,7 @@ class KafkaFloorTarget(BaseTarget):
             )
         finally:
             await admin.close()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks=settings.acks,
-            enable_idempotence=settings.enable_idempotence,
-            linger_ms=settings.linger_ms,
-            max_batch_size=settings.max_batch_size_bytes,
-            max_request_size=settings.max_request_size_bytes,
-            compression_type=settings.compression_type,
-            **kwargs,
-        )
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **producer_kwargs(settings), **kwargs)
         await self._producer.start()
         self._stack.push_async_callback(self._producer.stop)
         self._stack.push_async_callback(self._stop_consumers)
@@ -295,7 +274,7 @@ class KafkaFloorTarget(BaseTarget):
                 answer = await waiter
         finally:
             self._waiters.pop(request_id, None)
-        completion = _COMPLETION_DECODER.decode(answer) if answer != b"null" else None
+        completion = COMPLETION_DECODER.decode(answer) if answer != b"null" else None
         if completion is None or not completion.choices or not completion.choices[0].message.content:
             raise CallFailed("no answer from the provider")
 

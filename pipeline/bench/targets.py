@@ -107,7 +107,8 @@ class _Completion(msgspec.Struct):
     choices: list[_Choice]
 
 
-_COMPLETION = msgspec.json.Decoder(_Completion)
+#: Decoder of the few fields of an OpenAI chat completion the bench checks (the answer's text).
+COMPLETION_DECODER = msgspec.json.Decoder(_Completion)
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -120,7 +121,7 @@ def _body(prompt: str) -> bytes:
 def _check(status: int, raw: bytes) -> None:
     if status != 200:
         raise CallFailed(f"HTTP {status}", status)
-    completion = _COMPLETION.decode(raw)
+    completion = COMPLETION_DECODER.decode(raw)
     if not completion.choices or not completion.choices[0].message.content:
         raise CallFailed("empty answer", status)
 

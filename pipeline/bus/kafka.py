@@ -58,6 +58,7 @@ __all__ = [
     "KeyHashPartitioner",
     "broker_answers",
     "client_kwargs",
+    "producer_kwargs",
     "wait_until_ready",
 ]
 
@@ -832,6 +833,18 @@ class KafkaConsumer:
                 self._on_stop(self)
 
 
+def producer_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """The producer arguments of ``settings`` (aiokafka): acks, idempotence, linger, batch and request sizes, codec."""
+    return {
+        "acks": settings.acks,
+        "enable_idempotence": settings.enable_idempotence,
+        "linger_ms": settings.linger_ms,
+        "max_batch_size": settings.max_batch_size_bytes,
+        "max_request_size": settings.max_request_size_bytes,
+        "compression_type": settings.compression_type,
+    }
+
+
 # --------------------------------------------------------------------------- bus
 
 
@@ -925,15 +938,7 @@ class KafkaBus:
         pause_s = 0.05
         while True:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                acks=settings.acks,
-                enable_idempotence=settings.enable_idempotence,
-                linger_ms=settings.linger_ms,
-                max_batch_size=settings.max_batch_size_bytes,
-                max_request_size=settings.max_request_size_bytes,
-                compression_type=settings.compression_type,
-                partitioner=self._partitioner,
-                **kwargs,
+                bootstrap_servers=self._bootstrap, partitioner=self._partitioner, **producer_kwargs(settings), **kwargs
             )
             admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **kwargs)
             try:
