@@ -78,6 +78,9 @@ _DEFAULT_KAFKA_PORT = 9092
 _MASK = "***"
 
 
+#: How long (s) a group member watches for partitions that restarted empty after ``restart_from_zero``.
+RESTART_WATCH_S = 30.0
+
 #: Partitions of aipipe's topics on the embedded broker: what it gives a topic it creates on its own.
 EMBEDDED_PARTITIONS = 4
 
@@ -592,6 +595,8 @@ class KafkaConsumer:
         self._next_offsets: dict[TopicPartition, int] = {}
         #: How many times a broadcast reader found its partitions restarted empty (a new embedded broker).
         self.restarts = 0
+        #: Until when (monotonic s) a group member checks for partitions that restarted empty (after a rotation).
+        self._restart_watch_until = 0.0
         self.on_assign: AssignmentHook | None = None
         self.on_revoke: AssignmentHook | None = None
 
@@ -694,10 +699,17 @@ class KafkaConsumer:
                         timestamp_ms=message.timestamp if message.timestamp is not None else 0,
                     )
                 )
-            if messages and self._group is None:
+            if messages and (self._group is None or self._restart_watch_until):
                 self._next_offsets[(tp.topic, tp.partition)] = messages[-1].offset + 1
-        if not records and self._group is None:
-            self._rewind_restarted()
+        if not records:
+            if self._group is None:
+                self._rewind_restarted()
+            elif self._restart_watch_until:
+                if time.monotonic() < self._restart_watch_until:
+                    self._rewind_restarted()
+                else:
+                    self._restart_watch_until = 0.0
+                    self._next_offsets.clear()
         return records
 
     def _rewind_restarted(self) -> None:
@@ -710,7 +722,10 @@ class KafkaConsumer:
         """
         rewound = False
         for tp, reached in list(self._next_offsets.items()):
-            end = self._consumer.highwater(KafkaTopicPartition(*tp))
+            try:
+                end = self._consumer.highwater(KafkaTopicPartition(*tp))
+            except (IllegalStateError, AssertionError, KafkaError):  # not assigned to this member (any more)
+                continue
             if end is None or end >= reached:
                 continue
             rewound = True
@@ -729,18 +744,29 @@ class KafkaConsumer:
             )
         self.restarts += rewound
 
-    async def restart_from_zero(self) -> None:
+    async def restart_from_zero(self, reached: Mapping[TopicPartition, int] | None = None) -> None:
         """Read every assigned partition from offset 0 again (the broker was replaced by an empty one).
 
         Offset 0 rather than the broker's reported beginning, which the
-        embedded broker can get wrong by one (``EMBEDDED-BROKER.md``).
+        embedded broker can get wrong by one (``EMBEDDED-BROKER.md``). A seek
+        can fail while the group rejoins the new broker, leaving the member at
+        its old position, past the new log's end, where the embedded broker
+        answers with nothing and no error. So for ``RESTART_WATCH_S`` a group
+        member also rewinds, at an empty fetch, any partition whose end is
+        below the position it had reached (``reached``: the old positions,
+        per partition, e.g. the runner's finished offsets).
         """
         self._next_offsets.clear()
+        if self._group is not None:
+            self._next_offsets.update(reached or {})
+            self._restart_watch_until = time.monotonic() + RESTART_WATCH_S
         for tp in self._consumer.assignment():
             try:
                 self._consumer.seek(tp, 0)
             except (KafkaError, IllegalStateError, AssertionError) as exc:
                 log.info("consumer of %s: cannot seek %s to 0 (%s)", list(self._topics), tp, exc)
+                continue
+            self._next_offsets.pop((tp.topic, tp.partition), None)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit, per partition, the offset of the next record to read.

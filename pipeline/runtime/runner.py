@@ -288,11 +288,12 @@ class StageRunner:
 
     async def restart_positions(self) -> None:
         """The broker was replaced by an empty one: forget this runner's offsets and read every partition from 0."""
+        reached = {tp: t.highest_done + 1 for tp, t in self._trackers.items() if t.highest_done >= 0}
         self._trackers.clear()
         consumer = self._consumer
         restart = getattr(consumer, "restart_from_zero", None)
         if restart is not None:
-            await restart()
+            await restart(reached)
 
     def abandon(self, window_s: float | None = None) -> None:
         """Stop at once: stop fetching and give up the messages in flight now, their offsets uncommitted.
