@@ -18,6 +18,7 @@ from ``CostBook`` (one total per scope and day).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import msgspec
 from msgspec import Struct
 
 from pipeline.client.cost_book import CostBook
@@ -37,6 +39,13 @@ from schemas.response import AIResponse
 from stages.rules.ledger import WINDOWS, window_end, window_start
 
 __all__ = ["DashboardSnapshot", "OperatorBoard"]
+
+#: Calls kept per provider for its latency, error rate and calls/s: the window at ~330 calls/s (5 min).
+MAX_CALL_SAMPLES = 100_000
+#: A cache replica whose statistics (sent every 10 s) are older than this (s) has stopped: they leave the total.
+CACHE_STATS_STALE_S = 60.0
+#: Latest requests sent with every snapshot (the detail of one, with its cost event, is asked for apart).
+REQUESTS_IN_SNAPSHOT = 50
 
 
 class Transition(Struct, kw_only=True):
@@ -212,7 +221,7 @@ class OperatorBoard:
         self.window_s = window_s
         self.clock = clock
         self.tz = ZoneInfo(config.budget.timezone)
-        self.health = HealthBoard(config, window_s=window_s, clock=clock)
+        self.health = HealthBoard(config, window_s=window_s, max_samples=MAX_CALL_SAMPLES, clock=clock)
         self.costs = CostBook(self.tz)
         self.top_users = top_users
         self._max_transitions = max_transitions
@@ -236,7 +245,7 @@ class OperatorBoard:
         self.health.apply(event)
         self.costs.add_control(event)
         if isinstance(event, Health):
-            calls = self._calls.setdefault(event.provider, deque(maxlen=5000))
+            calls = self._calls.setdefault(event.provider, deque(maxlen=MAX_CALL_SAMPLES))
             calls.append((event.at.timestamp(), event.latency_ms, event.ok))
         elif isinstance(event, CircuitTransition):
             kept = self._transitions.setdefault(event.provider, deque(maxlen=self._max_transitions))
@@ -345,10 +354,13 @@ class OperatorBoard:
             providers=self._providers(now_s),
             traffic=self._traffic(now_s),
             spend_by_provider=[self._spend(name, name, now) for name in self._provider_names()],
-            spend_by_user=[self._spend(u.user, f"user:{u.user}", now) for u in self.costs.top_users(self.top_users)],
+            spend_by_user=self._top_users(now),
             budgets=self._budgets(now),
-            cache=self._cache_view(),
-            requests=list(reversed(self._requests)),
+            cache=self._cache_view(now_s),
+            requests=[
+                msgspec.structs.replace(r, cost_event=None)
+                for r in list(reversed(self._requests))[:REQUESTS_IN_SNAPSHOT]
+            ],
             dead_letters=list(reversed(self._dead)),
             events_seen=self.events_seen,
         )
@@ -398,6 +410,13 @@ class OperatorBoard:
             errors_last_minute=errors,
         )
 
+    def _top_users(self, now: datetime) -> list[Spend]:
+        """The users who spent most this month (then this week, today), as the table's columns say."""
+        spends = [self._spend(user, f"user:{user}", now) for user in self.costs.users]
+        spends = [s for s in spends if s.month_usd > 0]
+        spends.sort(key=lambda s: (s.month_usd, s.week_usd, s.today_usd, s.name), reverse=True)
+        return spends[: self.top_users]
+
     def _spend(self, name: str, scope: str, now: datetime) -> Spend:
         def spent(window: str) -> float:
             return float(round(self.costs.spent(scope, window_start(window, now, self.tz), now), 6))
@@ -410,8 +429,8 @@ class OperatorBoard:
             report = self.costs.budget_status(scope, now)
             for window in WINDOWS:
                 w = report.window(window)
-                if w.limit_usd is None:
-                    continue
+                if w.limit_usd is None or not math.isfinite(w.limit_usd) or w.limit_usd < 0:
+                    continue  # no limit, or one the gate refused (a raw set_budget it ignored)
                 start, end = window_start(window, now, self.tz), window_end(window, now, self.tz)
                 elapsed = max((now - start).total_seconds(), 60.0)  # a projection from under a minute means nothing
                 projected = w.spent_usd * (end - start).total_seconds() / elapsed
@@ -430,14 +449,15 @@ class OperatorBoard:
                 )
         return bars
 
-    def _cache_view(self) -> CacheView:
-        hits = sum(s.hits for s in self._cache.values())
-        misses = sum(s.misses for s in self._cache.values())
+    def _cache_view(self, now_s: float) -> CacheView:
+        live = [s for s in self._cache.values() if s.at.timestamp() >= now_s - CACHE_STATS_STALE_S]
+        hits = sum(s.hits for s in live)
+        misses = sum(s.misses for s in live)
         lookups = hits + misses
         return CacheView(
             hits=hits,
             misses=misses,
             hit_rate=round(hits / lookups, 4) if lookups else None,
-            entries=sum(s.entries for s in self._cache.values()),
+            entries=sum(s.entries for s in live),
             saved_usd=float(round(self._saved, 6)),
         )

@@ -73,6 +73,15 @@ _ENCODER = msgspec.json.Encoder()
 SESSION_COOKIE = "aipipe_dashboard"
 #: How long a dashboard session lasts (s).
 SESSION_MAX_AGE_S = 8 * 3600
+#: Largest login form body read (bytes); a longer one is refused with 413 before it is all read.
+MAX_LOGIN_BYTES = 4096
+#: Headers of every page and JSON answer: no framing by other sites, no content sniffing, scripts from here only.
+SECURITY_HEADERS = {
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
+    "referrer-policy": "no-referrer",
+}
 #: The page treats the pipeline as disconnected when the broker has not answered for this long (s).
 STALE_AFTER_S = 3.0
 
@@ -232,7 +241,7 @@ def _login_form(message: str = "", *, status: int = 200, no_operators: bool = Fa
     )
     error = f"<p class='error' id='login-error'>{html.escape(message)}</p>" if message else ""
     body = _page("login.html").replace("<!--MESSAGE-->", note + error)
-    return HTMLResponse(body, status_code=status, headers={"cache-control": "no-store"})
+    return HTMLResponse(body, status_code=status, headers={"cache-control": "no-store", **SECURITY_HEADERS})
 
 
 def _home(request: Request) -> str:
@@ -248,7 +257,9 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
         if keys is None:
             return "development (open dashboard)"
         name = request.session.get("operator")
-        return name if isinstance(name, str) and name else None
+        if isinstance(name, str) and name and keys.is_operator(name):
+            return name
+        return None  # no session, or its operator is no longer in the key file
 
     def refuse(request: Request) -> Response:
         if request.headers.get("accept", "").startswith("text/html"):
@@ -260,17 +271,24 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
         if name is None:
             return _login_form(no_operators=keys is not None and keys.operator_count == 0)
         body = _page("dashboard.html").replace("<!--OPERATOR-->", html.escape(name))
-        return HTMLResponse(body, headers={"cache-control": "no-store"})
+        return HTMLResponse(body, headers={"cache-control": "no-store", **SECURITY_HEADERS})
 
     async def login(request: Request) -> Response:
         if keys is None:
             return RedirectResponse(_home(request), status_code=303)
-        raw = await request.body()
-        fields = parse_qs(raw.decode("utf-8", "replace")) if len(raw) <= 4096 else {}
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            return Response(b"the login form posts application/x-www-form-urlencoded", 415)
+        raw = b""
+        async for chunk in request.stream():  # never more than MAX_LOGIN_BYTES in memory
+            raw += chunk
+            if len(raw) > MAX_LOGIN_BYTES:
+                return Response(b"login body too large", 413)
+        fields = parse_qs(raw.decode("utf-8", "replace"))
         key = (fields.get("key") or [""])[0].strip()
         name = keys.operator_for(key) if key else None
         if name is None:
-            log.info("dashboard: a login with a key that is not an operator key")
+            client = request.client.host if request.client is not None else "-"
+            log.info("dashboard: a login from %s with a key that is not an operator key", client)
             return _login_form("That is not an operator key.", status=401, no_operators=keys.operator_count == 0)
         request.session.clear()
         request.session["operator"] = name
@@ -284,7 +302,9 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
     async def state(request: Request) -> Response:
         if operator(request) is None:
             return refuse(request)
-        return Response(feed.latest_json, media_type="application/json", headers={"cache-control": "no-store"})
+        return Response(
+            feed.latest_json, media_type="application/json", headers={"cache-control": "no-store", **SECURITY_HEADERS}
+        )
 
     async def one_request(request: Request) -> Response:
         if operator(request) is None:
@@ -308,11 +328,11 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
                 if await request.is_disconnected():
                     return
 
-        headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
+        headers = {"cache-control": "no-store", "x-accel-buffering": "no", **SECURITY_HEADERS}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     static = StaticFiles(packages=[("pipeline.serve", "static")])
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page, methods=["GET"], name="dashboard_page"),
             Route("/login", login, methods=["POST"]),
@@ -334,6 +354,7 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
             )
         ],
     )
+    return app
 
 
 def open_dashboard(

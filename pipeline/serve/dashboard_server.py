@@ -51,6 +51,11 @@ async def run_dashboard(
         BusError: when no broker is configured or running, or it does not answer.
     """
     settings = Settings.from_env(env)
+    if settings.env_name == "production" and settings.api_keys_path is None:
+        raise ServeConfigError(
+            "refusing to serve an open dashboard in production: set AIPIPE_API_KEYS to a TOML file "
+            'with an [operators] table ("<operator key>" = "<name>")'
+        )
     keys = api_keys_for(settings)
     if not settings.kafka_bootstrap and await read_runtime_broker_async(env) is None:
         raise BusError("no broker to read: start the stages first (`aipipe run`) or set AIPIPE_KAFKA_BOOTSTRAP")

@@ -101,6 +101,10 @@ class ApiKeys:
         """The user of client key ``key``, or ``None`` when the key is unknown."""
         return _lookup(self._users, key)
 
+    def is_operator(self, name: str) -> bool:
+        """Whether ``name`` is still an operator's name in the key file (a session of a removed operator ends)."""
+        return name in self._operators.values()
+
     def operator_for(self, key: str) -> str | None:
         """The operator name of dashboard key ``key``, or ``None`` when it is not an operator key."""
         return _lookup(self._operators, key)

@@ -87,7 +87,9 @@ def test_the_board_folds_circuits_traffic_spend_budgets_requests_and_dead_letter
     assert snap.traffic.failovers_last_minute == 1 and snap.traffic.errors_last_minute == {"rate_limit": 1}
     assert [r.id for r in snap.requests] == ["r2", "r1"]
     first = snap.requests[1]
-    assert first.trace_id == "0af7651916cd43dd8448eb211c80319c" and first.cost_event is not None
+    assert first.trace_id == "0af7651916cd43dd8448eb211c80319c" and first.cost_event is None  # kept out of the stream
+    detail = board.request("r1")
+    assert detail is not None and detail.cost_event is not None and detail.cost_event.user == "alice"
     assert [a.provider for a in first.attempts] == ["cloudflare", "openai"]
     assert {s.name: s.today_usd for s in snap.spend_by_provider}["openai"] == 0.5
     assert [(s.name, s.month_usd) for s in snap.spend_by_user] == [("alice", 0.5)]
@@ -349,3 +351,60 @@ async def test_the_feed_says_when_the_broker_does_not_answer_and_when_it_is_back
             tg.cancel_scope.cancel()
     finally:
         await bus.stop()
+
+
+def test_top_users_are_this_months_and_stopped_cache_replicas_and_refused_limits_leave_the_page() -> None:
+    from schemas.events import CacheStats
+
+    now = datetime(2026, 12, 20, 12, 0, 0, tzinfo=UTC)
+    board = OperatorBoard(_config(), clock=now.timestamp, top_users=2)
+    last_month = datetime(2026, 11, 10, tzinfo=UTC)
+    for i in range(3):  # big spenders of last month
+        board.apply_cost(CostEvent(id=f"old-{i}", user=f"old-{i}", provider="openai", model="m", usage=Usage(),
+                                   cost_usd=5.0, at=last_month))  # fmt: skip
+    board.apply_cost(CostEvent(id="new", user="today-user", provider="openai", model="m", usage=Usage(),
+                               cost_usd=4.0, at=now - timedelta(minutes=1)))  # fmt: skip
+    assert [(s.name, s.today_usd) for s in board.snapshot().spend_by_user] == [("today-user", 4.0)]
+
+    def stats(replica: str, at: datetime, entries: int) -> CacheStats:
+        return CacheStats(hits=1, misses=1, entries=entries, evictions=0, bytes=0, replica=replica, at=at)
+
+    board.apply_control(stats("gone:1", now - timedelta(minutes=10), 400))
+    board.apply_control(stats("live:2", now - timedelta(seconds=5), 3))
+    cache = board.snapshot().cache
+    assert (cache.entries, cache.hits, cache.misses) == (3, 1, 1)
+
+    board.apply_control(SetBudget(scope="user:x", weekly_usd=-5.0, at=now))  # the gate refuses this one
+    assert not [b for b in board.snapshot().budgets if b.scope == "user:x"]
+
+
+async def test_login_refuses_oversized_and_non_form_bodies_and_a_removed_operators_session_ends(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    async with dashboard_server(emulator, "dash-hard.", tmp_path) as (_, server):
+        base = server.dashboard_url
+        async with httpx.AsyncClient(follow_redirects=False) as http:
+            huge = await http.post(
+                base + "login",
+                content=b"key=" + b"A" * 1_000_000,
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            assert huge.status_code == 413
+            text_plain = {"content-type": "text/plain"}
+            plain = await http.post(base + "login", content=f"key={OPERATOR_KEY}", headers=text_plain)
+            assert plain.status_code == 415 and SESSION_COOKIE not in plain.cookies
+            page = await http.get(base)
+            assert (
+                page.headers["x-frame-options"] == "DENY"
+                and "default-src 'self'" in page.headers["content-security-policy"]
+            )
+            logged_in = await http.post(base + "login", data={"key": OPERATOR_KEY})
+            assert logged_in.status_code == 303
+            assert (await http.get(base + "state")).status_code == 200
+            # The key file loses the operator (a restart with a shared secret): the old cookie opens nothing.
+            from pipeline.serve.keys import ApiKeys
+
+            assert server.api_keys is not None
+            server.api_keys._operators.clear()  # as a key file without her would read
+            assert (await http.get(base + "state")).status_code == 401
+            assert not ApiKeys({"k": "u"}).is_operator("ops-anna")

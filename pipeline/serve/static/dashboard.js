@@ -175,7 +175,13 @@ async function start() {
   if (resp.ok) render(await resp.json());
   const events = new EventSource("events");
   events.addEventListener("snapshot", (ev) => render(JSON.parse(ev.data)));
-  events.onerror = () => setConn("down", "disconnected from the dashboard server: reconnecting…");
+  events.onerror = async () => {
+    setConn("down", "disconnected from the dashboard server: reconnecting…");
+    try {  // a session that ended (expired, logged out, a restarted server) gets the login form again
+      const check = await fetch("state", { headers: { accept: "application/json" } });
+      if (check.status === 401) { events.close(); window.location.reload(); }
+    } catch (_) { /* the server is down: EventSource keeps retrying */ }
+  };
   events.onopen = () => { if (lastSnapshot) render(lastSnapshot); };
 }
 
