@@ -19,7 +19,8 @@ a blank line after each event).
   a wrong key gets the form again with 401;
 * ``POST /dashboard/logout``;
 * ``GET /dashboard/state``: the snapshot as JSON; ``GET /dashboard/events``:
-  the stream; ``GET /dashboard/requests/{id}``: one request's detail;
+  the stream; ``GET /dashboard/requests/{id}`` (or ``/dashboard/request?id=``,
+  for any id): one request's detail;
 * ``GET /dashboard/static/...``: the page's files.
 
 Read-only: nothing here publishes. Without a key file the dashboard is open
@@ -309,7 +310,8 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
     async def one_request(request: Request) -> Response:
         if operator(request) is None:
             return refuse(request)
-        found = feed.board.request(request.path_params["request_id"])
+        request_id = request.path_params.get("request_id") or request.query_params.get("id", "")
+        found = feed.board.request(request_id)
         if found is None:
             return Response(b'{"error": "not among the latest requests"}', 404, media_type="application/json")
         return Response(_ENCODER.encode(found), media_type="application/json")
@@ -340,6 +342,7 @@ def dashboard_app(settings: DashboardSettings) -> Starlette:
             Route("/state", state, methods=["GET"]),
             Route("/events", events, methods=["GET"]),
             Route("/requests/{request_id:path}", one_request, methods=["GET"]),
+            Route("/request", one_request, methods=["GET"]),
             Mount("/static", app=static, name="static"),
         ],
         middleware=[

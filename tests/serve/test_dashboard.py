@@ -174,6 +174,8 @@ async def test_only_an_operator_key_opens_the_dashboard_and_the_cookie_never_hol
             assert page.status_code == 200 and "ops-anna" in page.text and 'id="providers"' in page.text
             state = await http.get(base + "state")
             assert state.status_code == 200 and {p["name"] for p in state.json()["providers"]} >= {"openai"}
+            unknown = await http.get(base + "request", params={"id": ".."})
+            assert unknown.status_code == 404 and unknown.json()["error"]
 
             forged = httpx.AsyncClient(cookies={SESSION_COOKIE: cookie[:-4] + "AAAA"})
             async with forged:

@@ -140,7 +140,8 @@ function renderRequests(snap) {
 async function showDetail(id) {
   const box = $("#request-detail");
   openDetail = id;
-  const resp = await fetch("requests/" + encodeURIComponent(id), { headers: { accept: "application/json" } });
+  // the id as a query parameter: an id such as ".." would be folded away by URL path normalisation
+  const resp = await fetch("request?id=" + encodeURIComponent(id), { headers: { accept: "application/json" } });
   if (!resp.ok) { box.hidden = false; box.innerHTML = `<p class="muted">${esc(id)}: no longer among the latest requests</p>`; return; }
   const r = await resp.json();
   const attempts = r.attempts.map((a) => `<tr><td>${esc(a.provider)}</td><td>${esc(a.model)}</td><td>${esc(a.outcome)}</td>` +
