@@ -34,9 +34,7 @@ import contextlib
 import logging
 import os
 import secrets
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -53,7 +51,6 @@ from pipeline.bench.targets import (
     CallFailed,
     bench_kafka_settings,
 )
-from pipeline.bus.embedded import EmbeddedBroker
 from pipeline.bus.kafka import client_kwargs, producer_kwargs, wait_until_ready
 from pipeline.runtime.http_client import ProviderHttpClient
 
@@ -137,20 +134,12 @@ class KafkaFloorTarget(BaseTarget):
         self.settings = bench_kafka_settings(dict(os.environ if env is None else env))
         self._run = secrets.token_hex(3)
         self._topics = [f"floor-{self._run}.{name}" for name in CHAIN]
-        self._broker_pid: int | None = None
         self._waiters: dict[str, asyncio.Future[bytes]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[AIOKafkaConsumer] = []
 
     async def __aenter__(self) -> KafkaFloorTarget:
-        bootstrap = self.bootstrap
-        if bootstrap is None:
-            log_dir = Path(tempfile.mkdtemp(prefix="aipipe-bench-floor-"))
-            broker = EmbeddedBroker(log_path=log_dir / "broker.log")
-            await broker.start()
-            self._stack.push_async_callback(broker.stop)
-            self._broker_pid = broker.pid
-            bootstrap = broker.address
+        bootstrap = self.bootstrap or await self._start_embedded_broker("aipipe-bench-floor-")
         settings = self.settings
         await wait_until_ready(bootstrap, settings.start_timeout_s, settings)
         kwargs = client_kwargs(settings)
@@ -277,10 +266,6 @@ class KafkaFloorTarget(BaseTarget):
         completion = COMPLETION_DECODER.decode(answer) if answer != b"null" else None
         if completion is None or not completion.choices or not completion.choices[0].message.content:
             raise CallFailed("no answer from the provider")
-
-    def pids(self) -> dict[str, int]:
-        """The embedded broker's pid, when this target started one."""
-        return {"broker": self._broker_pid} if self._broker_pid is not None else {}
 
     def info(self) -> dict[str, Any]:
         """The chain's shape and the client settings it shares with ``aipipe-kafka``."""

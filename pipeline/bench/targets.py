@@ -135,6 +135,16 @@ class BaseTarget:
         self.emulator_url = emulator_url.rstrip("/")
         self.prompts = list(prompts)
         self._stack = AsyncExitStack()
+        self._broker_pid: int | None = None
+
+    async def _start_embedded_broker(self, prefix: str) -> str:
+        """Start an embedded broker (its log in a new temporary folder ``prefix...``), stopped on exit; its address."""
+        log_dir = Path(tempfile.mkdtemp(prefix=prefix))
+        broker = EmbeddedBroker(log_path=log_dir / "broker.log")
+        await broker.start()
+        self._stack.push_async_callback(broker.stop)
+        self._broker_pid = broker.pid
+        return broker.address
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -142,8 +152,8 @@ class BaseTarget:
         await self._stack.aclose()
 
     def pids(self) -> dict[str, int]:
-        """No process besides the bench process."""
-        return {}
+        """The embedded broker's pid, when this target started one (else no process besides the bench's)."""
+        return {"broker": self._broker_pid} if self._broker_pid is not None else {}
 
     def info(self) -> dict[str, Any]:
         """Nothing to report."""
@@ -352,7 +362,6 @@ class AipipeTarget(BaseTarget):
         self.timeout_ms = int(timeout_s * 1000)
         self.bootstrap = bootstrap
         self.env = dict(os.environ if env is None else env)
-        self._broker_pid: int | None = None
         self._pipeline: Any = None
         self._kafka_settings: Any = None
         self._run = secrets.token_hex(3)
@@ -387,14 +396,7 @@ class AipipeTarget(BaseTarget):
     async def _kafka_bus(self) -> Any:
 
         self._kafka_settings = bench_kafka_settings(self.env)
-        bootstrap = self.bootstrap
-        if bootstrap is None:
-            log_dir = Path(tempfile.mkdtemp(prefix="aipipe-bench-broker-"))
-            broker = EmbeddedBroker(log_path=log_dir / "broker.log")
-            await broker.start()
-            self._stack.push_async_callback(broker.stop)
-            self._broker_pid = broker.pid
-            bootstrap = broker.address
+        bootstrap = self.bootstrap or await self._start_embedded_broker("aipipe-bench-broker-")
         return KafkaBus(bootstrap, self._kafka_settings)
 
     async def call(self, index: int) -> None:
@@ -438,10 +440,6 @@ class AipipeTarget(BaseTarget):
                 await anyio.sleep(0.1)
             return True
         return False
-
-    def pids(self) -> dict[str, int]:
-        """The embedded broker's pid, when this target started one."""
-        return {"broker": self._broker_pid} if self._broker_pid is not None else {}
 
     def info(self) -> dict[str, Any]:
         """The bus, and on Kafka the client settings that set its latency (``fetch_max_wait_ms``, ``linger_ms``)."""
